@@ -1,0 +1,288 @@
+"""Configuration: frozen dataclasses, one per TOML section, validated once at start-up.
+
+Every error names the key (``batch.max_events must be between 1 and 50, got 80``).
+Environment variables ``FORWARDER_<SECTION>__<KEY>`` override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .protocol import MAX_EVENTS_PER_CALL, project_error
+
+ENV_PREFIX = "FORWARDER_"
+
+# Published PutProjectEvents quota, requests/s per account; adjustable by AWS.
+_HIGH_QUOTA_REGIONS = frozenset({"us-east-1", "us-west-2", "eu-west-1"})
+
+
+def region_quota(region: str) -> float:
+    """The region's published PutProjectEvents quota in requests/s."""
+    return 1000.0 if region in _HIGH_QUOTA_REGIONS else 200.0
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1_048_576
+    max_events_per_request: int = 500
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = 0  # 0: /metrics is served on the intake port
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    type: str = "memory"
+    path: str = "/var/lib/forwarder"
+    max_events: int = 100_000
+    max_bytes: int = 268_435_456
+    when_full: str = "reject"
+    fsync: str = "normal"
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_events: int = 50
+    flush_interval: float = 1.0  # seconds the oldest event of a batch may wait
+
+
+@dataclass(frozen=True)
+class EvidentlyConfig:
+    region: str = "us-east-1"
+    endpoint_url: str = ""
+    default_project: str = ""
+    concurrency: int = 4
+    initial_rate: float = 0.0  # requests/s; 0 means a tenth of max_rate
+    max_rate: float = 0.0  # requests/s; 0 means the region's published quota
+    request_timeout: float = 10.0
+
+    @property
+    def effective_max_rate(self) -> float:
+        return self.max_rate or region_quota(self.region)
+
+    @property
+    def effective_initial_rate(self) -> float:
+        return min(self.initial_rate or self.effective_max_rate / 10, self.effective_max_rate)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_elapsed: float = 600.0  # seconds from an event's first attempt to dead letter
+    initial_backoff: float = 0.1
+    max_backoff: float = 20.0
+
+
+@dataclass(frozen=True)
+class DeadLetterConfig:
+    path: str = "/var/lib/forwarder/dead-letter.ndjson"
+    max_bytes: int = 104_857_600  # rotate the file beyond this size
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    drain_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    evidently: EvidentlyConfig = field(default_factory=EvidentlyConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    dead_letter: DeadLetterConfig = field(default_factory=DeadLetterConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+# Keys that a SIGHUP may change on a running daemon; the rest need a restart.
+RELOADABLE = frozenset({
+    "log.level", "batch.max_events", "batch.flush_interval",
+    "retry.max_elapsed", "retry.initial_backoff", "retry.max_backoff",
+    "evidently.initial_rate", "evidently.max_rate",
+})
+
+
+def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return from_dict(raw, os.environ if environ is None else environ)
+
+
+def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    sections: dict[str, Any] = {}
+    known = {f.name: f for f in fields(Config)}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"unknown section [{name}]; known: {', '.join(known)}")
+    for name, f in known.items():
+        cls = f.default_factory  # type: ignore[misc]
+        values = dict(raw.get(name, {}))
+        if not isinstance(raw.get(name, {}), Mapping):
+            raise ConfigError(f"[{name}] must be a table")
+        values.update(_env_values(name, cls, environ or {}))
+        sections[name] = _build(name, cls, values)
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+def _env_values(section: str, cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
+    prefix = f"{ENV_PREFIX}{section.upper()}__"
+    names = {f.name.upper(): f for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for var, text in environ.items():
+        if not var.startswith(prefix):
+            continue
+        key = var[len(prefix):]
+        if key not in names:
+            raise ConfigError(f"environment variable {var} names no key of [{section}]")
+        out[names[key].name] = _parse_env(f"{section}.{names[key].name}", names[key].type, text)
+    return out
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _parse_env(key: str, typ: Any, text: str) -> Any:
+    typ = typ if isinstance(typ, str) else typ.__name__
+    try:
+        if typ == "int":
+            return int(text)
+        if typ == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be {_TYPE_NAMES.get(typ, typ)}, got {text!r}") from None
+    return text
+
+
+def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
+    by_name = {f.name: f for f in fields(cls)}
+    for key, value in values.items():
+        if key not in by_name:
+            raise ConfigError(f"unknown key {section}.{key}; known: {', '.join(by_name)}")
+        want = by_name[key].type if isinstance(by_name[key].type, str) else by_name[key].type.__name__
+        if want == "float" and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not _is_type(value, want):
+            raise ConfigError(f"{section}.{key} must be {_TYPE_NAMES.get(want, want)}, got {value!r}")
+    return cls(**values)
+
+
+def _is_type(value: Any, want: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    return {"int": int, "float": float, "str": str}.get(want, object) is type(value) or (
+        want == "float" and isinstance(value, float)
+    )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _range(key: str, value: float, low: float, high: float = math.inf) -> None:
+    if high == math.inf:
+        _check(value >= low and math.isfinite(value), f"{key} must be at least {low}, got {value}")
+    else:
+        _check(low <= value <= high, f"{key} must be between {low} and {high}, got {value}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _validate(c: Config) -> None:
+    _range("intake.port", c.intake.port, 0, 65535)
+    _range("intake.max_body_bytes", c.intake.max_body_bytes, 1024)
+    _range("intake.max_events_per_request", c.intake.max_events_per_request, 1)
+    _range("metrics.port", c.metrics.port, 0, 65535)
+    _choice("buffer.type", c.buffer.type, ("memory", "disk"))
+    _range("buffer.max_events", c.buffer.max_events, 1)
+    _range("buffer.max_bytes", c.buffer.max_bytes, 1024)
+    _choice("buffer.when_full", c.buffer.when_full, ("reject", "drop_oldest"))
+    _choice("buffer.fsync", c.buffer.fsync, ("normal", "always"))
+    _check(c.buffer.type != "disk" or bool(c.buffer.path), "buffer.path must be set when buffer.type is 'disk'")
+    _range("batch.max_events", c.batch.max_events, 1, MAX_EVENTS_PER_CALL)
+    _check(0 < c.batch.flush_interval <= 3600,
+           f"batch.flush_interval must be between 0 (exclusive) and 3600 seconds, got {c.batch.flush_interval}")
+    _check(bool(c.evidently.region), "evidently.region must not be empty")
+    _check(c.evidently.endpoint_url == "" or c.evidently.endpoint_url.startswith(("http://", "https://")),
+           f"evidently.endpoint_url must start with http:// or https://, got {c.evidently.endpoint_url!r}")
+    if c.evidently.default_project:
+        problem = project_error(c.evidently.default_project)
+        _check(problem is None, f"evidently.default_project is invalid: {problem}")
+    _range("evidently.concurrency", c.evidently.concurrency, 1, 1024)
+    _range("evidently.initial_rate", c.evidently.initial_rate, 0)
+    _range("evidently.max_rate", c.evidently.max_rate, 0)
+    _check(c.evidently.initial_rate <= c.evidently.effective_max_rate,
+           f"evidently.initial_rate ({c.evidently.initial_rate}) must not exceed evidently.max_rate "
+           f"({c.evidently.effective_max_rate})")
+    _check(c.evidently.request_timeout > 0, f"evidently.request_timeout must be above 0, got {c.evidently.request_timeout}")
+    _check(c.retry.max_elapsed > 0, f"retry.max_elapsed must be above 0, got {c.retry.max_elapsed}")
+    _check(c.retry.initial_backoff > 0, f"retry.initial_backoff must be above 0, got {c.retry.initial_backoff}")
+    _check(c.retry.max_backoff >= c.retry.initial_backoff,
+           f"retry.max_backoff must be at least retry.initial_backoff ({c.retry.initial_backoff}), got {c.retry.max_backoff}")
+    _check(bool(c.dead_letter.path), "dead_letter.path must not be empty")
+    _range("dead_letter.max_bytes", c.dead_letter.max_bytes, 4096)
+    _range("shutdown.drain_timeout", c.shutdown.drain_timeout, 0)
+    _choice("log.level", c.log.level, ("debug", "info", "warning", "error"))
+    _choice("log.format", c.log.format, ("json", "console"))
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose value differs between two configurations."""
+    out = []
+    for section in fields(Config):
+        a, b = getattr(old, section.name), getattr(new, section.name)
+        for f in fields(a):
+            if getattr(a, f.name) != getattr(b, f.name):
+                out.append(f"{section.name}.{f.name}")
+    return out
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration as TOML (what check-config prints)."""
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return "\n".join(lines)

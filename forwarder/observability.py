@@ -1,0 +1,205 @@
+"""Metrics and log events.
+
+Each observable event is one method of ``Observer`` that writes one structlog
+event with a constant name and updates the matching Prometheus metric (the shape
+of Vector's ``internal_events``). Metrics live in a per-daemon registry so that
+several forwarders can share a process (tests, the fleet simulation).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+import prometheus_client
+import structlog
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    GCCollector,
+)
+
+from . import __version__
+
+# The `_created` series double every counter for no use on a dashboard.
+prometheus_client.disable_created_metrics()
+
+# Beyond this many distinct projects a `project` label reads "other", so a
+# client sending random project names cannot blow up the series count.
+MAX_PROJECT_LABELS = 50
+WARNING_INTERVAL = 10.0  # seconds between two lines of the same repeated warning
+
+
+class Metrics:
+    """Every Prometheus metric of one forwarder, in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, process_collectors: bool = True) -> None:
+        self.registry = r = registry or CollectorRegistry(auto_describe=True)
+        if process_collectors:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        Info("forwarder_build", "Build information.", registry=r).info({"version": __version__})
+        self.queue_depth = Gauge("forwarder_queue_depth",
+                                 "Events accepted and not yet acknowledged by Evidently or dead-lettered.", registry=r)
+        self.queue_bytes = Gauge("forwarder_queue_bytes", "Encoded bytes of the events in forwarder_queue_depth.",
+                                 registry=r)
+        self.oldest_event_age = Gauge("forwarder_oldest_event_age_seconds",
+                                      "Age of the oldest event not yet acknowledged or dead-lettered.", registry=r)
+        self.events_received = Counter("forwarder_events_received_total", "Events the intake accepted.", registry=r)
+        self.events_rejected = Counter("forwarder_events_rejected_total", "Events the intake refused.", ["reason"],
+                                       registry=r)
+        self.events_sent = Counter("forwarder_events_sent_total", "Events Evidently acknowledged.", registry=r)
+        self.events_failed = Counter("forwarder_events_failed_total", "Events written to the dead-letter file.",
+                                     ["code"], registry=r)
+        self.events_dropped = Counter("forwarder_events_dropped_total",
+                                      "Accepted events lost on purpose (buffer.when_full=drop_oldest, shutdown).",
+                                      ["reason"], registry=r)
+        self.duplicates = Counter("forwarder_duplicates_total",
+                                  "Events sent again after an attempt whose outcome was unknown (at-least-once).",
+                                  registry=r)
+        self.batches_sent = Counter("forwarder_batches_sent_total", "Batches handed to the sender.", ["flush_reason"],
+                                    registry=r)
+        self.batch_size = Histogram("forwarder_batch_size_events", "Events per batch handed to the sender.",
+                                    buckets=(1, 2, 5, 10, 20, 30, 40, 49, 50), registry=r)
+        self.throttled = Counter("forwarder_throttled_total",
+                                 "Throttling answers from Evidently: whole-request 429s and throttled entries.",
+                                 registry=r)
+        self.retries = Counter("forwarder_retries_total", "Events scheduled for another attempt.", ["reason"],
+                               registry=r)
+        self.request_duration = Histogram("forwarder_request_duration_seconds", "PutProjectEvents call duration.",
+                                          ["outcome"],
+                                          buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.inflight = Gauge("forwarder_inflight_requests", "PutProjectEvents calls in flight.", registry=r)
+        self.send_rate = Gauge("forwarder_send_rate", "Allowed PutProjectEvents requests per second.", registry=r)
+        self.circuit_open = Gauge("forwarder_circuit_open", "1 while a project's circuit breaker is open.",
+                                  ["project"], registry=r)
+        self.buffer_corruptions = Counter("forwarder_buffer_corruptions_total",
+                                          "Damaged buffer databases moved aside at start.", registry=r)
+        self._projects: set[str] = set()
+
+    def project_label(self, project: str) -> str:
+        if project in self._projects:
+            return project
+        if len(self._projects) < MAX_PROJECT_LABELS:
+            self._projects.add(project)
+            return project
+        return "other"
+
+
+class RateLimitedLog:
+    """Repeated warnings at most once per interval, each saying how many were suppressed."""
+
+    def __init__(self, log: Any, interval: float = WARNING_INTERVAL, clock: Callable[[], float] = time.monotonic):
+        self._log = log
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, level: str, event: str, **fields: Any) -> None:
+        now = self._clock()
+        last = self._last.get(event)
+        if last is not None and now - last < self._interval:
+            self._suppressed[event] = self._suppressed.get(event, 0) + 1
+            return
+        self._last[event] = now
+        suppressed = self._suppressed.pop(event, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        getattr(self._log, level)(event, **fields)
+
+
+class Observer:
+    """One method per observable event: a structlog line (if any) and its metrics."""
+
+    def __init__(self, metrics: Metrics, log: Any | None = None) -> None:
+        self.metrics = metrics
+        self.log = log or structlog.get_logger("forwarder")
+        self.limited = RateLimitedLog(self.log)
+
+    # intake
+    def events_received(self, n: int) -> None:
+        self.metrics.events_received.inc(n)
+
+    def events_rejected(self, reason: str, n: int) -> None:
+        self.metrics.events_rejected.labels(reason).inc(n)
+        if reason in ("buffer_full", "draining"):
+            self.limited("warning", "intake_rejected", reason=reason, events=n)
+
+    # buffer
+    def events_dropped(self, reason: str, n: int) -> None:
+        self.metrics.events_dropped.labels(reason).inc(n)
+        self.limited("warning" if reason == "buffer_full" else "error", "events_dropped", reason=reason, events=n)
+
+    def buffer_corrupted(self, path: str, moved_to: str, error: str) -> None:
+        self.metrics.buffer_corruptions.inc()
+        self.log.error("buffer_corrupted", path=path, moved_to=moved_to, error=error)
+
+    def buffer_recovered(self, events: int, path: str) -> None:
+        self.log.info("buffer_recovered", events=events, path=path)
+
+    # batcher
+    def batch_flushed(self, reason: str, size: int) -> None:
+        self.metrics.batches_sent.labels(reason).inc()
+        self.metrics.batch_size.observe(size)
+
+    # sender
+    def request_done(self, outcome: str, seconds: float) -> None:
+        self.metrics.request_duration.labels(outcome).observe(seconds)
+
+    def events_sent(self, n: int) -> None:
+        self.metrics.events_sent.inc(n)
+
+    def throttled(self, n: int, project: str) -> None:
+        self.metrics.throttled.inc(n)
+        self.limited("warning", "throttled", project=project, events=n)
+
+    def retry_scheduled(self, reason: str, n: int, project: str, delay: float, code: str) -> None:
+        self.metrics.retries.labels(reason).inc(n)
+        if reason != "throttled":
+            self.limited("warning", "retry_scheduled", reason=reason, project=project, events=n,
+                         delay=round(delay, 3), code=code)
+
+    def possible_duplicates(self, n: int) -> None:
+        self.metrics.duplicates.inc(n)
+
+    def dead_lettered(self, code: str, n: int, project: str, message: str) -> None:
+        self.metrics.events_failed.labels(code).inc(n)
+        self.limited("error", "dead_lettered", code=code, project=project, events=n, message=message[:300])
+
+    def circuit_changed(self, project: str, is_open: bool, reason: str = "", retry_in: float = 0.0) -> None:
+        self.metrics.circuit_open.labels(self.metrics.project_label(project)).set(1 if is_open else 0)
+        if is_open:
+            self.limited("warning", "circuit_opened", project=project, reason=reason, retry_in=round(retry_in, 3))
+        else:
+            self.log.info("circuit_closed", project=project)
+
+    def rate_changed(self, rate: float, reason: str) -> None:
+        if reason == "throttled":
+            self.limited("info", "send_rate_decreased", rate=round(rate, 2))
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
+    """Route structlog to one line per event on stdout (JSON by default)."""
+    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+                     else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,91 @@
+"""The Evidently PutProjectEvents wire protocol, shared by the intake and the emulator.
+
+Everything here is pure: project-name rules, the path parsing SDKs need
+(an ARN's ``/`` arrives percent-encoded), and AWS rest-json error answers.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from urllib.parse import unquote
+
+import orjson
+from aiohttp import web
+
+MAX_EVENTS_PER_CALL = 50
+MAX_PROJECT_LENGTH = 2048
+EVENT_TYPES = ("aws.evidently.evaluation", "aws.evidently.custom")
+DEFAULT_EVENT_TYPE = "aws.evidently.custom"
+PUT_PATH_PREFIX = "/events/projects/"
+
+# The model's pattern, anchored as the service applies it (whole value).
+_PROJECT_RE = re.compile(
+    r"(?:[a-zA-Z0-9._-]*)|(?:arn:[^:]*:[^:]*:[^:]*:[^:]*:project/[a-zA-Z0-9._-]*)"
+)
+
+
+class ProtocolError(Exception):
+    """A whole request the service would refuse: status, AWS error type, message."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+def project_error(project: str) -> str | None:
+    """Why ``project`` is not a valid project name or ARN, or None when it is."""
+    if not project:
+        return "project must not be empty"
+    if len(project) > MAX_PROJECT_LENGTH:
+        return f"project must be at most {MAX_PROJECT_LENGTH} characters, got {len(project)}"
+    if _PROJECT_RE.fullmatch(project) is None:
+        shown = project if len(project) <= 80 else project[:77] + "..."
+        return (
+            f"project {shown!r} must match [a-zA-Z0-9._-]* or "
+            "arn:<partition>:<service>:<region>:<account>:project/<name>"
+        )
+    return None
+
+
+def project_from_raw_path(raw_path: str) -> str:
+    """The project named by a raw ``/events/projects/{project}`` request path.
+
+    The path must be the undecoded one: SDKs percent-encode an ARN's ``/`` as
+    ``%2F``, while a raw ``/`` means an extra path segment, not one project.
+    """
+    raw = raw_path.split("?", 1)[0][len(PUT_PATH_PREFIX):]
+    if "/" in raw:
+        raise ProtocolError(
+            400, "ValidationException",
+            f"project {unquote(raw)!r} is not one path segment; percent-encode '/' as %2F",
+        )
+    project = unquote(raw)
+    problem = project_error(project)
+    if problem is not None:
+        raise ProtocolError(400, "ValidationException", problem)
+    return project
+
+
+def error_response(
+    status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """An AWS rest-json error answer that botocore parses into the right exception."""
+    all_headers = {
+        "x-amzn-ErrorType": error_type,
+        "x-amzn-RequestId": str(uuid.uuid4()),
+    }
+    if headers:
+        all_headers.update(headers)
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"message": message}),
+        content_type="application/json",
+        headers=all_headers,
+    )
+
+
+def protocol_error_response(err: ProtocolError) -> web.Response:
+    return error_response(err.status, err.error_type, err.message)

@@ -1,0 +1,138 @@
+"""Retry policy: pure, table-driven decisions about a PutProjectEvents outcome.
+
+``classify`` maps what one call returned to what happens to its events (Vector's
+``RetryAction``); ``backoff`` is capped exponential with full jitter. Exactly one
+layer retries: botocore's own retries are off (see ``client.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+# Error codes inside a 200 (eventResults[i].errorCode) worth sending again.
+RETRYABLE_ENTRY_CODES = frozenset({
+    "ThrottlingException", "InternalServerException", "ServiceUnavailableException",
+    "InternalFailure", "ServiceUnavailable", "RequestTimeout",
+})
+THROTTLE_CODES = frozenset({
+    "ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
+    "SlowDown", "ProvisionedThroughputExceededException",
+})
+# Whole-request errors that mean "this caller cannot write this project now":
+# wrong permissions, a missing project, credentials that expired or are refused.
+CIRCUIT_CODES = frozenset({
+    "AccessDeniedException", "ResourceNotFoundException", "ExpiredTokenException",
+    "UnrecognizedClientException", "InvalidSignatureException", "IncompleteSignatureException",
+    "MissingAuthenticationTokenException", "InvalidClientTokenId", "RequestExpired",
+    "NoCredentials", "SignatureDoesNotMatch",
+})
+SPLIT_CODES = frozenset({"ValidationException", "SerializationException", "PayloadTooLargeException"})
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What one PutProjectEvents call returned, reduced to what the policy needs."""
+
+    status: int  # HTTP status; 0 when no answer came (timeout, connection error)
+    code: str = ""  # AWS error code of a whole-request failure
+    message: str = ""
+    retry_after: float | None = None  # seconds, from Retry-After / x-amz-retry-after
+    # (index, errorCode, errorMessage) for the failed entries of a 200
+    failed: tuple[tuple[int, str, str], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Every event acknowledged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    reason: str  # throttled | server_error | timeout | connection
+    retry_after: float | None = None
+    ambiguous: bool = False  # the service may have accepted the events
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """The service refused the whole batch because of some of its events: bisect."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenCircuit:
+    """The project cannot be written now (403, 404, credentials): stop and back off."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Nothing will make the service accept these events."""
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """A 200 with failed entries: resend some, dead-letter the rest."""
+
+    retry: tuple[tuple[int, str, str], ...]  # (index, errorCode, errorMessage)
+    dead: tuple[tuple[int, str, str], ...]
+    throttled: int
+
+
+Decision = Done | Retry | Split | OpenCircuit | DeadLetter | Partial
+
+
+def classify(result: CallResult, batch_size: int) -> Decision:
+    """Decide what happens to a batch after one call."""
+    if result.status == 200:
+        if not result.failed:
+            return Done()
+        retry = tuple(f for f in result.failed if f[1] in RETRYABLE_ENTRY_CODES)
+        dead = tuple(f for f in result.failed if f[1] not in RETRYABLE_ENTRY_CODES)
+        throttled = sum(1 for _, code, _ in result.failed if code in THROTTLE_CODES)
+        return Partial(retry, dead, throttled)
+    if result.status == 0:
+        return Retry(result.code or "connection", ambiguous=result.code == "timeout")
+    if result.status == 429 or result.code in THROTTLE_CODES:
+        return Retry("throttled", result.retry_after)
+    if result.status >= 500:
+        return Retry("server_error", result.retry_after, ambiguous=True)
+    if result.code in CIRCUIT_CODES or result.status in (401, 403, 404):
+        return OpenCircuit()
+    if result.code in SPLIT_CODES or result.status in (400, 413):
+        return Split() if batch_size > 1 else DeadLetter()
+    if result.status == 408:
+        return Retry("timeout", ambiguous=True)
+    return DeadLetter()
+
+
+def backoff(attempt: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
+    """Full jitter: uniform(0, min(maximum, initial * 2**attempt)); attempt counts from 0."""
+    cap = min(maximum, initial * (2 ** min(attempt, 62)))
+    return (rng or random).uniform(0.0, cap)
+
+
+def retry_delay(attempt: int, initial: float, maximum: float, retry_after: float | None,
+                rng: random.Random | None = None) -> float:
+    """The service's Retry-After when it gave one (capped), else the jittered backoff."""
+    if retry_after is not None and retry_after >= 0:
+        return min(retry_after, maximum)
+    return backoff(attempt, initial, maximum, rng)
+
+
+def circuit_delay(failures: int, initial: float, maximum: float) -> float:
+    """How long a project's circuit stays open after ``failures`` consecutive refusals."""
+    return min(maximum, max(initial, 1.0) * (2 ** min(failures - 1, 30)))
+
+
+def parse_retry_after(headers: dict[str, str]) -> float | None:
+    """Seconds from ``x-amz-retry-after`` (milliseconds) or ``Retry-After`` (seconds)."""
+    value = headers.get("x-amz-retry-after")
+    try:
+        if value is not None:
+            return max(0.0, float(value) / 1000.0)
+        value = headers.get("retry-after")
+        if value is not None:
+            return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP-date Retry-After: fall back to our own backoff
+    return None
