@@ -133,7 +133,8 @@ class Forwarder:
         app.router.add_get("/metrics", lambda _: asyncio.sleep(0, metrics_response(self.metrics.registry)))
         self._metrics_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._metrics_runner.setup()
-        await web.TCPSite(self._metrics_runner, self.config.intake.host, self.config.metrics.port).start()
+        host = self.config.metrics.host or self.config.intake.host
+        await web.TCPSite(self._metrics_runner, host, self.config.metrics.port).start()
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -40,7 +40,8 @@ class IntakeConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    port: int = 0  # 0: /metrics is served on the intake port
+    port: int = 0  # 0: /metrics is served on the intake port only
+    host: str = ""  # "": the intake's host
 
 
 @dataclass(frozen=True)

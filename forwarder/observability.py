@@ -84,6 +84,15 @@ class Metrics:
         self.buffer_corruptions = Counter("forwarder_buffer_corruptions_total",
                                           "Damaged buffer databases moved aside at start.", registry=r)
         self._projects: set[str] = set()
+        # Known label values exist from the start at 0, so increase() sees the first burst.
+        for reason in ("validation", "body_too_large", "buffer_full", "draining"):
+            self.events_rejected.labels(reason)
+        for reason in ("buffer_full", "shutdown"):
+            self.events_dropped.labels(reason)
+        for reason in ("size", "deadline", "drain"):
+            self.batches_sent.labels(reason)
+        for reason in ("throttled", "partial", "server_error", "timeout", "connection"):
+            self.retries.labels(reason)
 
     def project_label(self, project: str) -> str:
         if project in self._projects:

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator
+
+import aiohttp
+import pytest
+
+from forwarder.emulator import Emulator
+from tests.harness import EmulatorProcess
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        yield s
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    """An in-process emulator on a free port."""
+    emu = Emulator()
+    await emu.start("127.0.0.1", 0)
+    try:
+        yield emu
+    finally:
+        await emu.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    """Processes a test starts; all killed at the end, logs kept in tmp_path."""
+    started = []
+
+    def track(proc):
+        started.append(proc)
+        proc.start()
+        return proc
+
+    yield track
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+async def emulator_process(tmp_path: Path, procs, session) -> EmulatorProcess:
+    emu = procs(EmulatorProcess(tmp_path))
+    await emu.ready(session)
+    return emu

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+
+from forwarder import config as config_mod
+from forwarder.config import ConfigError, changed_keys, from_dict, load, region_quota
+
+
+def test_defaults_match_the_documented_example_file():
+    assert load("config.example.toml") == from_dict({})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"batch": {"max_events": 80}}, "batch.max_events must be between 1 and 50, got 80"),
+    ({"batch": {"max_evnts": 5}}, "unknown key batch.max_evnts"),
+    ({"batc": {}}, "unknown section [batc]"),
+    ({"intake": {"port": "8080"}}, "intake.port must be an integer, got '8080'"),
+    ({"batch": {"flush_interval": 0}}, "batch.flush_interval must be between 0 (exclusive)"),
+    ({"buffer": {"type": "redis"}}, "buffer.type must be one of 'memory', 'disk', got 'redis'"),
+    ({"buffer": {"when_full": "block"}}, "buffer.when_full must be one of"),
+    ({"evidently": {"endpoint_url": "localhost:1"}}, "evidently.endpoint_url must start with http://"),
+    ({"evidently": {"default_project": "a/b"}}, "evidently.default_project is invalid"),
+    ({"evidently": {"initial_rate": 50.0, "max_rate": 10.0}}, "evidently.initial_rate (50.0) must not exceed"),
+    ({"retry": {"initial_backoff": 2.0, "max_backoff": 1.0}}, "retry.max_backoff must be at least"),
+    ({"log": {"format": "xml"}}, "log.format must be one of"),
+])
+def test_invalid_values_are_refused_with_the_key_named(raw, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw)
+    assert message in str(err.value)
+
+
+def test_environment_overrides_the_file_and_is_type_checked():
+    cfg = from_dict({"evidently": {"region": "us-east-1"}},
+                    {"FORWARDER_EVIDENTLY__REGION": "eu-central-1", "FORWARDER_BATCH__FLUSH_INTERVAL": "0.5"})
+    assert cfg.evidently.region == "eu-central-1"
+    assert cfg.batch.flush_interval == 0.5
+    with pytest.raises(ConfigError, match="batch.max_events must be an integer"):
+        from_dict({}, {"FORWARDER_BATCH__MAX_EVENTS": "many"})
+    with pytest.raises(ConfigError, match="FORWARDER_BATCH__NOPE names no key"):
+        from_dict({}, {"FORWARDER_BATCH__NOPE": "1"})
+
+
+def test_max_rate_defaults_to_the_regions_published_quota():
+    assert from_dict({}).evidently.effective_max_rate == 1000.0
+    assert from_dict({"evidently": {"region": "ap-south-1"}}).evidently.effective_max_rate == 200.0
+    assert region_quota("eu-west-1") == 1000.0
+    assert from_dict({"evidently": {"max_rate": 40.0}}).evidently.effective_initial_rate == 4.0
+
+
+def test_integers_are_accepted_where_seconds_are_floats():
+    assert from_dict({"retry": {"max_elapsed": 30}}).retry.max_elapsed == 30.0
+
+
+def test_missing_or_broken_file_is_reported_with_its_path(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[batch\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load(bad)
+
+
+def test_printed_configuration_loads_back_to_the_same_values(tmp_path):
+    cfg = from_dict({"evidently": {"default_project": "demo", "endpoint_url": "http://127.0.0.1:1"}})
+    path = tmp_path / "round.toml"
+    path.write_text(config_mod.to_toml(cfg))
+    assert load(path, {}) == cfg
+
+
+def test_changed_keys_lists_dotted_names():
+    a = from_dict({})
+    b = from_dict({"batch": {"flush_interval": 2.0}, "intake": {"port": 9}})
+    assert changed_keys(a, b) == ["intake.port", "batch.flush_interval"]
