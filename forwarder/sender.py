@@ -121,7 +121,6 @@ class Sender:
         self._on_crash = on_crash
         self._schedule = _Schedule(clock, fresh_limit=2 * concurrency)
         self._circuits: dict[str, _Circuit] = {}
-        self._inflight: set[int] = set()
         self._inflight_batches: dict[int, Batch] = {}
         self._busy = 0  # batches taken by a worker and not yet resolved or rescheduled
         self._idle = asyncio.Event()
@@ -178,7 +177,7 @@ class Sender:
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        return len(self._inflight_batches)
 
     def oldest(self) -> float | None:
         times = [b.received_at for b in self._inflight_batches.values()]
@@ -225,14 +224,16 @@ class Sender:
         batch.first_attempt_at = batch.first_attempt_at or wall
         batch.last_attempt_at = wall
         key = id(batch)
-        self._inflight.add(key)
         self._inflight_batches[key] = batch
         started = self._clock()
         try:
             result = await self._transport.put_events(batch.project, batch.events)
-        finally:
-            self._inflight.discard(key)
+        except asyncio.CancelledError:
+            raise  # the batch stays listed: close() reports it
+        except BaseException:
             self._inflight_batches.pop(key, None)
+            raise
+        self._inflight_batches.pop(key, None)
         await self._resolve(batch, result, sent_at, self._clock() - started)
 
     def _expired(self, batch: Batch, wall: float) -> bool:
