@@ -12,6 +12,11 @@ settings and event hooks, each worth its figure (2-core machine, 50 events):
   joined bytes in as the body before signing. Serialisation was ~32% of a call,
   float timestamps alone ~40% (botocore parses each one and converts it through
   dateutil twice). A default call costs 3.4-4.1 ms of CPU; see benchmarks/.
+* ``before-parse`` reads a 200's body with orjson and keeps only the failed
+  entries; botocore then parses an empty object. Its generic parser walked 50
+  ``eventResults`` structures per call, ~0.29 ms of the 0.8 ms a call cost.
+* ``user_agent`` set once: botocore otherwise rebuilds and sanitises its
+  detailed User-Agent twice per call (~0.25 ms of a call in a profile).
 * ``retries={"total_max_attempts": 1}``: exactly one retry layer, ours.
 * ``inject_host_prefix=False`` whenever ``endpoint_url`` is set, or botocore
   would call ``dataplane.127.0.0.1``.
@@ -20,18 +25,26 @@ settings and event hooks, each worth its figure (2-core machine, 50 events):
 from __future__ import annotations
 
 import asyncio
+import platform
 from typing import Any, Protocol
 
+import aiobotocore
 import aiohttp
+import botocore
 import botocore.exceptions
+import orjson
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
+from . import __version__
 from .config import EvidentlyConfig
 from .retry import CallResult, parse_retry_after
 
 _OPERATION = "evidently.PutProjectEvents"
 _BODY_KEY = "forwarder_encoded_body"
+_FAILED_KEY = "ForwarderFailedEntries"
+_USER_AGENT = (f"forwarder/{__version__} aiobotocore/{aiobotocore.__version__} "
+               f"botocore/{botocore.__version__} Python/{platform.python_version()}")
 
 
 class ModelMissing(RuntimeError):
@@ -66,6 +79,20 @@ def _put_body(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None
     body = context.get(_BODY_KEY)
     if body is not None:
         params["body"] = body
+
+
+def _summarise_results(response_dict: dict[str, Any], customized_response_dict: dict[str, Any], **_: Any) -> None:
+    if response_dict.get("status_code") != 200:
+        return  # errors go through botocore's parser, which knows their shapes
+    try:
+        parsed = orjson.loads(response_dict["body"])
+        results = parsed.get("eventResults") or ()
+        failed = tuple((i, r.get("errorCode") or "Unknown", r.get("errorMessage") or "")
+                       for i, r in enumerate(results) if r.get("errorCode"))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
+        return  # not what we expected: let botocore parse (or refuse) it
+    customized_response_dict[_FAILED_KEY] = failed
+    response_dict["body"] = b"{}"
 
 
 def check_model(session: AioSession) -> None:
@@ -106,6 +133,7 @@ class EvidentlyClient:
                 connect_timeout=min(5.0, c.request_timeout),
                 read_timeout=c.request_timeout,
                 tcp_keepalive=True,
+                user_agent=_USER_AGENT,
             ),
         )
         self._client = await cm.__aenter__()
@@ -113,6 +141,7 @@ class EvidentlyClient:
         events = self._client.meta.events
         events.register(f"before-parameter-build.{_OPERATION}", _take_body)
         events.register(f"before-call.{_OPERATION}", _put_body)
+        events.register(f"before-parse.{_OPERATION}", _summarise_results)
 
     async def put_events(self, project: str, events: list[bytes]) -> CallResult:
         """One PutProjectEvents call; every outcome becomes a CallResult, none raises."""
@@ -129,11 +158,10 @@ class EvidentlyClient:
             return CallResult(401, "NoCredentials", str(e))
         except (botocore.exceptions.BotoCoreError, aiohttp.ClientError, OSError) as e:
             return CallResult(0, "connection", f"{type(e).__name__}: {e}")
-        failed = tuple(
-            (i, r.get("errorCode") or "Unknown", r.get("errorMessage") or "")
-            for i, r in enumerate(parsed.get("eventResults") or ())
-            if r.get("errorCode")
-        )
+        failed = parsed.get(_FAILED_KEY)
+        if failed is None:  # botocore parsed the body itself
+            failed = tuple((i, r.get("errorCode") or "Unknown", r.get("errorMessage") or "")
+                           for i, r in enumerate(parsed.get("eventResults") or ()) if r.get("errorCode"))
         return CallResult(200, failed=failed)
 
     async def close(self) -> None:
