@@ -43,6 +43,8 @@ class _Circuit:
     failures: int = 0
     open_until: float = 0.0
     probing: bool = False
+    code: str = ""  # the refusal that opened it, for the batches it holds back
+    message: str = ""
 
 
 class _Schedule:
@@ -249,6 +251,8 @@ class Sender:
             # The deadline runs from the first deferral too: a project that never
             # heals must not keep its events forever.
             batch.first_attempt_at = batch.first_attempt_at or self._wall()
+            # should it expire while held back, its dead letter says why the project refused
+            batch.last_code, batch.last_message = circuit.code, circuit.message
             due = circuit.open_until if circuit.open_until > now else now + PROBE_WAIT
             self._reschedule(batch, due)
             return True
@@ -289,6 +293,10 @@ class Sender:
         self._last_ok = self._clock()
         if decision.throttled:
             self._observer.throttled(decision.throttled, batch.project)
+        # A 200 that took most of the batch says the request rate is fine: the
+        # throttled entries are retried with backoff. Cutting the rate on every
+        # partly throttled 200 drove it to the floor at 20% random entry throttling.
+        if decision.throttled * 2 > len(batch.events):
             self.limiter.on_throttle(sent_at)
         else:
             self.limiter.on_success()
@@ -333,6 +341,7 @@ class Sender:
         circuit = self._circuits.setdefault(batch.project, _Circuit())
         circuit.failures += 1
         circuit.probing = False
+        circuit.code, circuit.message = batch.last_code, batch.last_message
         delay = circuit_delay(circuit.failures, self.retry.initial_backoff, self.retry.max_backoff)
         circuit.open_until = self._clock() + delay
         self._observer.circuit_changed(batch.project, True, batch.last_code, delay)

@@ -1,0 +1,276 @@
+"""End to end, rate-limit-aware delivery: the real daemon against a faulty emulator process.
+
+Each event's data is a JSON string with a unique ``id``, written by the test, so
+the emulator's per-event faults (stable by data) and the dead-letter file can be
+checked event by event: delivered + dead-lettered == sent, and none in both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from forwarder.emulator import stable_fraction
+from tests.harness import EmulatorProcess, ForwarderProcess, wait_for
+
+pytestmark = pytest.mark.e2e
+
+DEAD_LETTER_FIELDS = {"project", "event", "errorCode", "errorMessage", "attempts", "first_attempt_at",
+                      "last_attempt_at"}
+
+
+# --- helpers ---------------------------------------------------------------
+
+
+def data(i: int, **extra) -> str:
+    return orjson.dumps({"id": i, **extra}).decode()
+
+
+def event_id(data_text: str) -> int:
+    return orjson.loads(data_text)["id"]
+
+
+def forwarder(tmp_path: Path, emu: EmulatorProcess, name: str = "forwarder", **sections) -> ForwarderProcess:
+    config = {
+        "evidently": {"endpoint_url": emu.url},
+        "batch": {"flush_interval": 0.2, "max_events": 50},
+        "retry": {"initial_backoff": 0.05, "max_backoff": 1.0},
+        "shutdown": {"drain_timeout": 5.0},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return ForwarderProcess(tmp_path, config, name=name)
+
+
+async def emulator(tmp_path: Path, procs, session: aiohttp.ClientSession, *flags: str) -> EmulatorProcess:
+    emu = procs(EmulatorProcess(tmp_path, *flags))
+    await emu.ready(session)
+    return emu
+
+
+async def post_all(session: aiohttp.ClientSession, fwd: ForwarderProcess, project: str, texts: list[str],
+                   per_request: int = 500) -> None:
+    for k in range(0, len(texts), per_request):
+        status, answer = await fwd.post(session, project, [{"data": t} for t in texts[k:k + per_request]])
+        assert (status, answer.get("failedEventCount")) == (200, 0), answer
+
+
+async def settled(session: aiohttp.ClientSession, fwd: ForwarderProcess, n: int, timeout: float) -> None:
+    """Wait until all ``n`` accepted events are delivered or dead-lettered (queue back at 0)."""
+    async def done() -> bool:
+        sent = await fwd.metric(session, "forwarder_events_sent_total")
+        return sent + len(fwd.dead_letters()) >= n and await fwd.metric(session, "forwarder_queue_depth") == 0
+    await wait_for(done, timeout, f"{n} events delivered or dead-lettered", interval=0.1)
+
+
+async def delivered_ids(session: aiohttp.ClientSession, emu: EmulatorProcess, project: str | None = None) -> Counter:
+    return Counter(event_id(e["data"]) for e in await emu.events(session, project))
+
+
+def dead_letter_ids(fwd: ForwarderProcess) -> Counter:
+    return Counter(event_id(line["event"]["data"]) for line in fwd.dead_letters())
+
+
+# --- throttling ------------------------------------------------------------
+
+
+async def test_a_10_rps_quota_is_found_by_the_limiter_with_high_goodput_and_few_throttles(
+        tmp_path, procs, session):
+    emu = await emulator(tmp_path, procs, session, "--quota", "10")
+    # max_rate and initial_rate stay at their defaults (1000 and 100): the limiter must find 10/s itself.
+    fwd = procs(forwarder(tmp_path, emu, evidently={"concurrency": 4},
+                          retry={"initial_backoff": 0.05, "max_backoff": 2.0}))
+    await fwd.ready(session)
+    total = 6000
+    t0 = time.time()
+    await post_all(session, fwd, "quota", [data(i) for i in range(total)])
+
+    rates: list[tuple[float, float]] = []
+    await asyncio.sleep(max(0.0, t0 + 2.0 - time.time()))  # the measurement window starts at t0 + 2 s
+    at_2s = await emu.stats(session)
+
+    async def all_delivered() -> bool:
+        rates.append((round(time.time() - t0, 1), await fwd.metric(session, "forwarder_send_rate")))
+        return (await emu.stats(session))["events_accepted"] >= total
+    await wait_for(all_delivered, 40, f"{total} events at the emulator", interval=0.5)
+    end = await emu.stats(session)
+
+    recorded = await emu.events(session)
+    assert Counter(event_id(e["data"]) for e in recorded) == Counter(range(total))
+    assert fwd.dead_letters() == []
+    last = max(e["received_at"] for e in recorded)
+    window = last - (t0 + 2.0)
+    goodput = sum(1 for e in recorded if e["received_at"] > t0 + 2.0) / window
+    requests = end["requests_total"] - at_2s["requests_total"]
+    throttled = end["requests_by_status"].get("429", 0) - at_2s["requests_by_status"].get("429", 0)
+    report = (f"goodput {goodput:.0f} events/s over {window:.1f} s (target >= {0.85 * 500:.0f}); "
+              f"throttled {throttled}/{requests} requests after 2 s; all: {end['requests_by_status']}; "
+              f"forwarder_send_rate over time: {rates}")
+    print(report)
+    assert goodput >= 0.85 * 10 * 50, report
+    assert throttled <= 0.10 * requests, report
+
+
+async def test_per_event_throttling_and_invalid_events_lose_nothing_and_dead_letter_only_the_invalid(
+        tmp_path, procs, session):
+    emu = await emulator(tmp_path, procs, session, "--throttle-event-rate", "0.2", "--invalid-event-rate", "0.02",
+                         "--seed", "1")
+    fwd = procs(forwarder(tmp_path, emu))
+    await fwd.ready(session)
+    total = 3000
+    texts = [data(i) for i in range(total)]
+    invalid = {i for i, t in enumerate(texts) if stable_fraction(t) < 0.02}
+    assert invalid, "the seed data must hold some invalid events"
+    await post_all(session, fwd, "p", texts)
+
+    await settled(session, fwd, total, timeout=20)
+    delivered, dead = await delivered_ids(session, emu), dead_letter_ids(fwd)
+    stats = await emu.stats(session)
+    print(f"duplicates at the emulator: {stats['duplicates']}; failed by code: {stats['events_failed_by_code']}; "
+          f"forwarder_duplicates_total: {await fwd.metric(session, 'forwarder_duplicates_total')}")
+    assert set(delivered) == set(range(total)) - invalid
+    assert set(dead) == invalid
+    assert set(delivered) & set(dead) == set()
+    assert sum(dead.values()) == len(invalid)
+    # Duplicates can only follow an attempt of unknown outcome, which the forwarder counts.
+    assert sum(delivered.values()) - len(delivered) == stats["duplicates"]
+    assert stats["duplicates"] <= await fwd.metric(session, "forwarder_duplicates_total")
+    for line in fwd.dead_letters():
+        assert set(line) == DEAD_LETTER_FIELDS
+        assert (line["project"], line["errorCode"]) == ("p", "ValidationException")
+        assert line["attempts"] >= 1 and line["first_attempt_at"] <= line["last_attempt_at"]
+
+
+async def test_one_poisoned_event_in_a_refused_batch_of_50_is_bisected_out_and_dead_lettered(
+        tmp_path, procs, session):
+    emu = await emulator(tmp_path, procs, session, "--reject-marker", "POISON")
+    fwd = procs(forwarder(tmp_path, emu))
+    await fwd.ready(session)
+    texts = [data(i, note="POISON" if i == 17 else "fine") for i in range(50)]
+    await post_all(session, fwd, "p", texts)
+
+    await settled(session, fwd, 50, timeout=15)
+    assert await delivered_ids(session, emu) == Counter(i for i in range(50) if i != 17)
+    assert dead_letter_ids(fwd) == Counter([17])
+    assert fwd.dead_letters()[0]["errorCode"] == "ValidationException"
+
+
+# --- a broken project ------------------------------------------------------
+
+
+async def stream(session: aiohttp.ClientSession, fwd: ForwarderProcess, project: str, ids: range,
+                 per_tick: int, tick: float) -> dict[int, float]:
+    """Post ``per_tick`` events every ``tick`` seconds; returns when each was answered (wall clock)."""
+    answered: dict[int, float] = {}
+    start = time.monotonic()
+    for n, k in enumerate(range(ids.start, ids.stop, per_tick)):
+        # The steady stream is the workload, on a fixed schedule.
+        await asyncio.sleep(max(0.0, start + n * tick - time.monotonic()))
+        chunk = range(k, min(k + per_tick, ids.stop))
+        status, _ = await fwd.post(session, project, [{"data": data(i)} for i in chunk])
+        assert status == 200
+        answered.update(dict.fromkeys(chunk, time.time()))
+    return answered
+
+
+def delivery_profile(recorded: list[dict], answered: dict[int, float]) -> tuple[float, float]:
+    """(worst latency from answer to arrival, throughput from first answer to last arrival)."""
+    arrivals = {event_id(e["data"]): e["received_at"] for e in recorded}
+    worst = max(arrivals[i] - answered[i] for i in answered)
+    return worst, len(answered) / (max(arrivals.values()) - min(answered.values()))
+
+
+async def test_a_missing_project_does_not_slow_a_healthy_one_and_is_dead_lettered_after_max_elapsed(
+        tmp_path, procs, session):
+    emu = await emulator(tmp_path, procs, session, "--missing-project", "A")
+    max_elapsed, max_backoff, flush, margin = 2.0, 1.0, 0.2, 0.5
+    fwd = procs(forwarder(tmp_path, emu, batch={"flush_interval": flush},
+                          retry={"max_elapsed": max_elapsed, "max_backoff": max_backoff}))
+    await fwd.ready(session)
+    # 200 events/s in requests of 10: B's batches fill in 0.25 s, so most flush at their deadline.
+    b_stream = dict(per_tick=10, tick=0.05)
+
+    baseline = await stream(session, fwd, "B", range(0, 500), **b_stream)
+    await wait_for(lambda: _has(session, emu, "B", 500), 10, "B's baseline events")
+    base_worst, base_rate = delivery_profile(await emu.events(session, "B"), baseline)
+
+    a_events, a_posted = 1000, time.monotonic()
+    await post_all(session, fwd, "A", [data(i) for i in range(100_000, 100_000 + a_events)])
+
+    async def a_dead_lettered() -> float:
+        async def all_of_a() -> bool:
+            return sum(1 for line in fwd.dead_letters() if line["project"] == "A") >= a_events
+        await wait_for(all_of_a, 15, "A's events in the dead-letter file", interval=0.1)
+        return time.monotonic() - a_posted
+
+    watch = asyncio.create_task(a_dead_lettered())
+    broken = await stream(session, fwd, "B", range(500, 1000), **b_stream)
+    assert await fwd.metric(session, "forwarder_circuit_open", 'project="A"') == 1
+    await wait_for(lambda: _has(session, emu, "B", 1000), 10, "B's events while A is broken")
+    recorded = [e for e in await emu.events(session, "B") if event_id(e["data"]) >= 500]
+    worst, rate = delivery_profile(recorded, broken)
+    report = (f"B baseline: worst {base_worst:.2f} s, {base_rate:.0f} events/s; "
+              f"with A broken: worst {worst:.2f} s, {rate:.0f} events/s")
+    print(report)
+    assert worst <= flush + margin, report
+    assert rate >= 0.8 * base_rate, report
+
+    # Not before max_elapsed; at most one circuit delay (max_backoff) after it.
+    assert max_elapsed <= await watch <= max_elapsed + max_backoff + 1.5
+    lines = fwd.dead_letters()
+    assert Counter(line["project"] for line in lines) == {"A": a_events}
+    assert {line["errorCode"] for line in lines} == {"ResourceNotFoundException"}
+    assert await delivered_ids(session, emu) == Counter(range(1000))
+
+
+async def _has(session: aiohttp.ClientSession, emu: EmulatorProcess, project: str, n: int) -> bool:
+    return (await emu.stats(session))["events_by_project"].get(project, 0) >= n
+
+
+# --- replay ----------------------------------------------------------------
+
+
+async def test_replaying_the_dead_letter_file_after_the_fix_delivers_it_and_reports_counts(
+        tmp_path, procs, session):
+    emu = await emulator(tmp_path, procs, session, "--invalid-event-rate", "0.1")
+    fwd = procs(forwarder(tmp_path, emu))
+    await fwd.ready(session)
+    texts = [data(i) for i in range(500)]
+    await post_all(session, fwd, "p", texts)
+    await settled(session, fwd, 500, timeout=15)
+    dead = dead_letter_ids(fwd)
+    assert dead and set(dead) == {i for i, t in enumerate(texts) if stable_fraction(t) < 0.1}
+
+    await emu.configure(session, invalid_event_rate=0.0)
+    replay = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "forwarder", "replay", str(fwd.dead_letter_path), "--intake", fwd.url],
+        capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert f"accepted {len(dead)}, rejected 0" in replay.stdout
+
+    await wait_for(lambda: _has(session, emu, "p", 500), 10, "the replayed events")
+    assert await delivered_ids(session, emu) == Counter(range(500))
+
+
+# --- server errors ---------------------------------------------------------
+
+
+async def test_server_errors_and_latency_are_retried_until_everything_is_delivered(tmp_path, procs, session):
+    emu = await emulator(tmp_path, procs, session, "--error-rate", "0.3", "--latency", "0.05", "--seed", "3")
+    fwd = procs(forwarder(tmp_path, emu))
+    await fwd.ready(session)
+    await post_all(session, fwd, "p", [data(i) for i in range(2000)])
+
+    await settled(session, fwd, 2000, timeout=30)
+    delivered = await delivered_ids(session, emu)
+    assert set(delivered) == set(range(2000))
+    assert fwd.dead_letters() == []
+    assert await fwd.metric(session, "forwarder_retries_total", 'reason="server_error"') > 0
