@@ -274,13 +274,16 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     return out
 
 
-def to_toml(config: Config) -> str:
-    """The effective configuration as TOML (what check-config prints)."""
+def to_toml(config: Config | Mapping[str, Mapping[str, Any]]) -> str:
+    """TOML for a configuration or a plain {section: {key: value}} mapping (check-config's output)."""
+    sections = config.to_dict() if isinstance(config, Config) else config
     lines = []
-    for section, values in config.to_dict().items():
+    for section, values in sections.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            if isinstance(value, str):
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
                 text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
             else:
                 text = repr(value)

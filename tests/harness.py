@@ -19,6 +19,8 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 import orjson
 
+from forwarder.config import to_toml
+
 HOST = "127.0.0.1"
 
 
@@ -26,22 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def to_toml(sections: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            else:
-                text = repr(value)
-            lines.append(f"{key} = {text}")
-        lines.append("")
-    return "\n".join(lines)
 
 
 async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str,
@@ -54,6 +40,14 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float, wha
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def answers_200(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url) as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 class Proc:
@@ -108,13 +102,7 @@ class EmulatorProcess(Proc):
                          tmp / f"emulator-{self.port}.log")
 
     async def ready(self, session: aiohttp.ClientSession, timeout: float = 20.0) -> None:
-        async def up() -> bool:
-            try:
-                async with session.get(f"{self.url}/healthz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-        await wait_for(up, timeout, f"the emulator on {self.url}")
+        await wait_for(lambda: answers_200(session, f"{self.url}/healthz"), timeout, f"the emulator on {self.url}")
 
     async def configure(self, session: aiohttp.ClientSession, **fields: Any) -> dict:
         async with session.post(f"{self.url}/_emulator/config", json=fields) as r:
@@ -155,11 +143,7 @@ class ForwarderProcess(Proc):
             assert self.popen is not None
             if self.popen.poll() is not None:
                 raise AssertionError(f"forwarder exited with {self.popen.returncode}:\n{self.logs()}")
-            try:
-                async with session.get(f"{self.url}/readyz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
+            return await answers_200(session, f"{self.url}/readyz")
         await wait_for(up, timeout, f"the forwarder on {self.url}")
 
     async def post(self, session: aiohttp.ClientSession, project: str, events: list[dict]) -> tuple[int, dict]:
