@@ -277,7 +277,10 @@ class Sender:
         elif isinstance(decision, Retry):
             if decision.reason == "throttled":
                 self._observer.throttled(1, batch.project)
-                self.limiter.on_throttle(sent_at)
+            # Throttling, 5xx and an unreachable endpoint all mean "send less":
+            # otherwise thousands of batches backing off on their own clocks
+            # keep calling a service that is down at the full send rate.
+            self.limiter.on_throttle(sent_at)
             self._retry(batch, decision.reason, decision.retry_after)
         elif isinstance(decision, Split):
             half = len(batch.events) // 2
