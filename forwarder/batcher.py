@@ -39,6 +39,7 @@ class Batch:
     last_code: str = ""
     last_message: str = ""
     ambiguous: bool = False  # the last attempt may have been delivered (timeout, 5xx)
+    duplicates_counted: bool = False  # each event counts once as a possible duplicate
 
     def subset(self, indexes: list[int]) -> "Batch":
         """The same history for some of the events (a split or a partial resend)."""
@@ -46,7 +47,7 @@ class Batch:
             self.project, [self.events[i] for i in indexes],
             None if self.ids is None else [self.ids[i] for i in indexes],
             self.received_at, self.flush_reason, self.attempts, self.first_attempt_at,
-            self.last_attempt_at, self.last_code, self.last_message, self.ambiguous,
+            self.last_attempt_at, self.last_code, self.last_message, self.ambiguous, self.duplicates_counted,
         )
 
 

@@ -141,6 +141,11 @@ class Intake:
                 self._observer.events_rejected("buffer_full", len(events))
                 return error_response(429, "ThrottlingException", "the forwarder's buffer is full; retry later",
                                       {"Retry-After": str(max(1, round(e.retry_after)))})
+            except Exception as e:  # e.g. a disk error: nothing was accepted, say so in AWS style
+                self._observer.events_rejected("buffer_error", len(events))
+                return error_response(503, "ServiceUnavailableException",
+                                      f"the forwarder could not store the events: {type(e).__name__}",
+                                      {"Retry-After": "5"})
             self._observer.events_received(len(encoded))
         if errors:
             self._observer.events_rejected("validation", len(errors))

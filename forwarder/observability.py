@@ -83,9 +83,12 @@ class Metrics:
                                   ["project"], registry=r)
         self.buffer_corruptions = Counter("forwarder_buffer_corruptions_total",
                                           "Damaged buffer databases moved aside at start.", registry=r)
+        self.buffer_write_errors = Counter("forwarder_buffer_write_errors_total",
+                                           "Disk buffer transactions that failed (their requests got an error).",
+                                           registry=r)
         self._projects: set[str] = set()
         # Known label values exist from the start at 0, so increase() sees the first burst.
-        for reason in ("validation", "body_too_large", "buffer_full", "draining"):
+        for reason in ("validation", "body_too_large", "buffer_full", "buffer_error", "draining"):
             self.events_rejected.labels(reason)
         for reason in ("buffer_full", "shutdown"):
             self.events_dropped.labels(reason)
@@ -151,6 +154,10 @@ class Observer:
     def buffer_corrupted(self, path: str, moved_to: str, error: str) -> None:
         self.metrics.buffer_corruptions.inc()
         self.log.error("buffer_corrupted", path=path, moved_to=moved_to, error=error)
+
+    def buffer_write_failed(self, path: str, error: str, appends: int, acks: int) -> None:
+        self.metrics.buffer_write_errors.inc()
+        self.limited("error", "buffer_write_failed", path=path, error=error, appends=appends, acks=acks)
 
     def buffer_recovered(self, events: int, path: str) -> None:
         self.log.info("buffer_recovered", events=events, path=path)

@@ -95,7 +95,9 @@ def classify(result: CallResult, batch_size: int) -> Decision:
     if result.status == 429 or result.code in THROTTLE_CODES:
         return Retry("throttled", result.retry_after)
     if result.status >= 500:
-        return Retry("server_error", result.retry_after, ambiguous=True)
+        # A 503 is refused at the door; a 500 may have failed after storing the events.
+        refused = result.status == 503 or result.code == "ServiceUnavailableException"
+        return Retry("server_error", result.retry_after, ambiguous=not refused)
     if result.code in CIRCUIT_CODES or result.status in (401, 403, 404):
         return OpenCircuit()
     if result.code in SPLIT_CODES or result.status in (400, 413):

@@ -220,7 +220,8 @@ class Sender:
             return
         sent_at = await self.limiter.acquire()
         wall = self._wall()
-        if batch.ambiguous:
+        if batch.ambiguous and not batch.duplicates_counted:
+            batch.duplicates_counted = True
             self._observer.possible_duplicates(len(batch.events))
         batch.attempts += 1
         batch.first_attempt_at = batch.first_attempt_at or wall

@@ -1,0 +1,418 @@
+"""The SQLite disk buffer, in process: commits, group commit, reads, acks, bounds, recovery, damage."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from forwarder.buffer import READ_MAX_EVENTS, BufferFull
+from forwarder.config import BufferConfig
+from forwarder.diskbuffer import DB_NAME, DiskBuffer, _ranges
+from forwarder.observability import Metrics, Observer
+from tests.harness import wait_for
+
+
+def events(prefix: str, n: int, size: int = 20) -> list[bytes]:
+    return [f"{prefix}-{i}".encode().ljust(size, b".") for i in range(n)]
+
+
+def rows_on_disk(directory: Path) -> list[tuple[int, str, bytes]]:
+    """What another process would see: a separate connection to the same file."""
+    conn = sqlite3.connect(directory / DB_NAME)
+    try:
+        return conn.execute("SELECT id, project, body FROM events ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def sample(observer: Observer, name: str, labels: dict[str, str] | None = None) -> float:
+    return observer.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+class Buffers:
+    """Opens disk buffers on a directory and closes them all at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.open_buffers: list[DiskBuffer] = []
+
+    async def open(self, path: Path | None = None, **config) -> tuple[DiskBuffer, Observer, int]:
+        observer = Observer(Metrics(process_collectors=False))
+        buf = DiskBuffer(BufferConfig(type="disk", path=str(path or self.path), **config), observer)
+        recovered = await buf.open()
+        self.open_buffers.append(buf)
+        return buf, observer, recovered
+
+
+@pytest.fixture
+async def buffers(tmp_path: Path):
+    b = Buffers(tmp_path / "buffer")
+    yield b
+    for buf in b.open_buffers:
+        await buf.close()
+
+
+async def read_all(buf: DiskBuffer) -> list:
+    out = []
+    while chunks := await buf.read(0):
+        out.extend(chunks)
+    return out
+
+
+# committing
+
+
+@pytest.mark.parametrize("fsync", ["normal", "always"])
+async def test_append_returns_only_after_its_rows_are_committed(buffers, fsync):
+    buf, _, _ = await buffers.open(fsync=fsync)
+    await buf.append("p1", events("a", 3), 100.0)
+    assert [(p, body) for _, p, body in rows_on_disk(buffers.path)] == [("p1", e) for e in events("a", 3)]
+    assert (buf.depth, buf.nbytes) == (3, 60)
+
+
+async def test_concurrent_appends_are_committed_in_fewer_transactions_than_requests(buffers):
+    buf, _, _ = await buffers.open()
+    before = buf.commits
+    await asyncio.gather(*(buf.append("p1", events(f"r{i}", 10), 100.0) for i in range(50)))
+    assert len(rows_on_disk(buffers.path)) == 500
+    assert 1 <= buf.commits - before < 50
+
+
+# reading
+
+
+async def test_read_returns_rows_in_id_order_grouped_into_same_project_runs(buffers):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 2), 100.0)
+    await buf.append("p2", events("b", 1), 101.0)
+    await buf.append("p1", events("c", 2), 102.0)
+    chunks = await buf.read(0)
+    assert [(c.project, c.received_at, c.events) for c in chunks] == [
+        ("p1", 100.0, events("a", 2)), ("p2", 101.0, events("b", 1)), ("p1", 102.0, events("c", 2))]
+    ids = [i for c in chunks for i in c.ids]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert await buf.read(0) == []
+
+
+async def test_consecutive_appends_of_one_project_come_back_as_one_chunk_dated_by_the_oldest(buffers):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 2), 100.0)
+    await buf.append("p1", events("b", 2), 105.0)
+    [chunk] = await buf.read(0)
+    assert (chunk.received_at, chunk.events) == (100.0, events("a", 2) + events("b", 2))
+
+
+async def test_one_read_returns_at_most_read_max_events_and_the_next_read_continues(buffers):
+    buf, _, _ = await buffers.open(max_events=READ_MAX_EVENTS * 2)
+    for i in range(6):
+        await buf.append("p1", events(f"r{i}", 1000, 10), 100.0)
+    first = await buf.read(0)
+    second = await buf.read(0)
+    assert sum(len(c.events) for c in first) == READ_MAX_EVENTS
+    assert sum(len(c.events) for c in second) == 6000 - READ_MAX_EVENTS
+    assert first[-1].ids[-1] < second[0].ids[0]
+
+
+async def test_read_times_out_empty_and_a_waiting_reader_is_woken_by_an_append(buffers):
+    buf, _, _ = await buffers.open()
+    assert await buf.read(0.05) == []
+    reader = asyncio.create_task(buf.read(None))
+    await asyncio.sleep(0)
+    assert not reader.done()
+    await buf.append("p1", events("a", 1), 100.0)
+    chunks = await asyncio.wait_for(reader, 5)
+    assert chunks[0].events == events("a", 1)
+
+
+async def test_oldest_unread_is_the_first_unread_rows_receive_time(buffers):
+    buf, _, _ = await buffers.open()
+    assert buf.oldest_unread() is None
+    await buf.append("p1", events("a", 1), 100.0)
+    await buf.append("p1", events("b", 1), 200.0)
+    assert buf.oldest_unread() == 100.0
+    await buf.read(0)
+    assert buf.oldest_unread() is None
+
+
+async def test_stop_reading_wakes_a_waiting_reader_with_nothing(buffers):
+    buf, _, _ = await buffers.open()
+    waiting = asyncio.create_task(buf.read(None))
+    await asyncio.sleep(0)
+    buf.stop_reading()
+    assert await asyncio.wait_for(waiting, 5) == []
+
+
+async def test_after_stop_reading_unread_rows_stay_on_disk_for_the_next_start(buffers):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 3), 100.0)
+    buf.stop_reading()
+    assert await buf.read(None) == []
+    assert buf.depth == 3
+    await buf.close()
+    again, _, recovered = await buffers.open()
+    assert recovered == 3
+    assert [e for c in await again.read(0) for e in c.events] == events("a", 3)
+
+
+# acknowledging
+
+
+async def test_ack_lowers_depth_at_once_and_deletes_exactly_the_acked_rows(buffers):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 5, size=10), 100.0)
+    [chunk] = await buf.read(0)
+    acked = [0, 2, 4]  # not consecutive: the rows between must stay
+    await buf.ack([chunk.events[i] for i in acked], [chunk.ids[i] for i in acked])
+    assert (buf.depth, buf.nbytes) == (2, 20)
+    await buf.close()
+    assert [body for _, _, body in rows_on_disk(buffers.path)] == [chunk.events[1], chunk.events[3]]
+
+
+async def test_acks_are_deleted_without_waiting_for_close(buffers):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 4), 100.0)
+    [chunk] = await buf.read(0)
+    await buf.ack(chunk.events, chunk.ids)
+
+    async def deleted() -> bool:
+        return rows_on_disk(buffers.path) == []
+    await wait_for(deleted, 5, "the acked rows to be deleted")
+
+
+@pytest.mark.parametrize("ids, ranges", [
+    ([7], [(7, 7)]),
+    ([3, 1, 2], [(1, 3)]),
+    ([1, 2, 4, 5, 9], [(1, 2), (4, 5), (9, 9)]),
+])
+def test_acked_ids_are_deleted_in_runs_of_consecutive_ids(ids, ranges):
+    assert _ranges(ids) == ranges
+
+
+async def test_a_failed_commit_fails_its_appends_but_keeps_its_acks(buffers, monkeypatch):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 2), 100.0)
+    [chunk] = await buf.read(0)
+    real_cycle = buf._store.cycle
+    failures = [sqlite3.OperationalError("disk I/O error")]
+
+    def failing_once(*args):
+        if failures:
+            raise failures.pop()
+        return real_cycle(*args)
+    monkeypatch.setattr(buf._store, "cycle", failing_once)
+
+    await buf.ack(chunk.events, chunk.ids)
+    with pytest.raises(sqlite3.OperationalError):
+        await buf.append("p1", events("b", 1), 100.0)
+    await buf.append("p1", events("c", 1), 100.0)
+    assert buf.depth == 1
+    assert [body for _, _, body in rows_on_disk(buffers.path)] == events("c", 1)
+
+
+async def test_a_full_disk_answers_buffer_full(buffers, monkeypatch):
+    buf, _, _ = await buffers.open()
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorname = "SQLITE_FULL"
+
+    def disk_full(*args):
+        raise error
+    monkeypatch.setattr(buf._store, "cycle", disk_full)
+    with pytest.raises(BufferFull):
+        await buf.append("p1", events("a", 1), 100.0)
+    assert buf.depth == 0
+
+
+# bounds
+
+
+async def test_a_full_buffer_rejects_the_whole_request_and_readiness_returns_below_ninety_percent(buffers):
+    buf, _, _ = await buffers.open(max_events=20)
+    await buf.append("p1", events("a", 16), 100.0)
+    with pytest.raises(BufferFull):
+        await buf.append("p1", events("b", 5), 100.0)
+    assert (buf.depth, buf.full) == (16, True)
+    assert len(rows_on_disk(buffers.path)) == 16
+    await buf.append("p1", events("c", 4), 100.0)
+    [chunk] = await buf.read(0)
+    await buf.ack(chunk.events[:1], chunk.ids[:1])
+    assert buf.full  # 19 of 20: still above the hysteresis line
+    await buf.ack(chunk.events[1:2], chunk.ids[1:2])
+    assert not buf.full  # 18 of 20
+
+
+async def test_the_byte_bound_rejects_too(buffers):
+    buf, _, _ = await buffers.open(max_bytes=1024)
+    await buf.append("p1", events("a", 10, size=100), 100.0)
+    with pytest.raises(BufferFull):
+        await buf.append("p1", events("b", 1, size=100), 100.0)
+
+
+async def test_drop_oldest_deletes_the_oldest_unread_rows_and_never_the_ones_in_flight(buffers):
+    buf, observer, _ = await buffers.open(max_events=10, when_full="drop_oldest")
+    await buf.append("p1", events("sent", 4), 100.0)
+    [in_flight] = await buf.read(0)
+    await buf.append("p1", events("old", 6), 101.0)
+    await buf.append("p1", events("new", 3), 102.0)
+    assert sample(observer, "forwarder_events_dropped_total", {"reason": "buffer_full"}) == 3
+    assert buf.depth == 10
+    unread = [e for c in await buf.read(0) for e in c.events]
+    assert unread == events("old", 6)[3:] + events("new", 3)
+    on_disk = [body for _, _, body in rows_on_disk(buffers.path)]
+    assert on_disk[:4] == in_flight.events
+
+
+async def test_drop_oldest_rejects_without_dropping_when_unread_rows_cannot_make_room(buffers):
+    buf, observer, _ = await buffers.open(max_events=10, when_full="drop_oldest")
+    await buf.append("p1", events("sent", 8), 100.0)
+    await buf.read(0)
+    await buf.append("p1", events("old", 1), 101.0)
+    with pytest.raises(BufferFull):
+        await buf.append("p1", events("new", 3), 102.0)
+    assert sample(observer, "forwarder_events_dropped_total", {"reason": "buffer_full"}) == 0
+    assert len(rows_on_disk(buffers.path)) == 9
+
+
+# recovery
+
+
+async def test_reopening_recovers_pending_rows_and_reads_them_first(buffers):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 3, size=10), 100.0)
+    [chunk] = await buf.read(0)
+    await buf.ack(chunk.events[:1], chunk.ids[:1])
+    await buf.append("p2", events("b", 2, size=10), 101.0)
+    await buf.close()
+
+    again, observer, recovered = await buffers.open()
+    assert recovered == 4
+    assert (again.depth, again.nbytes) == (4, 40)
+    await again.append("p1", events("c", 1, size=10), 102.0)
+    chunks = await read_all(again)
+    assert [(c.project, c.events) for c in chunks] == [
+        ("p1", chunk.events[1:]), ("p2", events("b", 2, size=10)), ("p1", events("c", 1, size=10))]
+    # Only the two rows the first run had handed to its sender may have been sent before.
+    assert sample(observer, "forwarder_duplicates_total") == 2
+
+
+async def test_a_kill_leaves_every_committed_row_for_the_next_start(buffers, tmp_path):
+    buf, _, _ = await buffers.open()
+    await asyncio.gather(*(buf.append("p1", events(f"r{i}", 10), 100.0) for i in range(20)))
+    # The files as they are now, without close (no checkpoint): what kill -9 leaves.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-wal"):
+        shutil.copy(buffers.path / (DB_NAME + suffix), crashed / (DB_NAME + suffix))
+    after, _, recovered = await buffers.open(crashed)
+    assert recovered == 200
+    assert len([e for c in await read_all(after) for e in c.events]) == 200
+
+
+async def test_new_rows_after_a_restart_are_not_counted_as_duplicates(buffers):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 3), 100.0)
+    [chunk] = await buf.read(0)
+    await buf.ack(chunk.events, chunk.ids)
+    await buf.close()
+    again, observer, recovered = await buffers.open()
+    await again.append("p1", events("b", 2), 101.0)
+    [fresh] = await again.read(0)
+    assert recovered == 0
+    assert min(fresh.ids) > max(chunk.ids)
+    assert sample(observer, "forwarder_duplicates_total") == 0
+
+
+# damage
+
+
+def write_garbage(path: Path) -> None:
+    path.mkdir(parents=True)
+    (path / DB_NAME).write_bytes(b"this is not a database, it is garbage " * 300)
+
+
+async def truncate_a_real_buffer(path: Path) -> None:
+    buf = DiskBuffer(BufferConfig(type="disk", path=str(path)), Observer(Metrics(process_collectors=False)))
+    await buf.open()
+    for i in range(10):
+        await buf.append("p1", events(f"r{i}", 300, size=200), 100.0)
+    await buf.close()
+    db = path / DB_NAME
+    with open(db, "r+b") as f:
+        f.truncate(db.stat().st_size // 2)
+
+
+def write_foreign_schema(path: Path) -> None:
+    path.mkdir(parents=True)
+    conn = sqlite3.connect(path / DB_NAME)
+    conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, payload TEXT)")
+    conn.execute("INSERT INTO events (payload) VALUES ('x')")
+    conn.commit()
+    conn.close()
+
+
+def write_future_version(path: Path) -> None:
+    path.mkdir(parents=True)
+    conn = sqlite3.connect(path / DB_NAME)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, project TEXT NOT NULL, "
+                 "received_at REAL NOT NULL, body BLOB NOT NULL)")
+    conn.execute("INSERT INTO meta VALUES ('schema_version', 99), ('max_read', 0)")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign schema", "future schema version"])
+async def test_a_damaged_database_is_moved_aside_reported_and_replaced_by_an_empty_one(buffers, damage):
+    path = buffers.path
+    if damage == "garbage":
+        write_garbage(path)
+    elif damage == "truncated":
+        await truncate_a_real_buffer(path)
+    elif damage == "foreign schema":
+        write_foreign_schema(path)
+    else:
+        write_future_version(path)
+    original = (path / DB_NAME).read_bytes()
+
+    buf, observer, recovered = await buffers.open()
+
+    assert recovered == 0 and buf.depth == 0
+    assert sample(observer, "forwarder_buffer_corruptions_total") == 1
+    [moved] = path.glob(DB_NAME + ".corrupt-*[!lm]")  # the main file, not its -wal/-shm
+    assert moved.read_bytes() == original
+    await buf.append("p1", events("a", 2), 100.0)
+    assert [e for c in await buf.read(0) for e in c.events] == events("a", 2)
+
+
+async def test_a_second_forwarder_cannot_open_a_buffer_in_use(buffers):
+    await buffers.open()
+    second = DiskBuffer(BufferConfig(type="disk", path=str(buffers.path)),
+                        Observer(Metrics(process_collectors=False)))
+    with pytest.raises(OSError, match="in use by another forwarder"):
+        await second.open()
+    await second.close()
+
+
+# closing
+
+
+async def test_close_is_idempotent_and_later_appends_fail(buffers):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 1), 100.0)
+    await asyncio.gather(buf.close(), buf.close())
+    await buf.close()
+    with pytest.raises(RuntimeError):
+        await buf.append("p1", events("b", 1), 100.0)
+    wal = buffers.path / (DB_NAME + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed
+    assert len(rows_on_disk(buffers.path)) == 1
+
+
+async def test_close_without_open_does_nothing(tmp_path):
+    buf = DiskBuffer(BufferConfig(type="disk", path=str(tmp_path / "never")),
+                     Observer(Metrics(process_collectors=False)))
+    await buf.close()
+    assert not (tmp_path / "never").exists()
