@@ -15,6 +15,7 @@ from typing import Protocol
 
 from .config import BufferConfig
 from .observability import Observer
+from .wakeup import Wakeup
 
 READ_MAX_EVENTS = 5000  # per read, so the batcher loop yields regularly
 # Readiness comes back only below this fill ratio, so /readyz does not flap.
@@ -94,7 +95,7 @@ class MemoryBuffer:
         self._drop_oldest = config.when_full == "drop_oldest"
         self._observer = observer
         self._unread: deque[Chunk] = deque()
-        self._readable = asyncio.Event()
+        self._readable = Wakeup()
         self._closed = False
 
     @property
@@ -143,9 +144,7 @@ class MemoryBuffer:
         """Unread chunks (up to READ_MAX_EVENTS events), waiting up to ``timeout``."""
         if not self._unread and not self._closed:
             self._readable.clear()
-            try:
-                await asyncio.wait_for(self._readable.wait(), timeout)
-            except TimeoutError:
+            if not await self._readable.wait(timeout):
                 return []
         out: list[Chunk] = []
         taken = 0

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from .buffer import READ_MAX_EVENTS, Accounting, BufferFull, Chunk
 from .config import BufferConfig
 from .observability import Observer
+from .wakeup import Wakeup
 
 SCHEMA_VERSION = 1
 DB_NAME = "buffer.sqlite3"
@@ -348,7 +349,7 @@ class DiskBuffer:
         self._acks: list[int] = []
         self._reader: asyncio.Future[Cycled] | None = None
         self._wake = asyncio.Event()
-        self._readable = asyncio.Event()
+        self._readable = Wakeup()
         self._drop_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
         self._cycle: tuple[list[_Append], asyncio.Future[Cycled] | None] = ([], None)  # in the thread now
@@ -458,9 +459,7 @@ class DiskBuffer:
         self._check_usable()
         if self._committed <= self._cursor:
             self._readable.clear()
-            try:
-                await asyncio.wait_for(self._readable.wait(), timeout)
-            except TimeoutError:
+            if not await self._readable.wait(timeout):
                 return []
             if self._stopped:
                 return []

@@ -25,6 +25,7 @@ from .observability import Observer
 from .ratelimit import RateLimiter
 from .retry import (CallResult, DeadLetter, Done, OpenCircuit, Partial, Retry, Split, THROTTLE_CODES,
                     circuit_delay, classify, retry_delay)
+from .wakeup import Wakeup
 
 PROBE_WAIT = 0.25  # seconds a batch waits while its project's probe is in flight
 IDLE_HEALTHY = 60.0  # seconds without any success before "every circuit open" counts
@@ -57,7 +58,7 @@ class _Schedule:
         self._heap: list[tuple[float, int, Batch, bool]] = []
         self._seq = itertools.count()
         self._fresh = 0
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._room = asyncio.Event()
         self._room.set()
 
@@ -88,10 +89,7 @@ class _Schedule:
                 return batch
             timeout = self._heap[0][0] - self._clock() if self._heap else None
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            await self._wake.wait(timeout)
 
     def take_all(self) -> list[Batch]:
         batches = [entry[2] for entry in self._heap]
