@@ -28,15 +28,36 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "applicat
 
 
 class _EventIds:
-    """UUID-shaped ids, unique per daemon run: a random prefix and a counter.
-    A fresh uuid4 per event cost ~2 us, a third of a single-event request."""
+    """UUID-shaped event ids, unique per daemon run: a random prefix, a request
+    counter and the event's index. Whole answers come from a cached template per
+    event count with the request number patched in: 19 -> 2 us for 50 events
+    (a fresh uuid4 per event cost ~2 us each)."""
+
+    _REQUEST = b"\x00REQUEST\x00"  # where each answer gets its request number
+    MAX_TEMPLATED = 4096
 
     def __init__(self) -> None:
-        self._prefix = str(uuid.uuid4())[:24]
-        self._counter = itertools.count()
+        self._prefix = str(uuid.uuid4())[:24]  # 8-4-4-4- : the last group is ours
+        self._requests = itertools.count()
+        self._templates: dict[int, bytes] = {}
 
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
+    def _template(self, n: int) -> bytes:
+        ids = b",".join(b'{"eventId":"%s%s%04x"}' % (self._prefix.encode(), self._REQUEST, i) for i in range(n))
+        return b'{"eventResults":[' + ids + b'],"failedEventCount":0}'
+
+    def all_accepted(self, n: int) -> bytes:
+        """The answer for a request whose ``n`` events were all accepted."""
+        template = self._templates.get(n)
+        if template is None:
+            template = self._template(n)
+            if n <= self.MAX_TEMPLATED:
+                self._templates[n] = template
+        return template.replace(self._REQUEST, b"%08x" % (next(self._requests) & 0xFFFFFFFF))
+
+    def one_request(self) -> Callable[[int], str]:
+        """Ids for a request with rejected events: one request number, index by index."""
+        base = f"{self._prefix}{next(self._requests) & 0xFFFFFFFF:08x}"
+        return lambda i: f"{base}{i:04x}"
 
 
 def metrics_response(registry: CollectorRegistry) -> web.Response:
@@ -167,12 +188,12 @@ class Intake:
 
     def _results(self, n: int, errors: list[tuple[int, str]]) -> bytes:
         if not errors:
-            return orjson.dumps({"eventResults": [{"eventId": self._ids.next()} for _ in range(n)],
-                                 "failedEventCount": 0})
+            return self._ids.all_accepted(n)
         failed = dict(errors)
+        event_id = self._ids.one_request()
         results = [
             {"errorCode": "ValidationException", "errorMessage": failed[i]} if i in failed
-            else {"eventId": self._ids.next()}
+            else {"eventId": event_id(i)}
             for i in range(n)
         ]
         return orjson.dumps({"eventResults": results, "failedEventCount": len(errors)})

@@ -187,3 +187,16 @@ async def test_sighup_applies_live_keys_and_reports_the_others(tmp_path, procs, 
     assert status == 200  # still serving on the old port
     fwd.terminate()
     assert await fwd.wait(10) == 0
+
+
+def test_event_ids_are_uuid_shaped_and_unique_across_requests():
+    import uuid
+
+    from forwarder.intake import _EventIds
+    ids = _EventIds()
+    answers = [json.loads(ids.all_accepted(n)) for n in (3, 3, 0, 50)]
+    partial = ids.one_request()
+    seen = [r["eventId"] for a in answers for r in a["eventResults"]] + [partial(0), partial(1)]
+    assert len(seen) == len(set(seen)) == 58
+    assert all(str(uuid.UUID(i)) == i for i in seen)
+    assert [a["failedEventCount"] for a in answers] == [0, 0, 0, 0]
