@@ -1,0 +1,83 @@
+"""orjson against the standard json module on the intake's per-request work (in-process, cheap).
+
+The orjson side is the real code (``request_events`` + ``encode_all``); the json
+side does the same parse and encode with no validation at all, so it is the
+lower bound of what dropping the dependency would cost.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import timeit
+import tracemalloc
+
+import orjson
+
+from benchmarks import workload
+from benchmarks.context import Context
+from benchmarks.report import Row
+from forwarder.events import encode_all, encode_event, request_events
+
+COMPACT = (",", ":")
+
+
+def with_orjson(body: bytes, now: float) -> list[bytes]:
+    return encode_all(request_events(orjson.loads(body)), now)[0]
+
+
+def with_json(body: bytes, now: float) -> list[bytes]:
+    return [json.dumps({"data": json.dumps(e["data"], separators=COMPACT), "timestamp": e.get("timestamp", now),
+                        "type": e.get("type", workload.EVENT_TYPE)}, separators=COMPACT).encode()
+            for e in json.loads(body)["events"]]
+
+
+def per_call_us(fn, body: bytes, seconds: float) -> float:  # type: ignore[no-untyped-def]
+    """Best of 5 repeats, each ~seconds/5 long."""
+    now = time.time()
+    timer = timeit.Timer(lambda: fn(body, now))
+    number, _ = timer.autorange()
+    number = max(1, int(number * seconds / 5 / 0.2))
+    return min(timer.repeat(5, number)) / number * 1e6
+
+
+def held_per_event(n: int = 2000) -> tuple[float, float]:
+    """Bytes really allocated per kept ``encode_event`` result, and per exact-size copy of it.
+
+    sys.getsizeof reports the logical length; tracemalloc sees the allocation.
+    """
+    evs = workload.events(0, n)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [encode_event(e, i, 0.0) for i, e in enumerate(evs)]
+        as_encoded = (tracemalloc.get_traced_memory()[0] - before) / n
+        del kept
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [b"".join((encode_event(e, i, 0.0), b"")) for i, e in enumerate(evs)]
+        trimmed = (tracemalloc.get_traced_memory()[0] - before) / n
+        del kept
+    finally:
+        tracemalloc.stop()
+    return as_encoded, trimmed
+
+
+async def codec(ctx: Context) -> list[Row]:
+    rows = []
+    for n in (1, 50):
+        body = workload.body(workload.events(0, n))
+        assert [orjson.loads(e) for e in with_orjson(body, 0.0)] == [orjson.loads(e) for e in with_json(body, 0.0)]
+        fast = per_call_us(with_orjson, body, ctx.pick(1.0, 0.1))
+        slow = per_call_us(with_json, body, ctx.pick(1.0, 0.1))
+        rows.append(Row("codec", f"orjson vs json: parse+encode, {n} event{'s' if n > 1 else ''}/POST",
+                        f"orjson {fast:,.1f} us", f"json {slow:,.1f} us", slow / fast,
+                        notes=["ratio is json / orjson CPU per request (json side without validation)"]))
+    held, trimmed = held_per_event()
+    size = sys.getsizeof(encode_event(workload.event(0), 0, 0.0))
+    rows.append(Row("codec", "memory held per encoded event (tracemalloc)", f"encode_event result {held:,.0f} B",
+                    f"exact-size copy {trimmed:,.0f} B", held / trimmed,
+                    notes=[f"sys.getsizeof says {size} B either way: orjson.dumps returns bytes whose allocation is "
+                           "its whole output buffer (4 KiB since orjson 3.12), never shrunk; "
+                           "b''.join((b, b'')) makes the exact-size copy"]))
+    return rows

@@ -1,0 +1,158 @@
+"""Intake throughput: the forwarder against a bare aiohttp handler, same load generator.
+
+Both servers run side by side on the server core for the whole comparison; the
+load alternates between them (A, B, A, B, ...). The forwarder delivers what it
+accepts to an emulator on the driver core, and its backlog is drained before
+every window so neither side measures with the other's leftovers.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack
+from typing import Awaitable, Callable
+
+from benchmarks import stats, workload, wrk
+from benchmarks.context import Context
+from benchmarks.procs import DRIVER_CORE, BareServer, Emulator, Forwarder, forwarder_sections, run_json
+from benchmarks.report import Row, at_least
+
+CONNECTIONS = 32
+PATH = f"/events/projects/{workload.PROJECT}"
+
+
+class Subject:
+    """One side of a comparison: where to send, what to do before each window, its CPU clock."""
+
+    def __init__(self, name: str, url: str, before: Callable[[], Awaitable[object]] | None = None,
+                 cpu: Callable[[], float] | None = None) -> None:
+        self.name, self.url, self.before, self.cpu = name, url, before, cpu
+        self.runs: list[dict] = []
+
+
+async def load(ctx: Context, url: str, body: bytes, duration: float) -> dict:
+    """One closed-loop window of CONNECTIONS keep-alive connections on the driver core."""
+    if ctx.use_wrk:
+        script = wrk.write_script(ctx.logdir / f"post-{len(body)}.lua", body)
+        return await wrk.run(url, script, CONNECTIONS, duration, DRIVER_CORE)
+    body_file = ctx.logdir / f"body-{len(body)}.json"
+    body_file.write_bytes(body)
+    return await run_json([sys.executable, "-m", "benchmarks.loadgen", "closed", "--url", url, "--body-file",
+                           str(body_file), "--connections", str(CONNECTIONS), "--duration", str(duration)],
+                          DRIVER_CORE, timeout=duration + 60)
+
+
+async def settle(subjects: list[Subject]) -> None:
+    """Every forwarder delivers its backlog first: a window must not pay for another's."""
+    for s in subjects:
+        if s.before:
+            await s.before()
+
+
+async def alternate(ctx: Context, subjects: list[Subject], body: bytes, rounds: int, duration: float) -> None:
+    """Warm each side up once (not in a quick run), then measure A, B, A, B, ... ``rounds`` times."""
+    for s in subjects if not ctx.quick else ():
+        await settle(subjects)
+        await load(ctx, s.url + PATH, body, 1.0)
+    for _, name in stats.alternate([s.name for s in subjects], rounds):
+        subject = next(s for s in subjects if s.name == name)
+        await settle(subjects)
+        cpu0 = subject.cpu() if subject.cpu else 0.0
+        run = await load(ctx, subject.url + PATH, body, duration)
+        cpu1 = subject.cpu() if subject.cpu else 0.0
+        await settle([subject])  # so that its CPU includes delivering what it took
+        if subject.cpu:
+            run["cpu_us_per_request"] = (subject.cpu() - cpu0) / max(1, run["ok"]) * 1e6
+            run["core_share"] = (cpu1 - cpu0) / run["seconds"]
+        subject.runs.append(run)
+
+
+def summary(s: Subject) -> dict[str, float]:
+    return {k: stats.median([r[k] for r in s.runs]) for k in ("rps", "p50_ms", "p99_ms")}
+
+
+def per_round(s: Subject) -> str:
+    return ", ".join(f"{run['rps']:,.0f}" for run in s.runs)
+
+
+def describe(m: dict[str, float], events: int) -> str:
+    text = f"{m['rps']:,.0f} req/s"
+    if events > 1:
+        text += f" ({m['rps'] * events:,.0f} ev/s)"
+    return text + f", p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms"
+
+
+async def forwarder_pair(ctx: Context, stack: ExitStack, emulator: Emulator, name: str,
+                         loop: str | None) -> Subject:
+    sections = forwarder_sections(ctx.logdir, name, emulator.url)
+    fwd = Forwarder(ctx.logdir, sections, name=name, loop=loop)
+    stack.callback(fwd.stop)
+    await fwd.start(ctx.session)
+    drain_timeout = ctx.pick(300.0, 60.0)
+    return Subject(name, fwd.url, lambda: fwd.wait_drained(ctx.session, drain_timeout), fwd.child.cpu_seconds)
+
+
+async def intake(ctx: Context, events_per_request: int, target: float, key: str) -> list[Row]:
+    rounds, duration = ctx.pick(5, 1), ctx.pick(4.0, 1.0)
+    body = workload.body(workload.events(0, events_per_request))
+    with ExitStack() as stack:
+        emulator = Emulator(ctx.logdir, "--no-record", name=f"emulator-{key}")
+        stack.callback(emulator.stop)
+        await emulator.start(ctx.session)
+        fwd = await forwarder_pair(ctx, stack, emulator, f"forwarder-{key}", loop=None)
+        bare = BareServer(ctx.logdir)
+        stack.callback(bare.stop)
+        await bare.start(ctx.session)
+        bare_s = Subject("bare", bare.url, cpu=bare.child.cpu_seconds)
+        await alternate(ctx, [fwd, bare_s], body, rounds, duration)
+    f, b = summary(fwd), summary(bare_s)
+    r = stats.ratio(f["rps"], b["rps"])
+    errors = sum(run["errors"] for run in fwd.runs + bare_s.runs)
+    fwd_cpu = stats.median([x["cpu_us_per_request"] for x in fwd.runs])
+    bare_cpu = stats.median([x["cpu_us_per_request"] for x in bare_s.runs])
+    notes = [
+        f"requests/s per round, forwarder: {per_round(fwd)}; bare: {per_round(bare_s)}",
+        f"server CPU per request (median): forwarder {fwd_cpu:.0f} us (intake and delivery of what it took), "
+        f"bare {bare_cpu:.0f} us: by CPU the ratio is {stats.ratio(bare_cpu, fwd_cpu):.2f}, a figure less "
+        "sensitive to other work on the machine than requests/s",
+        f"share of its core each server got during its windows (median): forwarder "
+        f"{stats.median([x['core_share'] for x in fwd.runs]):.0%}, bare "
+        f"{stats.median([x['core_share'] for x in bare_s.runs]):.0%} (below ~95%: other work on the machine)",
+    ]
+    if errors:
+        notes.append(f"{errors} non-2xx answers or socket errors across all windows")
+    name = "intake, 1 event/POST" if events_per_request == 1 else f"intake, {events_per_request} events/POST"
+    return [Row(key, name, describe(f, events_per_request), "bare aiohttp " + describe(b, events_per_request),
+                r, f">= {target}", at_least(r, target), notes)]
+
+
+async def intake_single(ctx: Context) -> list[Row]:
+    return await intake(ctx, 1, 0.85, "intake1")
+
+
+async def intake_batch(ctx: Context) -> list[Row]:
+    return await intake(ctx, 50, 0.55, "intake50")
+
+
+async def uvloop_intake(ctx: Context) -> list[Row]:
+    """The same daemon on uvloop (``forwarder run``) and on the stock loop, single-event intake."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return [Row("uvloop", "uvloop vs asyncio, 1 event/POST intake", "uvloop not installed", "", None,
+                    notes=["install the bench extra (pip install -e '.[bench]') to measure it"])]
+    rounds, duration = ctx.pick(5, 1), ctx.pick(3.0, 1.0)
+    body = workload.body(workload.events(0, 1))
+    with ExitStack() as stack:
+        emulator = Emulator(ctx.logdir, "--no-record", name="emulator-uvloop")
+        stack.callback(emulator.stop)
+        await emulator.start(ctx.session)
+        fast = await forwarder_pair(ctx, stack, emulator, "forwarder-uvloop", loop=None)
+        plain = await forwarder_pair(ctx, stack, emulator, "forwarder-asyncio", loop="asyncio")
+        await alternate(ctx, [fast, plain], body, rounds, duration)
+    f, p = summary(fast), summary(plain)
+    r = stats.ratio(f["rps"], p["rps"])
+    return [Row("uvloop", "uvloop vs asyncio, 1 event/POST intake", "uvloop " + describe(f, 1),
+                "asyncio " + describe(p, 1), r,
+                notes=[f"requests/s per round, uvloop: {per_round(fast)}; asyncio: {per_round(plain)}",
+                       "ratio is uvloop / asyncio requests/s: what the optional dependency buys the intake"])]
