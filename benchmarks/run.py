@@ -25,6 +25,8 @@ Bench = Callable[[Context], Awaitable[list[report.Row]]]
 BENCHMARKS: dict[str, Bench] = {
     "intake1": intake_bench.intake_single,
     "intake50": intake_bench.intake_batch,
+    "intake1-alone": intake_bench.intake_alone_single,
+    "intake50-alone": intake_bench.intake_alone_batch,
     "sender": sender_bench.sender,
     "memory": memory_bench.memory,
     "latency": latency_bench.latency,
