@@ -129,8 +129,11 @@ class Forwarder:
         systemd.notify("READY=1\nSTATUS=accepting events")
 
     async def _start_metrics_server(self) -> None:
+        async def metrics(_: web.Request) -> web.Response:
+            return metrics_response(self.metrics.registry)
+
         app = web.Application()
-        app.router.add_get("/metrics", lambda _: asyncio.sleep(0, metrics_response(self.metrics.registry)))
+        app.router.add_get("/metrics", metrics)
         self._metrics_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._metrics_runner.setup()
         host = self.config.metrics.host or self.config.intake.host

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import io
+import json
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from forwarder.app import Forwarder
+from forwarder.observability import MAX_PROJECT_LABELS, Metrics, RateLimitedLog, configure_logging
+from tests.fakes import FakeClock
+from tests.harness import free_port
+from tests.test_intake import make_config
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict]] = []
+
+    def __getattr__(self, level):
+        return lambda event, **fields: self.lines.append((level, event, fields))
+
+
+def test_repeated_warnings_are_rate_limited_and_say_how_many_were_suppressed():
+    clock, rec = FakeClock(0.0), Recorder()
+    limited = RateLimitedLog(rec, interval=10.0, clock=clock)
+    for _ in range(5):
+        limited("warning", "throttled", project="p")
+    limited("warning", "other_event")
+    clock.advance(10.0)
+    limited("warning", "throttled", project="p")
+    assert rec.lines == [("warning", "throttled", {"project": "p"}), ("warning", "other_event", {}),
+                         ("warning", "throttled", {"project": "p", "suppressed": 4})]
+
+
+def test_json_log_lines_carry_event_level_and_timestamp():
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    try:
+        log = structlog.get_logger("forwarder")
+        log.info("started", port=1)
+        log.debug("hidden")
+        [line] = out.getvalue().splitlines()
+        record = json.loads(line)
+        assert record["event"] == "started" and record["level"] == "info" and record["timestamp"].endswith("Z")
+    finally:
+        configure_logging("info", "json")
+
+
+def test_project_labels_are_capped_and_the_rest_read_other():
+    metrics = Metrics(CollectorRegistry(), process_collectors=False)
+    labels = [metrics.project_label(f"p{i}") for i in range(MAX_PROJECT_LABELS + 5)]
+    assert labels[:MAX_PROJECT_LABELS] == [f"p{i}" for i in range(MAX_PROJECT_LABELS)]
+    assert set(labels[MAX_PROJECT_LABELS:]) == {"other"}
+    assert metrics.project_label("p0") == "p0"
+
+
+async def test_metrics_can_be_served_on_their_own_port(tmp_path, emulator, session):
+    port = free_port()
+    fwd = Forwarder(make_config(tmp_path, emulator.url, metrics={"port": port}), credentials=("k", "s"),
+                    registry=CollectorRegistry(), process_metrics=False)
+    await fwd.start()
+    try:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200
+            assert b"forwarder_queue_depth" in await r.read()
+    finally:
+        await fwd.shutdown()
