@@ -3,8 +3,9 @@
 Why CUBIC (botocore's adaptive mode uses the same constants): its growth is
 time-based, not per-response, so forwarders with different latencies converge to
 the same share of one account quota, and it flattens out near the last rate that
-was throttled, which keeps throttled requests rare. ``Aimd`` is kept beside it
-for comparison (``benchmarks/fleet.py --controller aimd``).
+was throttled, which keeps throttled requests rare. It does not depend on
+max_rate, which AIMD's step does (see ``Aimd``); in the fleet simulation both used
+0.97-1.0 of the quota. ``benchmarks/fleet.py --controller aimd`` compares them.
 
 One decrease per round trip: throttles answering requests sent before the last
 decrease say nothing new, so they are ignored (TCP's one reduction per window);
@@ -53,7 +54,12 @@ class Cubic:
 
 
 class Aimd:
-    """Additive increase (requests/s per second), multiplicative decrease."""
+    """Additive increase (requests/s per second), multiplicative decrease.
+
+    Its increase is max_rate/100 per second, so it behaves well only with
+    max_rate near the forwarder's share: at M=16 sharing 100 calls/s it throttled
+    5.4% of calls with max_rate 100 and 19.6% with 1000 (CUBIC: 8.0% and 7.5%;
+    docs/scaling.md)."""
 
     def __init__(self, initial_rate: float, now: float, increase: float = 1.0, beta: float = 0.7) -> None:
         self._rate = initial_rate
