@@ -94,7 +94,10 @@ class MemoryBuffer:
         self._acct = Accounting(config)
         self._drop_oldest = config.when_full == "drop_oldest"
         self._observer = observer
-        self._unread: deque[Chunk] = deque()
+        # Unread events wait as plain tuples of str/float/bytes: the cyclic GC
+        # stops tracking such tuples, so a backlog of millions does not make every
+        # full collection walk it (gen-2 pauses of ~40 ms per million chunks).
+        self._unread: deque[tuple[str, float, tuple[bytes, ...]]] = deque()
         self._readable = Wakeup()
         self._closed = False
 
@@ -122,19 +125,18 @@ class MemoryBuffer:
             self._acct.rejecting = True
             raise BufferFull()
         self._acct.add(len(events), size)
-        self._unread.append(Chunk(project, received_at, events))
+        self._unread.append((project, received_at, tuple(events)))
         self._readable.set()
 
     def _drop_unread(self, n: int, size: int) -> None:
         # Only events the batcher has not read can go: the rest are in flight.
         dropped = 0
         while self._unread and not self._acct.fits(n, size):
-            chunk = self._unread[0]
+            project, received_at, events = self._unread.popleft()
             excess = max(self._acct.depth + n - self._acct.max_events, 1)
-            take = chunk.events[:excess]
-            del chunk.events[:excess]
-            if not chunk.events:
-                self._unread.popleft()
+            take, rest = events[:excess], events[excess:]
+            if rest:
+                self._unread.appendleft((project, received_at, rest))
             self._acct.remove(len(take), sum(map(len, take)))
             dropped += len(take)
         if dropped:
@@ -149,16 +151,16 @@ class MemoryBuffer:
         out: list[Chunk] = []
         taken = 0
         while self._unread and taken < READ_MAX_EVENTS:
-            chunk = self._unread.popleft()
-            out.append(chunk)
-            taken += len(chunk.events)
+            project, received_at, events = self._unread.popleft()
+            out.append(Chunk(project, received_at, events))  # type: ignore[arg-type]
+            taken += len(events)
         return out
 
     async def ack(self, events: list[bytes], ids: list[int] | None) -> None:
         self._acct.remove(len(events), sum(map(len, events)))
 
     def oldest_unread(self) -> float | None:
-        return self._unread[0].received_at if self._unread else None
+        return self._unread[0][1] if self._unread else None
 
     def stop_reading(self) -> None:
         """Wake a waiting reader so that the batcher can drain and stop."""
