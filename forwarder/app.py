@@ -158,6 +158,7 @@ class Forwarder:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 for w in waiters:
                     w.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     self.reload()

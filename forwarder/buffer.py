@@ -87,19 +87,10 @@ class Accounting:
             self.rejecting = False
 
 
-class MemoryBuffer:
-    """Accepted events in RAM: fast, lost if the process dies."""
+class Accounted:
+    """``depth``, ``nbytes`` and ``full`` of a buffer, read from its Accounting."""
 
-    def __init__(self, config: BufferConfig, observer: Observer) -> None:
-        self._acct = Accounting(config)
-        self._drop_oldest = config.when_full == "drop_oldest"
-        self._observer = observer
-        # Unread events wait as plain tuples of str/float/bytes: the cyclic GC
-        # stops tracking such tuples, so a backlog of millions does not make every
-        # full collection walk it (gen-2 pauses of ~40 ms per million chunks).
-        self._unread: deque[tuple[str, float, tuple[bytes, ...]]] = deque()
-        self._readable = Wakeup()
-        self._closed = False
+    _acct: Accounting
 
     @property
     def depth(self) -> int:
@@ -112,6 +103,21 @@ class MemoryBuffer:
     @property
     def full(self) -> bool:
         return self._acct.rejecting
+
+
+class MemoryBuffer(Accounted):
+    """Accepted events in RAM: fast, lost if the process dies."""
+
+    def __init__(self, config: BufferConfig, observer: Observer) -> None:
+        self._acct = Accounting(config)
+        self._drop_oldest = config.when_full == "drop_oldest"
+        self._observer = observer
+        # Unread events wait as plain tuples of str/float/bytes: the cyclic GC
+        # stops tracking such tuples, so a backlog of millions does not make every
+        # full collection walk it (gen-2 pauses of ~40 ms per million chunks).
+        self._unread: deque[tuple[str, float, tuple[bytes, ...]]] = deque()
+        self._readable = Wakeup()
+        self._closed = False
 
     async def open(self) -> int:
         return 0

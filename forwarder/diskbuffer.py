@@ -52,7 +52,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .buffer import READ_MAX_EVENTS, Accounting, BufferFull, Chunk
+from .buffer import READ_MAX_EVENTS, Accounted, Accounting, BufferFull, Chunk
 from .config import BufferConfig
 from .observability import Observer
 from .wakeup import Wakeup
@@ -330,7 +330,7 @@ def _chunks(rows: list[tuple[int, str, float, bytes]]) -> list[Chunk]:
     return out
 
 
-class DiskBuffer:
+class DiskBuffer(Accounted):
     """Accepted events in SQLite: each ``append`` is committed before it returns."""
 
     def __init__(self, config: BufferConfig, observer: Observer) -> None:
@@ -357,18 +357,6 @@ class DiskBuffer:
         self._stopped = False
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
-
-    @property
-    def depth(self) -> int:
-        return self._acct.depth
-
-    @property
-    def nbytes(self) -> int:
-        return self._acct.nbytes
-
-    @property
-    def full(self) -> bool:
-        return self._acct.rejecting
 
     @property
     def commits(self) -> int:
