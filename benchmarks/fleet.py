@@ -48,6 +48,7 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.procs import cpu_seconds, stop_process  # noqa: E402
 from forwarder import config as config_mod  # noqa: E402
 from forwarder import ratelimit  # noqa: E402
 from forwarder.app import Forwarder  # noqa: E402
@@ -243,17 +244,10 @@ class EmulatorProc:
     def cpu_seconds(self) -> float:
         """user + system CPU of the emulator process so far (Linux /proc)."""
         assert self.popen is not None
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.popen.pid)
 
     def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        stop_process(self.popen)
         if hasattr(self, "_log"):
             self._log.close()
 
