@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from contextlib import asynccontextmanager
+
 import orjson
 import pytest
+from aiohttp import web
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
-from forwarder.client import EvidentlyClient, ModelMissing, check_model, encode_body
+from forwarder.client import EvidentlyClient, ModelMissing, check_model, encode_body, failed_entries
 from forwarder.config import EvidentlyConfig
 from tests.harness import free_port
 
@@ -76,3 +83,72 @@ async def test_an_unreachable_endpoint_is_a_connection_failure_not_an_exception(
     finally:
         await c.close()
     assert result.status == 0 and result.code == "connection"
+
+
+def test_failed_entries_reads_a_200_without_parsing_when_nothing_failed():
+    assert failed_entries(b'{"eventResults":[{"eventId":"a"},{"eventId":"b"}],"failedEventCount":0}') == ()
+    assert failed_entries(
+        b'{"eventResults":[{"eventId":"a"},{"errorCode":"ThrottlingException","errorMessage":"slow"}],'
+        b'"failedEventCount":1}') == ((1, "ThrottlingException", "slow"),)
+    assert failed_entries(b"not json") is None  # left to botocore's parser
+
+
+@asynccontextmanager
+async def recording_server(answer: bytes = b'{"eventResults":[{"eventId":"x"}],"failedEventCount":0}'):
+    """A 127.0.0.1 server that keeps each request (as a proxy, it sees absolute URLs)."""
+    seen: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append((request.method, str(request.url), dict(request.headers), await request.read()))
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", seen  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_request_as_sent_carries_a_valid_sigv4_signature():
+    async with recording_server() as (url, seen):
+        c = EvidentlyClient(EvidentlyConfig(endpoint_url=url, region="eu-west-1"), credentials=("AKID", "SECRET"))
+        await c.start()
+        try:
+            assert (await c.put_events("arn:aws:evidently:eu-west-1:1:project/p", events(2))).status == 200
+        finally:
+            await c.close()
+    method, sent_url, headers, body = seen[0]
+    assert body == encode_body(events(2))
+    auth = re.fullmatch(r"AWS4-HMAC-SHA256 Credential=AKID/(\d{8})/eu-west-1/evidently/aws4_request, "
+                        r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})", headers["Authorization"])
+    assert auth is not None, headers["Authorization"]
+    signed = auth.group(2).split(";")
+    assert "host" in signed and "x-amz-date" in signed
+    # Recompute the signature over exactly the signed headers as they arrived.
+    lower = {k.lower(): v for k, v in headers.items()}
+    request = AWSRequest(method, sent_url, data=body, headers={h: lower[h] for h in signed if h != "host"})
+    request.context["timestamp"] = lower["x-amz-date"]
+    signer = SigV4Auth(Credentials("AKID", "SECRET"), "evidently", "eu-west-1")
+    expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
+    assert auth.group(3) == expected
+    assert sent_url.endswith("/events/projects/arn%3Aaws%3Aevidently%3Aeu-west-1%3A1%3Aproject%2Fp")
+
+
+async def test_calls_go_through_the_proxy_named_by_the_environment(monkeypatch):
+    async with recording_server() as (proxy, seen):
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        endpoint = f"http://evidently.example.invalid:{free_port()}"
+        c = EvidentlyClient(EvidentlyConfig(endpoint_url=endpoint), credentials=("k", "s"))
+        await c.start()
+        try:
+            assert (await c.put_events("p", events(1))).status == 200
+        finally:
+            await c.close()
+    assert [url for _, url, _, _ in seen] == [f"{endpoint}/events/projects/p"]
