@@ -88,6 +88,32 @@ async def test_oversized_and_overfull_requests_are_refused_whole(forwarder, sess
         assert r.status == 400 and "intake.max_events_per_request" in (await r.json())["message"]
 
 
+async def test_a_wire_form_body_with_one_bad_event_keeps_the_others_and_names_the_bad_one(forwarder, emulator, session):
+    events = [{"data": json.dumps({"n": i, "pad": "x" * 40}), "timestamp": 1_790_000_000 + i,
+               "type": "aws.evidently.custom"} for i in range(20)]
+    events[7]["data"] = '{"n": 7'  # truncated JSON
+    body = json.dumps({"events": events}).encode()
+    assert len(body) > 1024  # the size that tries the msgspec fast path first
+    async with session.post(f"{forwarder.url}/events/projects/p", data=body) as r:
+        answer = await r.json()
+    assert r.status == 200 and answer["failedEventCount"] == 1
+    assert answer["eventResults"][7]["errorCode"] == "ValidationException"
+    assert "events[7].data" in answer["eventResults"][7]["errorMessage"]
+    await delivered(emulator, 19)
+    assert sorted(json.loads(e.data)["n"] for e in emulator.accepted) == [i for i in range(20) if i != 7]
+
+
+async def test_unknown_paths_and_wrong_methods_get_aws_style_errors(forwarder, session):
+    async with session.post(f"{forwarder.url}/nowhere", json={}) as r:
+        assert r.status == 404 and r.headers["x-amzn-ErrorType"] == "UnknownOperationException"
+    async with session.get(f"{forwarder.url}/events/projects/p") as r:
+        assert r.status == 405 and r.headers["Allow"] == "POST"
+    async with session.post(f"{forwarder.url}/healthz") as r:
+        assert r.status == 405 and r.headers["Allow"] == "GET, HEAD"
+    async with session.head(f"{forwarder.url}/healthz") as r:
+        assert r.status == 200
+
+
 async def test_post_events_uses_the_default_project_with_ndjson(forwarder, emulator, session):
     body = b'{"data":{"n":1}}\n{"data":{"n":2}}\n'
     async with session.post(f"{forwarder.url}/events", data=body,
