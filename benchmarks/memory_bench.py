@@ -1,7 +1,7 @@
 """Memory per buffered event: 200k events held while Evidently is down.
 
 The forwarder's RSS after filling minus its RSS before, per event, against the
-average raw JSON size of the events posted (~220 B). The emulator answers 503,
+average raw JSON size of the events posted (~250 B, wire form). The emulator answers 503,
 so every event stays in the process: in the buffer, or in the sender's retry
 schedule, which is where they would be during a real outage.
 """

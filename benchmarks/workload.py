@@ -1,4 +1,9 @@
-"""The events the benchmarks send: ~220 B of raw JSON each, like a typical custom event."""
+"""The events the benchmarks send: ~250 B of raw JSON each, like a typical custom event.
+
+Request bodies are in PutProjectEvents' wire form (``data`` a JSON string), what
+boto3 and every SDK client send; the intake's object-``data`` convenience is
+tested, not benchmarked.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +35,13 @@ def events(start: int, n: int) -> list[dict]:
 
 
 def body(evs: list[dict]) -> bytes:
-    """An intake request body (the PutProjectEvents shape)."""
-    return orjson.dumps({"events": evs})
+    """An intake request body (the PutProjectEvents wire form)."""
+    return orjson.dumps({"events": [wire_event(e) for e in evs]})
 
 
 def raw_size(evs: list[dict]) -> float:
-    """Average raw JSON size of the events, in bytes: the memory benchmark's yardstick."""
-    return sum(len(orjson.dumps(e)) for e in evs) / len(evs)
+    """Average raw JSON size of the events as sent, in bytes: the memory benchmark's yardstick."""
+    return sum(len(orjson.dumps(wire_event(e))) for e in evs) / len(evs)
 
 
 def wire_event(e: dict) -> dict:
