@@ -2,6 +2,9 @@
 
 Run as ``python -m benchmarks.bare_server --port N``. It uses uvloop when
 importable, exactly as ``forwarder run`` does, so both sides share the loop.
+``--server app`` (the yardstick) is a ``web.Application`` route; ``--server
+lowlevel`` is the same handler on aiohttp's low-level ``web.Server``, which the
+forwarder's intake is built on: the stricter comparison, reported beside it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ def build_app() -> web.Application:
     return app
 
 
+async def any_path(request: web.BaseRequest) -> web.Response:
+    await request.read()
+    return web.Response(body=ANSWER, content_type="application/json")
+
+
 def loop_factory(name: str):
     if name == "uvloop":
         try:
@@ -44,13 +52,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--server", choices=("app", "lowlevel"), default="app")
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        runner.run(_serve(args.port))
+        runner.run(_serve(args.port, args.server))
 
 
-async def _serve(port: int) -> None:
-    runner = web.AppRunner(build_app(), access_log=None, handle_signals=False)
+async def _serve(port: int, server: str) -> None:
+    runner: web.BaseRunner
+    if server == "lowlevel":
+        runner = web.ServerRunner(web.Server(any_path), access_log=None, handle_signals=False)
+    else:
+        runner = web.AppRunner(build_app(), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     await asyncio.Event().wait()  # until killed: SIGTERM keeps its default action

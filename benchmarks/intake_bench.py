@@ -110,8 +110,12 @@ async def intake(ctx: Context, events_per_request: int, target: float, key: str,
         stack.callback(bare.stop)
         await bare.start(ctx.session)
         bare_s = Subject("bare", bare.url, cpu=bare.child.cpu_seconds)
-        await alternate(ctx, [fwd, bare_s], body, rounds, duration)
-    f, b = summary(fwd), summary(bare_s)
+        low = BareServer(ctx.logdir, server="lowlevel")
+        stack.callback(low.stop)
+        await low.start(ctx.session)
+        low_s = Subject("bare-lowlevel", low.url, cpu=low.child.cpu_seconds)
+        await alternate(ctx, [fwd, bare_s, low_s], body, rounds, duration)
+    f, b, lo = summary(fwd), summary(bare_s), summary(low_s)
     r = stats.ratio(f["rps"], b["rps"])
     errors = sum(run["errors"] for run in fwd.runs + bare_s.runs)
     fwd_cpu = stats.median([x["cpu_us_per_request"] for x in fwd.runs])
@@ -125,6 +129,12 @@ async def intake(ctx: Context, events_per_request: int, target: float, key: str,
         f"{stats.median([x['core_share'] for x in fwd.runs]):.0%}, bare "
         f"{stats.median([x['core_share'] for x in bare_s.runs]):.0%} (below ~95%: other work on the machine)",
     ]
+    low_cpu = stats.median([x["cpu_us_per_request"] for x in low_s.runs])
+    notes.append(
+        f"the stricter yardstick, the same bare handler on aiohttp's low-level web.Server (what the intake is "
+        f"built on): {describe(lo, events_per_request)}, {low_cpu:.0f} us CPU per request; the forwarder makes "
+        f"{stats.ratio(f['rps'], lo['rps']):.2f} of its requests/s")
+    errors += sum(run["errors"] for run in low_s.runs)
     if errors:
         notes.append(f"{errors} non-2xx answers or socket errors across all windows")
     name = "intake, 1 event/POST" if events_per_request == 1 else f"intake, {events_per_request} events/POST"

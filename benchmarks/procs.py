@@ -229,11 +229,12 @@ class Forwarder:
 
 
 class BareServer:
-    def __init__(self, logdir: Path, loop: str = "uvloop", core: int | None = SERVER_CORE) -> None:
+    def __init__(self, logdir: Path, loop: str = "uvloop", core: int | None = SERVER_CORE,
+                 server: str = "app") -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.child = Child("bare-aiohttp", python("-m", "benchmarks.bare_server", "--port", str(self.port),
-                                                  "--loop", loop), logdir, core)
+        self.child = Child(f"bare-aiohttp-{server}", python("-m", "benchmarks.bare_server", "--port", str(self.port),
+                                                            "--loop", loop, "--server", server), logdir, core)
 
     async def start(self, session: aiohttp.ClientSession) -> "BareServer":
         await start_child(session, self.child, f"{self.url}/healthz")

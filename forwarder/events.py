@@ -144,7 +144,9 @@ def encode_wire_body(body: bytes, now: float) -> list[bytes] | None:
                 e.timestamp = _rfc3339(ts, 0)
             except EventError:
                 return None
-    return [_encode_wire_event(e) for e in events]
+    # Exact-size copies here too: msgspec's result keeps its grown buffer, 404 B
+    # allocated for a 248 B event against 282 B for the copy (tracemalloc).
+    return [b"".join((_encode_wire_event(e), b"")) for e in events]
 
 
 def _data_are_objects(datas: list[str]) -> bool:
