@@ -226,3 +226,21 @@ def test_event_ids_are_uuid_shaped_and_unique_across_requests():
     assert len(seen) == len(set(seen)) == 58
     assert all(str(uuid.UUID(i)) == i for i in seen)
     assert [a["failedEventCount"] for a in answers] == [0, 0, 0, 0]
+
+
+async def test_the_daemon_run_freezes_its_start_up_objects_out_of_the_cyclic_gc(tmp_path, emulator):
+    import gc
+
+    fwd = Forwarder(make_config(tmp_path, emulator.url), credentials=("k", "s"), registry=CollectorRegistry(),
+                    process_metrics=False)
+    before = gc.get_freeze_count()
+    run = asyncio.create_task(fwd.run())
+    try:
+        async def frozen():
+            return gc.get_freeze_count() > before
+        await wait_for(frozen, 10.0, "run() to freeze the start-up objects")
+        assert fwd.intake.port  # frozen after start-up, not before
+    finally:
+        fwd.request_stop()
+        assert await run == 0
+        gc.unfreeze()
