@@ -97,7 +97,7 @@ async def forwarder_pair(ctx: Context, stack: ExitStack, emulator: Emulator, nam
 
 async def intake(ctx: Context, events_per_request: int, target: float, key: str, deliver: bool = True) -> list[Row]:
     """``deliver=False`` measures the intake stage alone: the emulator is down, so the
-    forwarder only validates, encodes and buffers (delivery costs ~12 us per event
+    forwarder only validates, encodes and buffers (delivery costs ~8 us per event
     on the same core, more than a bare single-event request's whole budget)."""
     rounds, duration = ctx.pick(5, 1), ctx.pick(4.0, 1.0)
     body = workload.body(workload.events(0, events_per_request))

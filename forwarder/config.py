@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .protocol import MAX_EVENTS_PER_CALL, project_error
+from .ratelimit import CONTROLLERS
 
 ENV_PREFIX = "FORWARDER_"
 
@@ -69,6 +70,7 @@ class EvidentlyConfig:
     initial_rate: float = 0.0  # requests/s; 0 means a tenth of max_rate
     max_rate: float = 0.0  # requests/s; 0 means the region's published quota
     request_timeout: float = 10.0
+    rate_controller: str = "cubic"  # "scaled" for a fleet of many forwarders on one quota
 
     @property
     def effective_max_rate(self) -> float:
@@ -251,6 +253,7 @@ def _validate(c: Config) -> None:
     _check(c.evidently.initial_rate <= c.evidently.effective_max_rate,
            f"evidently.initial_rate ({c.evidently.initial_rate}) must not exceed evidently.max_rate "
            f"({c.evidently.effective_max_rate})")
+    _choice("evidently.rate_controller", c.evidently.rate_controller, CONTROLLERS)
     _check(c.evidently.request_timeout > 0, f"evidently.request_timeout must be above 0, got {c.evidently.request_timeout}")
     _check(c.retry.max_elapsed > 0, f"retry.max_elapsed must be above 0, got {c.retry.max_elapsed}")
     _check(c.retry.initial_backoff > 0, f"retry.initial_backoff must be above 0, got {c.retry.initial_backoff}")

@@ -1,16 +1,31 @@
-"""Adaptive client-side send rate: a paced token bucket whose rate follows CUBIC.
+"""Adaptive client-side send rate: a paced token bucket whose rate follows a controller.
 
-Why CUBIC (botocore's adaptive mode uses the same constants): its growth is
-time-based, not per-response, so forwarders with different latencies converge to
-the same share of one account quota, and it flattens out near the last rate that
-was throttled, which keeps throttled requests rare. It does not depend on
-max_rate, which AIMD's step does (see ``Aimd``); in the fleet simulation both used
-0.97-1.0 of the quota. ``benchmarks/fleet.py --controller aimd`` compares them.
+``evidently.rate_controller`` picks it:
+
+* ``cubic`` (the default, botocore's adaptive mode uses the same constants):
+  its growth is time-based and flattens out near the last throttled rate, so
+  one forwarder alone on a quota rarely overshoots: 3-4% of calls throttled
+  against a 10 calls/s quota (tests/test_e2e_delivery.py), where ``scaled``
+  throttled 12.5%.
+* ``scaled`` (``ScaledAimd``) for a fleet, e.g. one sidecar per pod: many
+  forwarders that do not know each other share one account quota, and each
+  learns only from its own throttled calls. Each adds, per second, 8% of a
+  slow average of its own rate and cuts by 40% on a throttle. Because of that
+  scale, a forwarder with a share of 1.5 calls/s climbs back as fast as one
+  with 25, and the increase does not depend on max_rate, as ``Aimd``'s does.
+  Because the average is slow, the increase is about the same for every
+  forwarder of a fleet while throttles come in proportion to each one's rate,
+  which pulls the shares together. Against CUBIC, measured with
+  ``benchmarks/fleet.py``: 3.6% of calls throttled instead of 8.9% at 16
+  forwarders on one quota, 16.5% instead of 25.1% at 64, with fairer shares
+  (docs/scaling.md).
+* ``aimd``: kept for comparison (``benchmarks/fleet.py --controller aimd``).
 
 One decrease per round trip: throttles answering requests sent before the last
 decrease say nothing new, so they are ignored (TCP's one reduction per window);
 otherwise the in-flight requests of one congestion event would cut the rate
-``concurrency`` times over.
+``concurrency`` times over. The same goes for requests booked before it that
+went out just after, at the old pace (``STALE_BOOKING``).
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ from typing import Callable, Protocol
 
 MIN_RATE = 0.5  # requests/s; never stop probing entirely
 MEASURE_INTERVAL = 0.5  # seconds per bucket of the measured send rate
+STALE_BOOKING = 0.3  # seconds: a call booked before a decrease and sent within this of it is not news
 
 
 class Controller(Protocol):
@@ -78,6 +94,40 @@ class Aimd:
         return self._rate
 
 
+class ScaledAimd:
+    """AIMD whose increase per second is ``growth`` x a slow average of its own rate.
+
+    Scaled so that a forwarder with a share of 1.5 calls/s and one with 25
+    both climb back about 8% of their rate per second (re-convergence within
+    10 s at any share), which AIMD's fixed increase cannot do. The average is
+    slow (``tau`` seconds) so that it is about the same for every forwarder of
+    a fleet: the increase is then the same for all while the decreases, one
+    per throttle (at most one per round trip), come in proportion to each
+    one's rate, which pulls the rates together. With the forwarder's own last throttled rate as the scale, a
+    larger forwarder would also grow faster, and nothing would pull the
+    rates together.
+    """
+
+    def __init__(self, initial_rate: float, now: float, max_rate: float, growth: float = 0.08,
+                 beta: float = 0.4, tau: float = 20.0) -> None:
+        self._max_rate, self._growth, self._beta, self._tau = max_rate, growth, beta, tau
+        self._rate = initial_rate
+        self._average = initial_rate
+        self._last = now
+
+    def success(self, now: float) -> float:
+        elapsed = max(0.0, now - self._last)
+        self._last = now
+        self._average += min(1.0, elapsed / self._tau) * (self._rate - self._average)
+        self._rate = min(self._max_rate, self._rate + self._growth * self._average * elapsed)
+        return self._rate
+
+    def throttle(self, rate: float, now: float) -> float:
+        self._rate = rate * (1 - self._beta)
+        self._last = now
+        return self._rate
+
+
 class RateLimiter:
     """Paces PutProjectEvents calls at an allowed rate that adapts to throttling."""
 
@@ -88,8 +138,7 @@ class RateLimiter:
         now = clock()
         self.max_rate = max_rate
         self.rate = max(MIN_RATE, min(initial_rate, max_rate))
-        self._controller: Controller = (Cubic(self.rate, now) if controller == "cubic"
-                                        else Aimd(self.rate, now, increase=max(1.0, max_rate / 100)))
+        self._controller: Controller = make_controller(controller, self.rate, max_rate, now)
         self._tokens = 1.0
         self._refilled = now
         self._last_decrease = now
@@ -104,15 +153,19 @@ class RateLimiter:
         self.rate = max(MIN_RATE, min(self.rate, max_rate))
 
     async def acquire(self) -> float:
-        """Wait for this call's turn; returns the send time to pass to on_throttle."""
-        now = self._clock()
-        self._refill(now)
+        """Wait for this call's turn; returns the time to pass to on_throttle."""
+        booked = self._clock()
+        self._refill(booked)
         self._tokens -= 1.0  # a reservation: a negative balance is a queue of waiters
+        now = booked
         if self._tokens < 0:
             await asyncio.sleep(-self._tokens / self.rate)
             now = self._clock()
         self._count(now)
-        return now
+        # A call booked before a decrease goes out at the old pace: its throttle
+        # belongs to the episode that decrease answered. But at 1.5 calls/s a
+        # booking can wait seconds, and a throttle that late is news.
+        return max(booked, now - STALE_BOOKING)
 
     def _refill(self, now: float) -> None:
         capacity = max(1.0, self.rate / 20)  # at most 50 ms of burst: keep calls paced
@@ -149,3 +202,16 @@ class RateLimiter:
         self.rate = max(MIN_RATE, min(self.max_rate, rate))
         if self._on_change is not None and reason == "throttled":
             self._on_change(self.rate, reason)
+
+
+CONTROLLERS = ("cubic", "aimd", "scaled")
+
+
+def make_controller(name: str, rate: float, max_rate: float, now: float) -> Controller:
+    if name == "cubic":
+        return Cubic(rate, now)
+    if name == "aimd":
+        return Aimd(rate, now, increase=max(1.0, max_rate / 100))
+    if name == "scaled":
+        return ScaledAimd(rate, now, max_rate)
+    raise ValueError(f"rate controller must be one of {', '.join(CONTROLLERS)}, got {name!r}")

@@ -72,3 +72,10 @@ def test_changed_keys_lists_dotted_names():
     a = from_dict({})
     b = from_dict({"batch": {"flush_interval": 2.0}, "intake": {"port": 9}})
     assert changed_keys(a, b) == ["intake.port", "batch.flush_interval"]
+
+
+def test_the_rate_controller_is_cubic_by_default_and_checked_by_name():
+    assert from_dict({}, {}).evidently.rate_controller == "cubic"
+    assert from_dict({"evidently": {"rate_controller": "scaled"}}, {}).evidently.rate_controller == "scaled"
+    with pytest.raises(ConfigError, match="evidently.rate_controller"):
+        from_dict({"evidently": {"rate_controller": "fast"}}, {})

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import FakeClock
+
 FLEET = Path(__file__).resolve().parent.parent / "benchmarks" / "fleet.py"
 
 
@@ -56,6 +58,31 @@ def test_reconvergence_is_the_end_of_the_first_window_at_the_new_quota_that_hold
 def test_reconvergence_is_none_when_the_rate_never_settles_at_the_new_quota():
     samples = [sample(t / 10, 100 * 50 * t // 10, 100 * t // 10, 0) for t in range(0, 201)]
     assert fleet.reconvergence(samples, changed_at=10.0, until=20.0, quota=50.0) is None
+
+
+def test_dctcp_experiment_cuts_by_half_the_throttled_fraction_it_has_seen():
+    dctcp = fleet.Dctcp(10.0, now=0.0, interval=1.0, gain=0.5)
+    for i in range(10):  # one call in five throttled, over one interval
+        dctcp.observe(i % 5 == 0, now=0.1 * i)
+    assert dctcp.alpha == 0.0  # the interval has not ended: no update yet
+    dctcp.observe(False, now=1.0)
+    assert dctcp.alpha == pytest.approx(0.5 * 2 / 11)
+    assert dctcp.throttle(10.0, now=1.0) == pytest.approx(10.0 * (1 - dctcp.alpha / 2))
+
+
+def test_limiter_counts_throttles_it_ignores_for_the_rate_in_the_fraction():
+    clock = FakeClock(0.0)
+    limiter = fleet.ratelimit.RateLimiter(10.0, 100.0, clock=clock)
+    limiter._controller = dctcp = fleet.Dctcp(10.0, now=0.0, interval=1.0, gain=1.0)
+    fleet.observe_answers(limiter, lambda throttled: dctcp.observe(throttled, clock()))
+    sent = clock()
+    clock.advance(0.5)
+    limiter.on_throttle(sent)
+    limiter.on_throttle(sent)  # sent before that decrease: no second cut, but a throttled call all the same
+    limiter.on_success()
+    clock.advance(0.5)
+    limiter.on_success()
+    assert dctcp.alpha == pytest.approx(2 / 4)
 
 
 @pytest.mark.e2e

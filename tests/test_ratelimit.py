@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from forwarder.ratelimit import MIN_RATE, Aimd, Cubic, RateLimiter
+from forwarder import ratelimit
+from forwarder.ratelimit import MIN_RATE, Aimd, Cubic, RateLimiter, ScaledAimd, make_controller
 from tests.fakes import FakeClock
 
 
@@ -22,6 +25,66 @@ def test_aimd_adds_per_second_and_multiplies_down():
     assert aimd.throttle(13.0, now=1.5) == pytest.approx(6.5)
 
 
+def climb(controller: ScaledAimd, start: float, seconds: float, step: float = 0.1) -> list[float]:
+    """The controller's rate after each answer, one answer every ``step`` seconds."""
+    return [controller.success(now=start + step * (i + 1)) for i in range(round(seconds / step))]
+
+
+def test_scaled_aimd_cuts_by_beta():
+    scaled = ScaledAimd(10.0, now=0.0, max_rate=100.0, beta=0.45)
+    assert scaled.throttle(20.0, now=1.0) == pytest.approx(11.0)
+
+
+@pytest.mark.parametrize("share", [1.5, 6.25, 25.0])
+def test_scaled_aimd_climbs_back_from_a_cut_within_10_s_whatever_the_share(share):
+    scaled = ScaledAimd(share, now=0.0, max_rate=1000.0)  # its average starts at the share
+    scaled.throttle(share, now=0.0)
+    rates = climb(scaled, 0.0, 10.0)
+    assert rates[0] < 0.65 * share  # cut by beta = 0.4
+    back = next(i for i, r in enumerate(rates) if r >= share) * 0.1
+    assert 5.0 <= back <= 10.0  # the same few seconds at 1.5 calls/s as at 25
+
+
+def test_scaled_aimd_grows_two_forwarders_of_one_fleet_by_the_same_calls_per_second():
+    # Both sent 10 calls/s for a minute; one was just cut. The increase comes from the
+    # slow average, not the current rate, so the cut one catches up (AIMD's fairness).
+    ahead = ScaledAimd(10.0, now=0.0, max_rate=100.0, growth=0.1, beta=0.5)
+    behind = ScaledAimd(10.0, now=0.0, max_rate=100.0, growth=0.1, beta=0.5)
+    climb(ahead, 0.0, 1.0)
+    climb(behind, 0.0, 1.0)
+    ahead.throttle(10.0, now=1.0)
+    behind.throttle(5.0, now=1.0)
+    a, b = climb(ahead, 1.0, 2.0), climb(behind, 1.0, 2.0)
+    assert a[-1] - 5.0 == pytest.approx(b[-1] - 2.5, rel=0.1)  # about 0.1 x 10 calls/s per second each
+    assert b[-1] / a[-1] > 2.5 / 5.0
+
+
+def test_scaled_aimd_never_grows_past_max_rate():
+    scaled = ScaledAimd(10.0, now=0.0, max_rate=40.0)
+    assert max(climb(scaled, 0.0, 120.0, step=1.0)) == 40.0
+
+
+def test_unknown_controller_names_the_choices():
+    with pytest.raises(ValueError, match="cubic, aimd, scaled"):
+        make_controller("bbr", 10.0, 100.0, now=0.0)
+
+
+@pytest.mark.parametrize("controller", ["cubic", "aimd", "scaled"])
+def test_every_controller_cuts_once_for_the_calls_in_flight_and_stays_within_bounds(controller):
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(100.0, 100.0, controller, clock=clock)
+    sent = [clock() for _ in range(4)]
+    clock.advance(0.01)
+    for s in sent:
+        limiter.on_throttle(s)
+    once = limiter.rate
+    assert 0.4 * 100.0 <= once <= 0.8 * 100.0
+    for _ in range(30):
+        clock.advance(0.01)
+        limiter.on_throttle(clock())
+    assert limiter.rate == MIN_RATE
+
+
 def test_limiter_starts_at_initial_rate_and_never_exceeds_max_rate():
     clock = FakeClock(0.0)
     limiter = RateLimiter(100.0, 40.0, clock=clock)
@@ -39,7 +102,7 @@ def test_throttles_of_requests_sent_before_a_decrease_do_not_cut_the_rate_again(
     clock.advance(0.01)
     for s in sent:
         limiter.on_throttle(s)
-    assert limiter.rate == pytest.approx(70.0)
+    assert limiter.rate == pytest.approx(70.0)  # CUBIC, the default: beta 0.7
     clock.advance(0.01)
     limiter.on_throttle(clock())  # a call sent after the decrease is news
     assert limiter.rate == pytest.approx(49.0)
@@ -63,6 +126,28 @@ def test_rate_has_a_floor_so_probing_never_stops():
     assert limiter.rate == MIN_RATE
 
 
+@pytest.mark.parametrize(("rate", "cuts_again"), [(10.0, False), (1.0, True)])
+async def test_throttle_of_a_call_booked_before_a_decrease_is_news_only_if_it_waited_long(monkeypatch, rate,
+                                                                                          cuts_again):
+    # At 10 calls/s the second call waits 0.1 s: it goes out at the old pace, part of the
+    # episode already answered. At 1 call/s it waits 1 s, and a throttle that late is news.
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(rate, 100.0, "scaled", clock=clock)
+    first = await limiter.acquire()
+
+    async def sleep(seconds: float) -> None:
+        clock.advance(0.05)
+        limiter.on_throttle(first)  # the first call's throttle arrives while the second waits
+        clock.advance(seconds - 0.05)
+
+    monkeypatch.setattr(ratelimit, "asyncio", SimpleNamespace(sleep=sleep))
+    second = await limiter.acquire()
+    after_first = limiter.rate
+    assert after_first == pytest.approx(max(MIN_RATE, rate * 0.6))
+    limiter.on_throttle(second)
+    assert (limiter.rate < after_first) is cuts_again
+
+
 async def test_acquire_paces_calls_at_the_allowed_rate():
     import time
     limiter = RateLimiter(200.0, 200.0)
@@ -71,3 +156,16 @@ async def test_acquire_paces_calls_at_the_allowed_rate():
         await limiter.acquire()
     # 20 intervals of 5 ms after the first token: paced, not a burst
     assert time.monotonic() - start >= 20 / 200.0 * 0.9
+
+
+@pytest.mark.parametrize(("name", "kind"), [("cubic", Cubic), ("scaled", ScaledAimd)])
+def test_the_forwarder_paces_with_the_configured_controller(tmp_path, name, kind):
+    from prometheus_client import CollectorRegistry
+
+    from forwarder.app import Forwarder
+    from forwarder.config import from_dict
+
+    config = from_dict({"evidently": {"rate_controller": name},
+                        "dead_letter": {"path": str(tmp_path / "dl.ndjson")}}, {})
+    fwd = Forwarder(config, registry=CollectorRegistry(), process_metrics=False)
+    assert type(fwd.limiter._controller) is kind
