@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
-
 from benchmarks import workload
 from benchmarks.context import Context
 from benchmarks.procs import Emulator, Forwarder, forwarder_sections
@@ -32,7 +30,7 @@ async def fill(ctx: Context, url: str, start: int, n: int) -> float:
         nonlocal raw_bytes
         for first in requests:
             evs = workload.events(first, min(PER_REQUEST, start + n - first))
-            raw_bytes += sum(len(orjson.dumps(e)) for e in evs)
+            raw_bytes += workload.raw_size(evs) * len(evs)
             async with ctx.session.post(f"{url}/events/projects/{workload.PROJECT}", data=workload.body(evs),
                                         headers={"Content-Type": "application/json"}) as r:
                 if r.status != 200:

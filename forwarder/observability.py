@@ -26,6 +26,8 @@ from prometheus_client import (
     GCCollector,
 )
 
+from prometheus_client.core import CounterMetricFamily
+
 from . import __version__
 
 # The `_created` series double every counter for no use on a dashboard.
@@ -35,6 +37,29 @@ prometheus_client.disable_created_metrics()
 # client sending random project names cannot blow up the series count.
 MAX_PROJECT_LABELS = 50
 WARNING_INTERVAL = 10.0  # seconds between two lines of the same repeated warning
+
+
+class LoopCounter:
+    """A counter only the event loop's thread updates: a plain int, read at scrape.
+
+    prometheus_client's Counter takes a lock on every ``inc``, ~0.6 us of a
+    ~50 us single-event intake request; the intake counts on every request.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.value = 0
+        self._name = name
+        self._documentation = documentation
+        registry.register(self)
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._documentation, value=self.value)]
 
 
 class Metrics:
@@ -53,7 +78,7 @@ class Metrics:
                                  registry=r)
         self.oldest_event_age = Gauge("forwarder_oldest_event_age_seconds",
                                       "Age of the oldest event not yet acknowledged or dead-lettered.", registry=r)
-        self.events_received = Counter("forwarder_events_received_total", "Events the intake accepted.", registry=r)
+        self.events_received = LoopCounter("forwarder_events_received_total", "Events the intake accepted.", r)
         self.events_rejected = Counter("forwarder_events_rejected_total", "Events the intake refused.", ["reason"],
                                        registry=r)
         self.events_sent = Counter("forwarder_events_sent_total", "Events Evidently acknowledged.", registry=r)

@@ -19,10 +19,11 @@ class Wakeup:
 
     def set(self) -> None:
         self._flag = True
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        if self._waiters:  # usually none: the intake sets it on every request
+            waiters, self._waiters = self._waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     def clear(self) -> None:
         self._flag = False
