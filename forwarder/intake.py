@@ -114,12 +114,23 @@ class Intake:
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
         method, path = request.method, request.path
+        # One coroutine per request from here on: each nested handler coroutine
+        # cost ~0.4 us of a ~50 us single-event request.
         if path.startswith(PUT_PATH_PREFIX) or path == "/events/projects":
             if method == "POST":
-                return await self._put_project_events(request)
+                project = self._project(request.raw_path)
+                if type(project) is not str:
+                    return project  # type: ignore[return-value]
+                return await self._accept(request, project, ndjson=False)  # type: ignore[arg-type]
         elif path == "/events":
             if method == "POST":
-                return await self._put_default_project(request)
+                if project_error(self._default_project) is not None:
+                    self._observer.events_rejected("validation", 1)
+                    return error_response(400, "ValidationException",
+                                          "project is required: POST /events/projects/{project}, or set "
+                                          "evidently.default_project to use POST /events")
+                return await self._accept(request, self._default_project,
+                                          ndjson=request.content_type in NDJSON_TYPES)
         elif path in self._gets:
             if method in ("GET", "HEAD"):
                 return await self._gets[path](request)
@@ -140,8 +151,8 @@ class Intake:
 
     # handlers
 
-    async def _put_project_events(self, request: web.BaseRequest) -> web.Response:
-        raw_path = request.raw_path
+    def _project(self, raw_path: str) -> str | web.Response:
+        """The project of a PutProjectEvents path, or the error answer."""
         project = self._projects.get(raw_path)
         if project is None:
             try:
@@ -152,25 +163,25 @@ class Intake:
             if len(self._projects) >= PROJECT_CACHE_SIZE:
                 self._projects.clear()  # a bound, not an LRU: valid paths come back at once
             self._projects[raw_path] = project
-        return await self._accept(request, project, ndjson=False)
-
-    async def _put_default_project(self, request: web.BaseRequest) -> web.Response:
-        project = self._default_project
-        if project_error(project) is not None:
-            self._observer.events_rejected("validation", 1)
-            return error_response(400, "ValidationException",
-                                  "project is required: POST /events/projects/{project}, or set "
-                                  "evidently.default_project to use POST /events")
-        return await self._accept(request, project, ndjson=request.content_type in NDJSON_TYPES)
+        return project
 
     async def _accept(self, request: web.BaseRequest, project: str, ndjson: bool) -> web.Response:
         if not self.accepting:
             self._observer.events_rejected("draining", 1)
             return error_response(503, "ServiceUnavailableException", "the forwarder is shutting down",
                                   {"Retry-After": "5"})
-        body = await self._read(request)
-        if type(body) is not bytes:  # an error answer (isinstance on a Response costs an ABC check)
-            return body  # type: ignore[return-value]
+        limit = self._config.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            self._observer.events_rejected("body_too_large", 1)
+            return error_response(413, "PayloadTooLargeException",
+                                  f"the request body is {length} bytes; intake.max_body_bytes is {limit}")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # no Content-Length: read() enforces client_max_size
+            self._observer.events_rejected("body_too_large", 1)
+            return error_response(413, "PayloadTooLargeException",
+                                  f"the request body exceeds intake.max_body_bytes ({limit})")
         now = self._wall()
         fast = not ndjson and len(body) >= WIRE_FAST_PATH_MIN_BYTES
         encoded = encode_wire_body(body, now) if fast else None
@@ -186,11 +197,11 @@ class Intake:
                 self._observer.events_rejected("validation", 1)
                 return error_response(400, "ValidationException", str(e))
             n = len(events)
-        limit = self._config.max_events_per_request
-        if n > limit:
+        most = self._config.max_events_per_request
+        if n > most:
             self._observer.events_rejected("validation", n)
             return error_response(400, "ValidationException",
-                                  f"events must hold at most {limit} events (intake.max_events_per_request), "
+                                  f"events must hold at most {most} events (intake.max_events_per_request), "
                                   f"got {n}")
         if encoded is None:
             encoded, errors = encode_all(events, now)
@@ -210,20 +221,6 @@ class Intake:
         if errors:
             self._observer.events_rejected("validation", len(errors))
         return web.Response(body=self._results(n, errors), content_type="application/json")
-
-    async def _read(self, request: web.BaseRequest) -> bytes | web.Response:
-        limit = self._config.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            self._observer.events_rejected("body_too_large", 1)
-            return error_response(413, "PayloadTooLargeException",
-                                  f"the request body is {request.content_length} bytes; "
-                                  f"intake.max_body_bytes is {limit}")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            self._observer.events_rejected("body_too_large", 1)
-            return error_response(413, "PayloadTooLargeException",
-                                  f"the request body exceeds intake.max_body_bytes ({limit})")
 
     def _results(self, n: int, errors: list[tuple[int, str]]) -> bytes:
         if not errors:

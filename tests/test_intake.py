@@ -114,6 +114,16 @@ async def test_unknown_paths_and_wrong_methods_get_aws_style_errors(forwarder, s
         assert r.status == 200
 
 
+async def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(forwarder, session):
+    async def chunks():
+        for _ in range(10):
+            yield b"x" * 1000  # 10,000 bytes, chunked: the limit is 4096
+
+    async with session.post(f"{forwarder.url}/events/projects/p", data=chunks()) as r:
+        assert r.status == 413 and "intake.max_body_bytes (4096)" in (await r.json())["message"]
+    assert forwarder.buffer.depth == 0
+
+
 async def test_post_events_uses_the_default_project_with_ndjson(forwarder, emulator, session):
     body = b'{"data":{"n":1}}\n{"data":{"n":2}}\n'
     async with session.post(f"{forwarder.url}/events", data=body,
