@@ -11,7 +11,7 @@ from importlib import metadata
 
 from benchmarks.procs import CPUS
 
-PACKAGES = ("aiohttp", "aiobotocore", "botocore", "boto3", "orjson", "uvloop", "structlog", "prometheus-client")
+PACKAGES = ("aiohttp", "aiobotocore", "botocore", "boto3", "orjson", "msgspec", "uvloop", "structlog", "prometheus-client")
 
 
 def cpu_model() -> str:
