@@ -70,7 +70,7 @@ def metrics_response(registry: CollectorRegistry) -> web.Response:
 
 
 class Intake:
-    """The aiohttp application and its server on ``intake.host:intake.port``."""
+    """The HTTP server on ``intake.host:intake.port`` and its routes."""
 
     def __init__(self, config: IntakeConfig, default_project: str, buffer: Buffer, observer: Observer,
                  alive: Callable[[], bool], not_ready: Callable[[], str | None],
