@@ -49,7 +49,9 @@ import fcntl
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .buffer import READ_MAX_EVENTS, Accounted, Accounting, BufferFull, Chunk
@@ -163,10 +165,9 @@ class Store:
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         if fresh:
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute("COMMIT")
+            with _transaction(conn):
+                for statement in _SCHEMA:
+                    conn.execute(statement)
         rows, nbytes, max_id = conn.execute(
             "SELECT count(*), coalesce(sum(length(body)), 0), coalesce(max(id), 0) FROM events").fetchone()
         max_read = conn.execute("SELECT value FROM meta WHERE key = 'max_read'").fetchone()[0]
@@ -213,8 +214,7 @@ class Store:
         assert conn is not None
         max_id, cursor, chunks = self.max_id, self.cursor, []
         oldest = self.oldest
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with _transaction(conn):
             if appends:
                 conn.executemany("INSERT INTO events (id, project, received_at, body) VALUES (?, ?, ?, ?)",
                                  _rows(appends))
@@ -233,11 +233,6 @@ class Store:
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'max_read'", (cursor,))
             if read or (appends and oldest is None):
                 oldest = self._oldest_unread(cursor)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         self.commits += 1
         self.max_id, self.cursor, self.oldest = max_id, cursor, oldest
         self._persisted_read = max(self._persisted_read, cursor)
@@ -254,23 +249,16 @@ class Store:
         conn = self._conn
         assert conn is not None
         freed_events = freed_bytes = 0
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             rows = conn.execute("SELECT id, length(body) FROM events WHERE id > ? ORDER BY id", (self.cursor,))
             for row_id, size in rows:
                 freed_events, freed_bytes = freed_events + 1, freed_bytes + size
                 if freed_events >= events and freed_bytes >= nbytes:
                     break
             else:
-                conn.execute("ROLLBACK")
-                return 0, 0  # even every unread row would not make room
+                return 0, 0  # even every unread row would not make room; nothing was changed
             rows.close()
             conn.execute("DELETE FROM events WHERE id > ? AND id <= ?", (self.cursor, row_id))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         self.commits += 1
         self.oldest = self._oldest_unread()
         return freed_events, freed_bytes
@@ -543,3 +531,16 @@ class DiskBuffer(Accounted):
             raise RuntimeError("the disk buffer's writer has stopped") from self._broken
         if self._closing:
             raise RuntimeError("the disk buffer is closed")
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (cancellation included)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
