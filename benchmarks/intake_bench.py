@@ -25,8 +25,8 @@ class Subject:
     """One side of a comparison: where to send, what to do before each window, its CPU clock."""
 
     def __init__(self, name: str, url: str, before: Callable[[], Awaitable[object]] | None = None,
-                 cpu: Callable[[], float] | None = None) -> None:
-        self.name, self.url, self.before, self.cpu = name, url, before, cpu
+                 counters: Callable[[], tuple[float, float, int]] | None = None) -> None:
+        self.name, self.url, self.before, self.counters = name, url, before, counters
         self.runs: list[dict] = []
 
 
@@ -57,13 +57,17 @@ async def alternate(ctx: Context, subjects: list[Subject], body: bytes, rounds: 
     for _, name in stats.alternate([s.name for s in subjects], rounds):
         subject = next(s for s in subjects if s.name == name)
         await settle(subjects)
-        cpu0 = subject.cpu() if subject.cpu else 0.0
+        c0 = subject.counters() if subject.counters else (0.0, 0.0, 0)
         run = await load(ctx, subject.url + PATH, body, duration)
-        cpu1 = subject.cpu() if subject.cpu else 0.0
+        c1 = subject.counters() if subject.counters else (0.0, 0.0, 0)
         await settle([subject])  # so that its CPU includes delivering what it took
-        if subject.cpu:
-            run["cpu_us_per_request"] = (subject.cpu() - cpu0) / max(1, run["ok"]) * 1e6
-            run["core_share"] = (cpu1 - cpu0) / run["seconds"]
+        if subject.counters:
+            user, system, faults = (b - a for a, b in zip(c0, subject.counters()))
+            requests = max(1, run["ok"])
+            run["cpu_us_per_request"] = (user + system) / requests * 1e6
+            run["sys_us_per_request"] = system / requests * 1e6
+            run["faults_per_request"] = faults / requests
+            run["core_share"] = (c1[0] + c1[1] - c0[0] - c0[1]) / run["seconds"]
         subject.runs.append(run)
 
 
@@ -91,8 +95,8 @@ async def forwarder_pair(ctx: Context, stack: ExitStack, emulator: Emulator, nam
     await fwd.start(ctx.session)
     drain_timeout = ctx.pick(300.0, 60.0)
     if not deliver:  # Evidently is down: nothing to drain, the sender idles at its floor rate
-        return Subject(name, fwd.url, None, fwd.child.cpu_seconds)
-    return Subject(name, fwd.url, lambda: fwd.wait_drained(ctx.session, drain_timeout), fwd.child.cpu_seconds)
+        return Subject(name, fwd.url, None, fwd.child.counters)
+    return Subject(name, fwd.url, lambda: fwd.wait_drained(ctx.session, drain_timeout), fwd.child.counters)
 
 
 async def intake(ctx: Context, events_per_request: int, target: float, key: str, deliver: bool = True) -> list[Row]:
@@ -109,11 +113,11 @@ async def intake(ctx: Context, events_per_request: int, target: float, key: str,
         bare = BareServer(ctx.logdir)
         stack.callback(bare.stop)
         await bare.start(ctx.session)
-        bare_s = Subject("bare", bare.url, cpu=bare.child.cpu_seconds)
+        bare_s = Subject("bare", bare.url, counters=bare.child.counters)
         low = BareServer(ctx.logdir, server="lowlevel")
         stack.callback(low.stop)
         await low.start(ctx.session)
-        low_s = Subject("bare-lowlevel", low.url, cpu=low.child.cpu_seconds)
+        low_s = Subject("bare-lowlevel", low.url, counters=low.child.counters)
         await alternate(ctx, [fwd, bare_s, low_s], body, rounds, duration)
     f, b, lo = summary(fwd), summary(bare_s), summary(low_s)
     r = stats.ratio(f["rps"], b["rps"])
@@ -125,6 +129,12 @@ async def intake(ctx: Context, events_per_request: int, target: float, key: str,
         f"server CPU per request (median): forwarder {fwd_cpu:.0f} us (intake and delivery of what it took), "
         f"bare {bare_cpu:.0f} us: by CPU the ratio is {stats.ratio(bare_cpu, fwd_cpu):.2f}, a figure less "
         "sensitive to other work on the machine than requests/s",
+        "of that, system CPU and minor page faults per request (median): forwarder "
+        f"{stats.median([x['sys_us_per_request'] for x in fwd.runs]):.0f} us, "
+        f"{stats.median([x['faults_per_request'] for x in fwd.runs]):.1f} faults; bare "
+        f"{stats.median([x['sys_us_per_request'] for x in bare_s.runs]):.0f} us, "
+        f"{stats.median([x['faults_per_request'] for x in bare_s.runs]):.1f} faults (a buffer that grows touches "
+        "new pages; each first touch is a fault, costly in a VM)",
         f"share of its core each server got during its windows (median): forwarder "
         f"{stats.median([x['core_share'] for x in fwd.runs]):.0%}, bare "
         f"{stats.median([x['core_share'] for x in bare_s.runs]):.0%} (below ~95%: other work on the machine)",

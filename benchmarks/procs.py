@@ -35,8 +35,14 @@ CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time process ``pid`` has used so far (Linux /proc)."""
+    user, system, _ = proc_counters(pid)
+    return user + system
+
+
+def proc_counters(pid: int) -> tuple[float, float, int]:
+    """User CPU seconds, system CPU seconds and minor page faults of ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, int(fields[7])
 
 
 def stop_process(popen: subprocess.Popen[bytes] | None) -> None:
@@ -119,6 +125,9 @@ class Child:
     def cpu_seconds(self) -> float:
         """User + system CPU time the process has used so far."""
         return cpu_seconds(self.pid)
+
+    def counters(self) -> tuple[float, float, int]:
+        return proc_counters(self.pid)
 
     def stop(self) -> None:
         stop_process(self.popen)
