@@ -18,6 +18,7 @@ Per run the report gives, from the emulator's counters:
 * throttled: throttled requests / requests over that window;
 * jain: Jain's index of the per-forwarder accepted events over that window;
 * down/up: re-convergence after the quota halves / doubles back (``reconvergence``);
+  rate_down/rate_up: the same without its throttling condition (the rate alone);
 * cpu: this process's CPU (the forwarders) and the emulator's, in cores, over the run.
 
 ``--trace`` writes every forwarder's counters and limiter rate every 0.2 s.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import inspect
 import json
 import os
 import resource
@@ -126,7 +128,8 @@ def in_band(w: Window, quota: float) -> bool:
     return low * quota <= w.calls_per_s <= high * quota
 
 
-def reconvergence(samples: Sequence[Sample], changed_at: float, until: float, quota: float) -> float | None:
+def reconvergence(samples: Sequence[Sample], changed_at: float, until: float, quota: float,
+                  max_throttled: float | None = MAX_THROTTLED) -> float | None:
     """Seconds from a quota change to the end of the first WINDOW-long window such that
 
     * it and every WINDOW-long window ending in the next HOLD seconds carry an
@@ -136,7 +139,8 @@ def reconvergence(samples: Sequence[Sample], changed_at: float, until: float, qu
       call is 1%) to judge a fraction near 10% window by window.
 
     Only windows that start after the change count, so the figure is at least
-    WINDOW. None: not within [changed_at, until).
+    WINDOW. None: not within [changed_at, until). ``max_throttled=None`` drops
+    the second condition: the rate alone is back at the new quota.
     """
     ends = [s for s in samples if changed_at + WINDOW <= s.t < until]
     ok = [in_band(window(_at(samples, s.t - WINDOW), s), quota) for s in ends]
@@ -145,7 +149,7 @@ def reconvergence(samples: Sequence[Sample], changed_at: float, until: float, qu
             return None  # too close to the end of the phase to show it holds
         held = [ok[j] for j in range(i, len(ends)) if ends[j].t <= s.t + HOLD]
         span = window(_at(samples, s.t - WINDOW), _at(samples, s.t + HOLD))
-        if all(held) and span.throttled < MAX_THROTTLED:
+        if all(held) and (max_throttled is None or span.throttled < max_throttled):
             return s.t - changed_at
     return None
 
@@ -181,6 +185,8 @@ class Result:
     jain: float  # per-forwarder accepted events, steady window
     reconverge_down: float | None  # seconds, after Q -> Q/2
     reconverge_up: float | None  # seconds, after Q/2 -> Q
+    rate_down: float | None  # seconds until the accepted rate alone is back in BAND, after Q -> Q/2
+    rate_up: float | None  # the same after Q/2 -> Q
     goodput_half: float  # fraction of (Q/2)*50 over the second half of the Q/2 phase
     goodput_back: float  # fraction of Q*50 over the second half of the last phase
     throttled_after: float  # throttled fraction from the halving to the end
@@ -207,6 +213,8 @@ def summarize(samples: Sequence[Sample], sched: Schedule, controller: str, forwa
         jain=jain(per_key),
         reconverge_down=reconvergence(samples, sched.halve_at, sched.double_at, q / 2),
         reconverge_up=reconvergence(samples, sched.double_at, sched.duration, q),
+        rate_down=reconvergence(samples, sched.halve_at, sched.double_at, q / 2, max_throttled=None),
+        rate_up=reconvergence(samples, sched.double_at, sched.duration, q, max_throttled=None),
         goodput_half=half.calls_per_s / (q / 2),
         goodput_back=back.calls_per_s / q,
         throttled_after=after.throttled,
@@ -429,12 +437,21 @@ class Dctcp:
 
 
 EXPERIMENTAL_CONTROLLERS = ("dctcp",)  # built from "cubic", then swapped in by apply_experiment
+SCALED_DEFAULTS = {name: param.default for name, param in inspect.signature(ratelimit.ScaledAimd).parameters.items()
+                   if name in ("growth", "beta", "tau")}  # --scaled-* default to forwarder/ratelimit.py's
+SHIPPED_MIN_RATE = ratelimit.MIN_RATE  # --min-rate's default; main() patches the module's
 
 
 def experimenting(args: argparse.Namespace) -> bool:
     """Whether any CUBIC knob differs from forwarder/ratelimit.py's."""
     return bool(args.cubic_ref_rate or args.cubic_target or args.cubic_k_min or args.cubic_k_calls
                 or args.cubic_c != 0.4 or args.cubic_beta != 0.7)
+
+
+def scaled_experimenting(args: argparse.Namespace) -> bool:
+    """Whether any ScaledAimd knob differs from forwarder/ratelimit.py's."""
+    return (args.scaled_growth, args.scaled_beta, args.scaled_tau) != (
+        SCALED_DEFAULTS["growth"], SCALED_DEFAULTS["beta"], SCALED_DEFAULTS["tau"])
 
 
 def apply_experiment(fwd: Forwarder, args: argparse.Namespace, controller: str) -> None:
@@ -446,6 +463,11 @@ def apply_experiment(fwd: Forwarder, args: argparse.Namespace, controller: str) 
         limiter.on_throttle = held_throttle(limiter, args.decrease_hold)  # type: ignore[method-assign]
     if args.growth_cap:
         limiter.on_success = capped_success(limiter, args.growth_cap)  # type: ignore[method-assign]
+    if controller == "scaled" and scaled_experimenting(args):
+        limiter._controller = ratelimit.ScaledAimd(limiter.rate, limiter._clock(), limiter.max_rate,
+                                                   growth=args.scaled_growth, beta=args.scaled_beta,
+                                                   tau=args.scaled_tau)
+        return
     if controller == "dctcp":
         dctcp = limiter._controller = Dctcp(limiter.rate, limiter._clock())
         observe_answers(limiter, lambda throttled: dctcp.observe(throttled, limiter._clock()))
@@ -486,6 +508,11 @@ def experiment_label(args: argparse.Namespace) -> str:
         parts.append(f"CUBIC C={args.cubic_c:g} beta={args.cubic_beta:g} ref_rate={args.cubic_ref_rate:g} "
                      f"target={args.cubic_target:g} weight={args.cubic_weight:g} k_min={args.cubic_k_min:g} "
                      f"k_calls={args.cubic_k_calls:g}")
+    if scaled_experimenting(args):
+        parts.append(f"ScaledAimd growth={args.scaled_growth:g}/s beta={args.scaled_beta:g} "
+                     f"tau={args.scaled_tau:g} s")
+    if args.min_rate != SHIPPED_MIN_RATE:
+        parts.append(f"MIN_RATE {args.min_rate:g}/s")
     return ", ".join(parts)
 
 
@@ -629,7 +656,7 @@ async def run_fleet(m: int, controller: str, args: argparse.Namespace, state: Pa
 
 
 COLUMNS = ("controller", "forwarders", "quota", "goodput", "throttled", "jain", "reconverge_down",
-           "reconverge_up", "goodput_half", "goodput_back", "fleet_cpu", "emulator_cpu")
+           "reconverge_up", "rate_down", "rate_up", "goodput_half", "goodput_back", "fleet_cpu", "emulator_cpu")
 
 
 def _cell(value: Any) -> str:
@@ -677,7 +704,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-rate-share", type=float, default=0.0,
                    help="evidently.max_rate = this x Q/M (0: Q, every forwarder believes it may use the whole quota)")
     p.add_argument("--initial-rate", type=float, default=0.0, help="evidently.initial_rate (0: max_rate/10)")
-    x = p.add_argument_group("limiter experiments (defaults are forwarder/ratelimit.py's; --cubic-* apply to CUBIC)")
+    x = p.add_argument_group("limiter experiments (defaults are forwarder/ratelimit.py's; --cubic-* apply to CUBIC, "
+                             "--scaled-* to ScaledAimd)")
     x.add_argument("--pacer", choices=("shipped", "fifo"), default="shipped",
                    help="fifo: RateLimiter.acquire re-checks the current rate (FifoPacer)")
     x.add_argument("--decrease-hold", type=float, default=0.0,
@@ -694,6 +722,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     x.add_argument("--cubic-target", type=float, default=0.0,
                    help="scale C by target/(throttled fraction seen) above target (0: off)")
     x.add_argument("--cubic-weight", type=float, default=0.05, help="EWMA weight per response of that fraction")
+    x.add_argument("--scaled-growth", type=float, default=SCALED_DEFAULTS["growth"],
+                   help="ScaledAimd's increase per second, a fraction of its slow average rate")
+    x.add_argument("--scaled-beta", type=float, default=SCALED_DEFAULTS["beta"],
+                   help="ScaledAimd's cut on a throttle: the rate becomes rate x (1 - beta)")
+    x.add_argument("--scaled-tau", type=float, default=SCALED_DEFAULTS["tau"],
+                   help="seconds of ScaledAimd's slow average of its own rate")
+    x.add_argument("--min-rate", type=float, default=SHIPPED_MIN_RATE,
+                   help="ratelimit.MIN_RATE, the floor of every limiter's rate, requests/s")
     p.add_argument("--quick", action="store_true", help="smoke run: M=4, 8 s")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--trace", type=Path, help="write per-forwarder samples as CSV here")
@@ -709,6 +745,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def main(args: argparse.Namespace) -> list[tuple[Result, list[Sample]]]:
     runs = []
+    ratelimit.MIN_RATE = args.min_rate  # a module global, read by every RateLimiter each time its rate changes
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
         state = Path(tmp)
         # Warnings of 64 forwarders go to a file; the report stays readable.

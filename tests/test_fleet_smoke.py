@@ -55,6 +55,21 @@ def test_reconvergence_is_the_end_of_the_first_window_at_the_new_quota_that_hold
     assert took is not None and 2.0 <= took <= 3.2
 
 
+def test_reconvergence_of_the_rate_alone_ignores_throttling_that_the_full_figure_counts():
+    # From t=10 the fleet is accepted at the new quota (50 calls/s) but 2 of its 7 calls/s are throttled.
+    samples, accepted, requests, throttled = [], 0, 0, 0
+    for tenth in range(0, 201):
+        t = tenth / 10
+        calls, refused = (10, 0) if t <= 10 else (7, 2)
+        accepted += (calls - refused) * fleet.EVENTS_PER_CALL
+        requests += calls
+        throttled += refused
+        samples.append(sample(t, accepted, requests, throttled))
+    assert fleet.reconvergence(samples, changed_at=10.0, until=20.0, quota=50.0) is None
+    took = fleet.reconvergence(samples, changed_at=10.0, until=20.0, quota=50.0, max_throttled=None)
+    assert took is not None and fleet.WINDOW <= took <= 1.2
+
+
 def test_reconvergence_is_none_when_the_rate_never_settles_at_the_new_quota():
     samples = [sample(t / 10, 100 * 50 * t // 10, 100 * t // 10, 0) for t in range(0, 201)]
     assert fleet.reconvergence(samples, changed_at=10.0, until=20.0, quota=50.0) is None
@@ -106,7 +121,7 @@ def test_quick_fleet_run_reports_every_column_with_sane_values(tmp_path):
     assert 0 <= result["throttled_after"] <= 1
     assert 0 <= result["feed_rejected"] <= 1
     assert 1 / m - 1e-9 <= result["jain"] <= 1 + 1e-9
-    for key in ("reconverge_down", "reconverge_up"):
+    for key in ("reconverge_down", "reconverge_up", "rate_down", "rate_up"):
         assert result[key] is None or fleet.WINDOW <= result[key] <= result["duration"], key
     assert result["fleet_cpu"] > 0 and result["emulator_cpu"] > 0
     rows = trace.read_text().splitlines()
