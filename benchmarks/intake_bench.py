@@ -22,7 +22,7 @@ PATH = f"/events/projects/{workload.PROJECT}"
 
 
 class Subject:
-    """One side of a comparison: where to send, what to do before each window, its CPU clock."""
+    """One side of a comparison: where to send, what to do before each window, its CPU and fault counters."""
 
     def __init__(self, name: str, url: str, before: Callable[[], Awaitable[object]] | None = None,
                  counters: Callable[[], tuple[float, float, int]] | None = None) -> None:

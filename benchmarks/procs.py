@@ -122,11 +122,8 @@ class Child:
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"no VmRSS for {self.name}")
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the process has used so far."""
-        return cpu_seconds(self.pid)
-
     def counters(self) -> tuple[float, float, int]:
+        """User CPU seconds, system CPU seconds and minor page faults so far."""
         return proc_counters(self.pid)
 
     def stop(self) -> None:
