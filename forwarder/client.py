@@ -135,6 +135,7 @@ class EvidentlyClient:
         self._exit: Any = None
         self._client: Any = None
         self._http: aiohttp.ClientSession | None = None
+        self._proxies: dict[tuple[str, str], str | None] = {}  # (scheme, host) -> proxy URL, see _proxy
         self._parser: Any = None
 
     async def start(self) -> None:
@@ -168,7 +169,6 @@ class EvidentlyClient:
             connector=aiohttp.TCPConnector(limit=c.concurrency, ssl=tls),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=c.request_timeout),
         )
-        self._proxies: dict[tuple[str, str], str | None] = {}
         model = self._client.meta.service_model
         self._parser = create_parser(model.protocol)
         events = self._client.meta.events

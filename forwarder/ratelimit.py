@@ -98,8 +98,9 @@ class ScaledAimd:
     """AIMD whose increase per second is ``growth`` x a slow average of its own rate.
 
     Scaled so that a forwarder with a share of 1.5 calls/s and one with 25
-    both climb back about 8% of their rate per second (re-convergence within
-    10 s at any share), which AIMD's fixed increase cannot do. The average is
+    both climb back about 8% of their rate per second (from half a quota back
+    to 85% of it in about 9 s at any share; docs/scaling.md), which AIMD's
+    fixed increase cannot do. The average is
     slow (``tau`` seconds) so that it is about the same for every forwarder of
     a fleet: the increase is then the same for all while the decreases, one
     per throttle (at most one per round trip), come in proportion to each
