@@ -1,149 +1,91 @@
 """The sender: delivers batches with PutProjectEvents and accounts for every event.
 
 Each event ends exactly once, either acknowledged by Evidently or written to the
-dead-letter file; only then is it acknowledged to the buffer. Decisions come
-from ``retry.classify``; this module carries them out: scheduling retries
-without holding a concurrency slot, bisecting refused batches, per-project
-circuit breakers, and feeding throttling back into the rate limiter.
+dead-letter file; only then is it acknowledged to the buffer. The layers, each
+in its own module: ``schedule`` (which batch is due), ``circuits`` (may this
+project / this endpoint be called now), ``ratelimit`` (how fast), the transport
+(the call), ``outcome`` (what the answer does to the batch). This module runs
+``concurrency`` workers through them and carries the plan out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
-import random
-import time
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from . import deadletter
 from .batcher import Batch
+from .circuits import Endpoint, ProjectCircuits
 from .client import Transport
+from .clock import Clock
 from .config import RetryConfig
 from .observability import Observer
+from .outcome import Bisect, Deliver, Hold, Plan, RateSignal, Reject, Resend, plan
 from .ratelimit import RateLimiter
-from .retry import (CallResult, DeadLetter, Done, OpenCircuit, Partial, Retry, Split, THROTTLE_CODES,
-                    circuit_delay, classify, retry_delay)
-from .wakeup import Wakeup
+from .retry import RetryReason, retry_delay
+from .schedule import Schedule
 
-PROBE_WAIT = 0.25  # seconds a batch waits while its project's probe is in flight
-IDLE_HEALTHY = 60.0  # seconds without any success before "every circuit open" counts
+STALLED_AFTER = 60.0  # seconds without a delivery, with work waiting, before /readyz says so
+OUTAGE_AFTER = 3  # consecutive calls without an answer that make an outage
+# Longest wait between two probes of an endpoint in outage: it bounds how late
+# the end of an outage is noticed, and one call per second is nothing to a service.
+MAX_PROBE_INTERVAL = 1.0
 
 
 class Acker(Protocol):
-    async def ack(self, events: list[bytes], ids: list[int] | None) -> None: ...
+    depth: int
+
+    async def ack(self, receipt: object) -> None: ...
 
 
 class DeadLetterSink(Protocol):
     async def write(self, data: bytes) -> None: ...
 
 
-@dataclass(slots=True)
-class _Circuit:
-    failures: int = 0
-    open_until: float = 0.0
-    probing: bool = False
-    code: str = ""  # the refusal that opened it, for the batches it holds back
-    message: str = ""
-
-
-class _Schedule:
-    """Batches due now or later; fresh batches are bounded, retries are not
-    (they are already counted in the buffer's bounds)."""
-
-    def __init__(self, clock: Callable[[], float], fresh_limit: int) -> None:
-        self._clock = clock
-        self._fresh_limit = fresh_limit
-        self._heap: list[tuple[float, int, Batch, bool]] = []
-        self._seq = itertools.count()
-        self._fresh = 0
-        self._wake = Wakeup()
-        self._room = asyncio.Event()
-        self._room.set()
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    async def put_fresh(self, batch: Batch) -> None:
-        while self._fresh >= self._fresh_limit:
-            self._room.clear()
-            await self._room.wait()
-        self._fresh += 1
-        self._push(self._clock(), batch, True)
-
-    def put_later(self, batch: Batch, due: float) -> None:
-        self._push(due, batch, False)
-
-    def _push(self, due: float, batch: Batch, fresh: bool) -> None:
-        heapq.heappush(self._heap, (due, next(self._seq), batch, fresh))
-        self._wake.set()
-
-    async def get(self) -> Batch:
-        while True:
-            if self._heap and self._heap[0][0] <= self._clock():
-                _, _, batch, fresh = heapq.heappop(self._heap)
-                if fresh:
-                    self._fresh -= 1
-                    self._room.set()
-                return batch
-            timeout = self._heap[0][0] - self._clock() if self._heap else None
-            self._wake.clear()
-            await self._wake.wait(timeout)
-
-    def take_all(self) -> list[Batch]:
-        batches = [entry[2] for entry in self._heap]
-        self._heap.clear()
-        return batches
-
-    def oldest(self) -> float | None:
-        return min((entry[2].received_at for entry in self._heap), default=None)
-
-
 class Sender:
     """``concurrency`` workers sending batches paced by the adaptive rate limiter."""
 
-    def __init__(self, transport: Transport, buffer: Acker, dead_letters: DeadLetterSink,
-                 retry: RetryConfig, limiter: RateLimiter, concurrency: int, observer: Observer,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None,
-                 on_crash: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(self, transport: Transport, buffer: Acker, dead_letters: DeadLetterSink, limiter: RateLimiter,
+                 observer: Observer, retry: RetryConfig, concurrency: int, clock: Clock | None = None) -> None:
         self._transport = transport
         self._buffer = buffer
         self._dead_letters = dead_letters
-        self.retry = retry
         self.limiter = limiter
-        self._concurrency = concurrency
         self._observer = observer
-        self._clock = clock
-        self._wall = wall
-        self._rng = rng or random.Random()
-        self._on_crash = on_crash
-        self._schedule = _Schedule(clock, fresh_limit=2 * concurrency)
-        self._circuits: dict[str, _Circuit] = {}
-        self._inflight_batches: dict[int, Batch] = {}
-        self._busy = 0  # batches taken by a worker and not yet resolved or rescheduled
+        self.retry = retry
+        self._concurrency = concurrency
+        self._clock = clock = clock or Clock()
+        self._now = clock.monotonic
+        self._schedule = Schedule(clock.monotonic, fresh_limit=2 * concurrency)
+        self._circuits = ProjectCircuits(clock.monotonic, observer.circuit_changed)
+        self.endpoint = Endpoint(OUTAGE_AFTER, retry.initial_backoff, MAX_PROBE_INTERVAL, clock.monotonic)
+        self._taken: dict[int, Batch] = {}  # batches a worker holds: waiting for a turn or in a call
+        self.inflight = 0  # calls in flight
         self._idle = asyncio.Event()
         self._idle.set()
         self._workers: list[asyncio.Task[None]] = []
-        self._last_ok = clock()
+        self._last_delivery = clock.monotonic()
 
     # lifecycle
 
-    async def start(self) -> None:
-        """Start the workers; a worker that dies is reported through on_crash."""
+    async def start(self, on_crash: Callable[[BaseException], None]) -> None:
+        """Start the workers; a worker that dies is reported through ``on_crash``."""
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                on_crash(task.exception())  # type: ignore[arg-type]
+
         for i in range(self._concurrency):
             task = asyncio.create_task(self._work(), name=f"forwarder-sender-{i}")
-            task.add_done_callback(self._worker_done)
+            task.add_done_callback(done)
             self._workers.append(task)
-
-    def _worker_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None and self._on_crash is not None:
-            self._on_crash(task.exception())  # type: ignore[arg-type]
 
     @property
     def alive(self) -> bool:
         return bool(self._workers) and all(not t.done() for t in self._workers)
+
+    def reconfigure(self, retry: RetryConfig) -> None:
+        """New retry limits; a batch's deadline is checked against the limit current when it is next taken."""
+        self.retry = retry
 
     async def send(self, batch: Batch) -> None:
         """Accept a sealed batch; waits while the sender is ``2 * concurrency`` batches behind."""
@@ -153,15 +95,16 @@ class Sender:
     async def drain(self, timeout: float) -> bool:
         """Wait until every accepted batch is resolved, at most ``timeout`` seconds."""
         try:
-            await asyncio.wait_for(self._wait_idle(), timeout)
+            async with asyncio.timeout(timeout):
+                while not self._resolved_all():
+                    self._idle.clear()
+                    await self._idle.wait()
             return True
         except TimeoutError:
             return False
 
-    async def _wait_idle(self) -> None:
-        while not (len(self._schedule) == 0 and self._busy == 0):
-            self._idle.clear()
-            await self._idle.wait()
+    def _resolved_all(self) -> bool:
+        return len(self._schedule) == 0 and not self._taken
 
     async def close(self) -> list[Batch]:
         """Stop the workers; return the batches that were not resolved (idempotent)."""
@@ -169,197 +112,195 @@ class Sender:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        left = list(self._inflight_batches.values()) + self._schedule.take_all()
-        self._inflight_batches.clear()
+        left = list(self._taken.values()) + self._schedule.take_all()
+        self._taken.clear()
         return left
 
     # state read by metrics and readiness
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight_batches)
-
     def oldest(self) -> float | None:
-        times = [b.received_at for b in self._inflight_batches.values()]
+        times = [b.received_at for b in self._taken.values()]
         scheduled = self._schedule.oldest()
         if scheduled is not None:
             times.append(scheduled)
         return min(times, default=None)
 
-    def all_circuits_open(self) -> bool:
-        now = self._clock()
-        return (any(c.open_until > now for c in self._circuits.values())
-                and now - self._last_ok > IDLE_HEALTHY)
+    def stalled(self) -> str | None:
+        """Why nothing has been delivered for a while although there is work, or None."""
+        if self._resolved_all() or self._now() - self._last_delivery < STALLED_AFTER:
+            return None
+        if self.endpoint.down:
+            return "Evidently has not answered for a while (outage)"
+        if self._circuits.any_open():
+            return "the projects with events to send are refused (circuit open)"
+        return None
 
     # the worker
 
     async def _work(self) -> None:
         while True:
             batch = await self._schedule.get()
-            self._busy += 1
-            try:
-                await self._attempt(batch)
-            except Exception as e:  # one bad batch must not kill the worker
-                self._observer.log.exception("send_failed", project=batch.project, events=len(batch.events),
-                                             error=repr(e))
-                self._reschedule(batch, self._clock() + self.retry.max_backoff)
-            finally:
-                self._busy -= 1
-                if self._busy == 0 and len(self._schedule) == 0:
-                    self._idle.set()
+            self._taken[id(batch)] = batch
+            # Cancelled or crashed, the batch stays listed: close() reports it.
+            await self._handle(batch)
+            del self._taken[id(batch)]
+            if self._resolved_all():
+                self._idle.set()
 
-    async def _attempt(self, batch: Batch) -> None:
-        wall = self._wall()
-        if self._expired(batch, wall):
-            await self._dead_letter(batch, batch.last_code or "Expired",
-                                    batch.last_message or "retry.max_elapsed reached")
+    async def _handle(self, batch: Batch) -> None:
+        try:
+            outcome = await self._attempt(batch)
+        except Exception as e:  # one bad batch must not kill the worker; nothing of it was resolved
+            self._observer.send_failed(batch.project, len(batch.events), e)
+            self._reschedule(batch, self._now() + self.retry.max_backoff)
             return
-        if self._circuit_blocks(batch):
-            return
-        sent_at = await self.limiter.acquire()
-        wall = self._wall()
-        if batch.ambiguous and not batch.duplicates_counted:
-            batch.duplicates_counted = True
-            self._observer.possible_duplicates(len(batch.events))
+        if outcome is not None:
+            # Not caught: effects that can fail on their own (the dead-letter write)
+            # are handled where they fail; anything else is a bug and crashes loudly.
+            await self._apply(batch, outcome)
+
+    async def _attempt(self, batch: Batch) -> Plan | None:
+        """Call PutProjectEvents for the batch when it may go; the plan for its answer, None if it did not go."""
+        if batch.reject is not None:  # its dead-letter write failed before: no call, write it again
+            await self._dead_letter(batch, *batch.reject)
+            return None
+        if self._expired(batch):
+            self._circuits.released(batch.project, id(batch))
+            await self._expire(batch)
+            return None
+        if self._held_by_circuit(batch):
+            return None
+        probe = await self.endpoint.admit()
+        if probe and self._expired(batch):  # it may have waited out a long outage
+            self.endpoint.release()
+            await self._expire(batch)
+            return None
+        try:
+            sent_at = await self.limiter.acquire()
+        except BaseException:
+            if probe:
+                self.endpoint.release()
+            raise
+        if probe:
+            self._observer.probe_sent()
+        self._count_duplicates(batch)
+        wall = self._clock.wall()
         batch.attempts += 1
         batch.first_attempt_at = batch.first_attempt_at or wall
         batch.last_attempt_at = wall
-        key = id(batch)
-        self._inflight_batches[key] = batch
-        started = self._clock()
+        started = self._now()
+        self.inflight += 1
         try:
             result = await self._transport.put_events(batch.project, batch.events)
-        except asyncio.CancelledError:
-            raise  # the batch stays listed: close() reports it
-        except BaseException:
-            self._inflight_batches.pop(key, None)
-            raise
-        self._inflight_batches.pop(key, None)
-        await self._resolve(batch, result, sent_at, self._clock() - started)
-
-    def _expired(self, batch: Batch, wall: float) -> bool:
-        return bool(batch.first_attempt_at) and wall >= batch.first_attempt_at + self.retry.max_elapsed
-
-    def _circuit_blocks(self, batch: Batch) -> bool:
-        """Defer the batch while its project's circuit is open or being probed."""
-        circuit = self._circuits.get(batch.project)
-        if circuit is None:
-            return False
-        now = self._clock()
-        if circuit.open_until > now or circuit.probing:
-            # The deadline runs from the first deferral too: a project that never
-            # heals must not keep its events forever.
-            batch.first_attempt_at = batch.first_attempt_at or self._wall()
-            # should it expire while held back, its dead letter says why the project refused
-            batch.last_code, batch.last_message = circuit.code, circuit.message
-            due = circuit.open_until if circuit.open_until > now else now + PROBE_WAIT
-            self._reschedule(batch, due)
-            return True
-        circuit.probing = True  # this batch is the probe
-        return False
-
-    # outcomes
-
-    async def _resolve(self, batch: Batch, result: CallResult, sent_at: float, seconds: float) -> None:
-        decision = classify(result, len(batch.events))
-        self._observer.request_done(_outcome(result), seconds)
+        finally:
+            self.inflight -= 1
+        outcome = plan(result, len(batch.events))
+        self._observer.request_done(outcome.label, self._now() - started)
         batch.last_code, batch.last_message = result.code, result.message
-        batch.ambiguous = isinstance(decision, Retry) and decision.ambiguous
-        if not isinstance(decision, OpenCircuit):
-            self._close_circuit(batch.project)
-        if isinstance(decision, Done):
-            self._last_ok = self._clock()
-            self.limiter.on_success()
-            await self._delivered(batch, batch.events, batch.ids)
-        elif isinstance(decision, Partial):
-            await self._partial(batch, decision, sent_at)
-        elif isinstance(decision, Retry):
-            if decision.reason == "throttled":
-                self._observer.throttled(1, batch.project)
-            # Throttling, 5xx and an unreachable endpoint all mean "send less":
-            # otherwise thousands of batches backing off on their own clocks
-            # keep calling a service that is down at the full send rate.
-            self.limiter.on_throttle(sent_at)
-            self._retry(batch, decision.reason, decision.retry_after)
-        elif isinstance(decision, Split):
-            half = len(batch.events) // 2
-            now = self._clock()
-            self._reschedule(batch.subset(list(range(half))), now)
-            self._reschedule(batch.subset(list(range(half, len(batch.events)))), now)
-        elif isinstance(decision, OpenCircuit):
-            self._open_circuit(batch)
-        elif isinstance(decision, DeadLetter):
-            await self._dead_letter(batch, result.code or f"HTTP{result.status}", result.message)
+        batch.ambiguous = outcome.ambiguous
+        self._learn(batch.project, outcome, sent_at, probe)
+        return outcome
 
-    async def _partial(self, batch: Batch, decision: Partial, sent_at: float) -> None:
-        self._last_ok = self._clock()
-        if decision.throttled:
-            self._observer.throttled(decision.throttled, batch.project)
-        # A 200 that took most of the batch says the request rate is fine: the
-        # throttled entries are retried with backoff. Cutting the rate on every
-        # partly throttled 200 drove it to the floor at 20% random entry throttling.
-        if decision.throttled * 2 > len(batch.events):
-            self.limiter.on_throttle(sent_at)
+    async def _expire(self, batch: Batch) -> None:
+        await self._dead_letter(batch, batch.last_code or "Expired", batch.last_message or "retry.max_elapsed reached")
+
+    def _expired(self, batch: Batch) -> bool:
+        return bool(batch.first_attempt_at) and self._clock.wall() >= batch.first_attempt_at + self.retry.max_elapsed
+
+    def _held_by_circuit(self, batch: Batch) -> bool:
+        held = self._circuits.hold(batch.project, id(batch))
+        if held is None:
+            return False
+        due, code, message = held
+        # The deadline runs from the first deferral too: a project that never
+        # heals must not keep its events forever. Should it expire while held
+        # back, its dead letter says why the project refused.
+        batch.first_attempt_at = batch.first_attempt_at or self._clock.wall()
+        batch.last_code, batch.last_message = code, message
+        self._reschedule(batch, due)
+        return True
+
+    def _count_duplicates(self, batch: Batch) -> None:
+        if batch.ambiguous and not batch.duplicates_counted:
+            batch.duplicates_counted = True
+            self._observer.possible_duplicates(len(batch.events))
+
+    # what an answer teaches: the endpoint's health, the project's circuit, the rate
+
+    def _learn(self, project: str, outcome: Plan, sent_at: float, probe: bool) -> None:
+        if outcome.answered:
+            outage = self.endpoint.answered()
+            if outage is not None:
+                resumed = self._schedule.expedite(lambda b: b.last_reason is not None and b.last_reason.outage)
+                self._observer.outage_ended(outage, self.endpoint.probes, self._buffer.depth, resumed)
+            if not any(isinstance(e, Hold) for e in outcome.effects):
+                self._circuits.answered(project)
         else:
+            if self.endpoint.failed(probe):
+                self._observer.outage_started(OUTAGE_AFTER, self._buffer.depth)
+            self._circuits.unanswered(project)
+        if outcome.throttled:
+            self._observer.throttled(outcome.throttled, project)
+        if outcome.rate is RateSignal.SUCCESS:
             self.limiter.on_success()
-        failed = {i for i, _, _ in decision.retry} | {i for i, _, _ in decision.dead}
-        ok = [i for i in range(len(batch.events)) if i not in failed]
-        if ok:
-            delivered = batch.subset(ok)
-            await self._delivered(delivered, delivered.events, delivered.ids)
-        by_code: dict[tuple[str, str], list[int]] = {}
-        for i, code, message in decision.dead:
-            by_code.setdefault((code, message), []).append(i)
-        for (code, message), indexes in by_code.items():
-            await self._dead_letter(batch.subset(indexes), code, message)
-        if decision.retry:
-            again = batch.subset([i for i, _, _ in decision.retry])
-            _, again.last_code, again.last_message = decision.retry[0]
-            self._retry(again, "throttled" if decision.throttled else "partial", None)
+        elif outcome.rate is RateSignal.THROTTLE:
+            self.limiter.on_throttle(sent_at)
 
-    async def _delivered(self, batch: Batch, events: list[bytes], ids: list[int] | None) -> None:
-        await self._buffer.ack(events, ids)
-        self._observer.events_sent(len(events))
+    # carrying the plan out
+
+    async def _apply(self, batch: Batch, outcome: Plan) -> None:
+        """Apply each effect to its own events; a failure concerns only that effect's events."""
+        for effect in outcome.effects:
+            match effect:
+                case Deliver(indexes=indexes):
+                    delivered = _part(batch, indexes)
+                    await self._buffer.ack(delivered.receipt)
+                    self._last_delivery = self._now()
+                    self._observer.events_sent(len(indexes))
+                case Reject(indexes=indexes, code=code, message=message):
+                    await self._dead_letter(_part(batch, indexes), code, message)
+                case Resend(indexes=indexes, reason=reason, retry_after=retry_after, code=code, message=message):
+                    again = _part(batch, indexes)
+                    again.last_code, again.last_message = code, message
+                    self._retry(again, reason, retry_after)
+                case Bisect(halves=halves):
+                    for half in halves:
+                        self._reschedule(batch.subset(list(half)), self._now())
+                case Hold(code=code, message=message):
+                    due = self._circuits.refused(batch.project, id(batch), code, message,
+                                                 self.retry.initial_backoff, self.retry.max_backoff)
+                    self._reschedule(batch, due)
 
     async def _dead_letter(self, batch: Batch, code: str, message: str) -> None:
-        wall = self._wall()
-        await self._dead_letters.write(deadletter.lines(
-            batch.project, batch.events, code, message, batch.attempts,
-            batch.first_attempt_at or wall, batch.last_attempt_at or wall))
-        await self._buffer.ack(batch.events, batch.ids)
+        wall = self._clock.wall()
+        try:
+            await self._dead_letters.write(deadletter.lines(
+                batch.project, batch.events, code, message, batch.attempts,
+                batch.first_attempt_at or wall, batch.last_attempt_at or wall))
+        except Exception as e:  # the events stay ours: write them again later, never send them again
+            self._observer.dead_letter_failed(len(batch.events), e)
+            batch.reject = (code, message)
+            batch.last_reason = RetryReason.INTERNAL
+            self._reschedule(batch, self._now() + self._backoff(batch, None))
+            return
+        batch.reject = None
+        await self._buffer.ack(batch.receipt)
         self._observer.dead_lettered(code, len(batch.events), batch.project, message)
 
-    def _retry(self, batch: Batch, reason: str, retry_after: float | None) -> None:
-        delay = retry_delay(max(0, batch.attempts - 1), self.retry.initial_backoff, self.retry.max_backoff,
-                            retry_after, self._rng)
+    def _retry(self, batch: Batch, reason: RetryReason, retry_after: float | None) -> None:
+        delay = self._backoff(batch, retry_after)
+        batch.last_reason = reason
         self._observer.retry_scheduled(reason, len(batch.events), batch.project, delay, batch.last_code)
-        self._reschedule(batch, self._clock() + delay)
+        self._reschedule(batch, self._now() + delay)
+
+    def _backoff(self, batch: Batch, retry_after: float | None) -> float:
+        return retry_delay(max(0, batch.attempts - 1), self.retry.initial_backoff, self.retry.max_backoff,
+                           retry_after, self._clock.rng)
 
     def _reschedule(self, batch: Batch, due: float) -> None:
         self._idle.clear()
         self._schedule.put_later(batch, due)
 
-    def _open_circuit(self, batch: Batch) -> None:
-        circuit = self._circuits.setdefault(batch.project, _Circuit())
-        circuit.failures += 1
-        circuit.probing = False
-        circuit.code, circuit.message = batch.last_code, batch.last_message
-        delay = circuit_delay(circuit.failures, self.retry.initial_backoff, self.retry.max_backoff)
-        circuit.open_until = self._clock() + delay
-        self._observer.circuit_changed(batch.project, True, batch.last_code, delay)
-        self._reschedule(batch, circuit.open_until)
 
-    def _close_circuit(self, project: str) -> None:
-        circuit = self._circuits.pop(project, None)
-        if circuit is not None:
-            self._observer.circuit_changed(project, False)
-
-
-def _outcome(result: CallResult) -> str:
-    if result.status == 200:
-        return "partial" if result.failed else "ok"
-    if result.status == 0:
-        return result.code or "connection"
-    if result.status == 429 or result.code in THROTTLE_CODES:
-        return "throttled"
-    return "server_error" if result.status >= 500 else "client_error"
+def _part(batch: Batch, indexes: tuple[int, ...]) -> Batch:
+    return batch if len(indexes) == len(batch.events) else batch.subset(list(indexes))
