@@ -170,17 +170,11 @@ class Sender:
             return None
         if self._held_by_circuit(batch):
             return None
-        probe = await self.endpoint.admit()
+        probe, sent_at = await self._turn()
         if probe and self._expired(batch):  # it may have waited out a long outage
             self.endpoint.release()
             await self._expire(batch)
             return None
-        try:
-            sent_at = await self.limiter.acquire()
-        except BaseException:
-            if probe:
-                self.endpoint.release()
-            raise
         if probe:
             self._observer.probe_sent()
         self._count_duplicates(batch)
@@ -200,6 +194,20 @@ class Sender:
         batch.ambiguous = outcome.ambiguous
         self._learn(batch.project, outcome, sent_at, probe)
         return outcome
+
+    async def _turn(self) -> tuple[bool, float]:
+        """Wait until a call may go: (is it the endpoint's probe, its time for the rate limiter)."""
+        while True:
+            probe = await self.endpoint.admit()
+            try:
+                sent_at = await self.limiter.acquire()
+            except BaseException:
+                if probe:
+                    self.endpoint.release()
+                raise
+            # An outage that began while this call waited for its turn holds it back too.
+            if probe or not self.endpoint.down:
+                return probe, sent_at
 
     async def _expire(self, batch: Batch) -> None:
         await self._dead_letter(batch, batch.last_code or "Expired", batch.last_message or "retry.max_elapsed reached")

@@ -233,3 +233,41 @@ async def test_server_errors_and_latency_are_retried_until_everything_is_deliver
     assert set(delivered) == set(range(2000))
     assert fwd.dead_letters() == []
     assert await fwd.metric(session, "forwarder_retries_total", 'reason="server_error"') > 0
+
+
+# --- an outage ---------------------------------------------------------------
+
+
+async def test_an_outage_gets_probes_not_a_hammering_and_its_backlog_is_delivered_when_it_ends(
+        tmp_path, procs, session):
+    emu = await emulator(tmp_path, procs, session, "--down", "--quota", "200")
+    fwd = procs(forwarder(tmp_path, emu, retry={"max_elapsed": 600.0, "initial_backoff": 0.1, "max_backoff": 20.0},
+                          evidently={"max_rate": 200.0}))
+    await fwd.ready(session)
+    total = 2000
+    await post_all(session, fwd, "p", [data(i) for i in range(total)])
+
+    async def in_outage() -> bool:
+        return await fwd.metric(session, "forwarder_outage") == 1
+    await wait_for(in_outage, 10, "the forwarder to recognize the outage")
+    during_outage = (await emu.stats(session))["requests_total"]
+    probes_at_start = await fwd.metric(session, "forwarder_outage_probes_total")
+    # Let the outage last while the forwarder keeps probing: each probe is one
+    # call, and the next one waits for its answer and a backoff of up to 1 s.
+    await wait_for(lambda: _probes_at_least(session, fwd, probes_at_start + 4), 15, "four more probes")
+    calls = (await emu.stats(session))["requests_total"] - during_outage
+    probes = await fwd.metric(session, "forwarder_outage_probes_total") - probes_at_start
+    assert calls <= probes + 1  # nothing but probes (one may be in flight while we read)
+    await emu.configure(session, down=False)
+
+    await settled(session, fwd, total, timeout=30)
+    assert await delivered_ids(session, emu) == Counter(range(total))
+    assert fwd.dead_letters() == []
+    assert await fwd.metric(session, "forwarder_outage") == 0
+    assert await fwd.metric(session, "forwarder_outage_seconds_total") > 0
+    log = fwd.logs()
+    assert "outage_started" in log and "outage_ended" in log and "events_waiting" in log
+
+
+async def _probes_at_least(session: aiohttp.ClientSession, fwd: ForwarderProcess, n: float) -> bool:
+    return await fwd.metric(session, "forwarder_outage_probes_total") >= n
