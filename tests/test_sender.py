@@ -17,7 +17,8 @@ from forwarder.config import RetryConfig
 from forwarder.observability import Metrics, Observer
 from forwarder.ratelimit import RateLimiter
 from forwarder.retry import CallResult, RetryReason, no_answer
-from forwarder.sender import MAX_PROBE_INTERVAL, OUTAGE_AFTER, Sender
+from forwarder.admission import MAX_PROBE_INTERVAL, OUTAGE_AFTER
+from forwarder.sender import Sender
 from tests.fakes import VirtualTime
 
 FAST = RetryConfig(max_elapsed=0.5, initial_backoff=0.001, max_backoff=0.01)
