@@ -43,6 +43,9 @@ class Controller(Protocol):
 
     def throttle(self, rate: float, now: float) -> float: ...
 
+    def resume(self, rate: float, now: float) -> None:
+        """Take over at ``rate`` after slow start, keeping what was learnt before it."""
+
 
 class Cubic:
     """Rate after the last throttle: C*(t-K)^3 + W_max, and W_max*beta on throttle."""
@@ -67,6 +70,12 @@ class Cubic:
         self._last_throttle = now
         return rate * self._beta
 
+    def resume(self, rate: float, now: float) -> None:
+        # As at the start: on the curve's plateau at ``rate``, growing past it gently.
+        self._w_max = rate / self._beta
+        self._k = self._zero_point()
+        self._last_throttle = now
+
 
 class Aimd:
     """Additive increase (requests/s per second), multiplicative decrease.
@@ -90,6 +99,9 @@ class Aimd:
         self._rate = rate * self._beta
         self._last = now
         return self._rate
+
+    def resume(self, rate: float, now: float) -> None:
+        self._rate, self._last = rate, now
 
 
 class ScaledAimd:
@@ -121,6 +133,13 @@ class ScaledAimd:
         self._rate = rate * (1 - self._beta)
         self._last = now
         return self._rate
+
+    def resume(self, rate: float, now: float) -> None:
+        # The slow average keeps its value from before slow start: a fleet whose
+        # members all doubled up to max_rate in the first second (the quota's
+        # burst hides the overshoot for that long) must not grow by a share of
+        # max_rate for the next minute (docs/scaling.md, slow start).
+        self._rate, self._last = rate, now
 
 
 class RateLimiter:
@@ -213,7 +232,7 @@ class RateLimiter:
 
     def _leave_slow_start(self, now: float) -> None:
         self.slow_start = False
-        self._controller = make_controller(self._name, self.rate, self.max_rate, now)
+        self._controller.resume(self.rate, now)
 
     def on_throttle(self, sent_at: float) -> None:
         if sent_at < self._last_decrease:
