@@ -23,6 +23,7 @@ from .buffer import Buffer, MemoryBuffer
 from .client import EvidentlyClient, Transport
 from .clock import Clock
 from .config import Config
+from .datagram import DatagramIntake
 from .deadletter import DeadLetterWriter
 from .intake import Intake, metrics_response
 from .lifecycle import Deadline, Signals
@@ -65,6 +66,7 @@ class Forwarder:
         self.flush_loop = FlushLoop(self.buffer, Batcher(config.batch, clock), self.sender, self.observer, clock)
         self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self.alive,
                              self.not_ready, self.metrics.registry)
+        self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer)
         self._metrics_runner: web.AppRunner | None = None
         self._signals = Signals(self.log)
         self._crash: BaseException | None = None
@@ -119,6 +121,7 @@ class Forwarder:
         await self.sender.start(self._crashed)
         self.flush_loop.start(self._crashed)
         port = await self.intake.start()
+        await self.datagram.start(self._crashed)
         if self.config.metrics.port:
             await self._start_metrics_server()
         self.log.info("started", host=self.config.intake.host, port=port, buffer=self.config.buffer.type,
@@ -170,6 +173,7 @@ class Forwarder:
 
         # 1. Stop accepting: new events get 503, /readyz says draining.
         self.intake.stop_accepting()
+        await deadline.within(self.datagram.stop(), None)  # what the sockets took goes into the buffer
         systemd.notify("STOPPING=1\nSTATUS=draining")
         self.log.info("draining", queue_depth=self.buffer.depth, drain_timeout=self.config.shutdown.drain_timeout)
 
@@ -193,6 +197,7 @@ class Forwarder:
         if self.client is not None:
             await self.client.close()
         await self.intake.close()
+        await self.datagram.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         await self.buffer.close()

@@ -7,6 +7,7 @@ Environment variables ``FORWARDER_<SECTION>__<KEY>`` override the file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import tomllib
@@ -37,6 +38,13 @@ class IntakeConfig:
     port: int = 8080
     max_body_bytes: int = 1_048_576
     max_events_per_request: int = 500
+    # The datagram intake (forwarder/datagram.py): one sendto per event, no answer.
+    datagram_socket: str = ""  # path of a Unix datagram socket; "": none
+    datagram_socket_mode: str = "0660"  # octal permission bits of the socket file
+    datagram_port: int = 0  # UDP port on datagram_host; 0: none
+    datagram_host: str = "127.0.0.1"  # must be a loopback address
+    datagram_max_bytes: int = 65_536  # one datagram; larger ones are counted as oversized
+    datagram_rcvbuf: int = 4_194_304  # SO_RCVBUF asked for the UDP socket (bytes)
 
 
 @dataclass(frozen=True)
@@ -269,6 +277,7 @@ def _validate(c: Config) -> None:
     _range("intake.port", c.intake.port, 0, 65535)
     _range("intake.max_body_bytes", c.intake.max_body_bytes, 1024)
     _range("intake.max_events_per_request", c.intake.max_events_per_request, 1)
+    _validate_datagram(c.intake)
     _range("metrics.port", c.metrics.port, 0, 65535)
     _choice("buffer.type", c.buffer.type, ("memory", "disk"))
     _range("buffer.max_events", c.buffer.max_events, 1)
@@ -302,6 +311,35 @@ def _validate(c: Config) -> None:
     _range("shutdown.drain_timeout", c.shutdown.drain_timeout, 0)
     _choice("log.level", c.log.level, ("debug", "info", "warning", "error"))
     _choice("log.format", c.log.format, ("json", "console"))
+
+
+def _validate_datagram(c: IntakeConfig) -> None:
+    # The socket is bound as <path>.new and renamed into place (its mode set first).
+    _check(len(os.fsencode(c.datagram_socket)) <= 103,
+           f"intake.datagram_socket must be at most 103 bytes long, got {len(os.fsencode(c.datagram_socket))}")
+    _check(_octal_mode(c.datagram_socket_mode) is not None,
+           f"intake.datagram_socket_mode must be octal permission bits like \"0660\", got {c.datagram_socket_mode!r}")
+    _range("intake.datagram_port", c.datagram_port, 0, 65535)
+    _check(_is_loopback(c.datagram_host),
+           f"intake.datagram_host must be a loopback address (127.0.0.1 or ::1): UDP datagrams are not "
+           f"authenticated, so the datagram intake never listens beyond this machine; got {c.datagram_host!r}")
+    _range("intake.datagram_max_bytes", c.datagram_max_bytes, 1024, 1_048_576)
+    _range("intake.datagram_rcvbuf", c.datagram_rcvbuf, 4096, 2**31 - 1)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: "localhost" may resolve anywhere, so only addresses count
+        return False
+
+
+def _octal_mode(text: str) -> int | None:
+    """``"0660"`` -> 0o660; None unless 3 or 4 octal digits within 0o777."""
+    if not 3 <= len(text) <= 4 or any(ch not in "01234567" for ch in text):
+        return None
+    mode = int(text, 8)
+    return mode if mode <= 0o777 else None
 
 
 def merge_live(old: Config, new: Config) -> Config:

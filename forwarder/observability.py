@@ -38,6 +38,8 @@ prometheus_client.disable_created_metrics()
 # client sending random project names cannot blow up the series count.
 MAX_PROJECT_LABELS = 50
 WARNING_INTERVAL = 10.0  # seconds between two lines of the same repeated warning
+DATAGRAM_REJECT_REASONS = ("not_json", "truncated", "oversized", "invalid_event", "missing_project",
+                           "invalid_project")
 
 
 class LoopCounter:
@@ -61,6 +63,27 @@ class LoopCounter:
 
     def collect(self) -> list[CounterMetricFamily]:
         return [CounterMetricFamily(self._name, self._documentation, value=self.value)]
+
+
+class FunctionCounter:
+    """A counter whose value is read at scrape time from a function (None: no sample),
+    like ``Gauge.set_function`` for totals kept elsewhere, e.g. by the kernel."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read: Callable[[], float | None] = lambda: None
+        registry.register(self)
+
+    def set_function(self, read: Callable[[], float | None]) -> None:
+        self._read = read
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        value = self._read()
+        return [] if value is None else [CounterMetricFamily(self._name, self._documentation, value=value)]
 
 
 class Metrics:
@@ -125,12 +148,28 @@ class Metrics:
         self.buffer_write_errors = Counter("forwarder_buffer_write_errors_total",
                                            "Disk buffer transactions that failed (their requests got an error).",
                                            registry=r)
+        self.datagrams_received = LoopCounter(
+            "forwarder_datagrams_received_total",
+            "Datagrams read from the datagram intake's sockets (Unix and UDP).", r)
+        self.datagram_rejected = Counter(
+            "forwarder_datagram_rejected_total",
+            "Datagram intake: events refused, by reason; a datagram that is not JSON, truncated or oversized "
+            "counts once.", ["reason"], registry=r)
+        self.datagram_paused = Gauge(
+            "forwarder_datagram_paused",
+            "1 while the datagram intake does not read (buffer full, appends behind, draining): Unix senders "
+            "block or get EAGAIN, UDP datagrams beyond the socket buffer are dropped.", registry=r)
+        self.datagram_kernel_drops = FunctionCounter(
+            "forwarder_datagram_kernel_drops_total",
+            "UDP datagrams the kernel dropped because the intake's socket buffer was full (/proc/net/udp).", r)
         self._projects: set[str] = set()
         # Known label values exist from the start at 0, so increase() sees the first burst.
         for reason in ("validation", "body_too_large", "buffer_full", "buffer_error", "draining"):
             self.events_rejected.labels(reason)
         for reason in ("buffer_full", "shutdown"):
             self.events_dropped.labels(reason)
+        for reason in DATAGRAM_REJECT_REASONS:
+            self.datagram_rejected.labels(reason)
         for reason in ("size", "deadline", "drain"):
             self.batches_sent.labels(reason)
         for retry_reason in RetryReason:
@@ -186,6 +225,22 @@ class Observer:
         self.metrics.events_rejected.labels(reason).inc(n)
         if reason in ("buffer_full", "draining"):
             self.limited("warning", "intake_rejected", reason=reason, events=n)
+
+    # datagram intake
+    def datagrams_received(self, n: int) -> None:
+        self.metrics.datagrams_received.inc(n)
+
+    def datagram_rejected(self, reason: str, n: int, message: str) -> None:
+        self.metrics.datagram_rejected.labels(reason).inc(n)
+        self.limited("warning", "datagram_rejected", reason=reason, events=n, message=message[:300])
+
+    def datagram_paused(self, reason: str, waiting: int) -> None:
+        """The datagram intake stopped reading: its senders see the backpressure."""
+        self.limited("warning", "datagram_intake_paused", reason=reason, events_waiting=waiting)
+
+    def datagram_append_failed(self, n: int, error: BaseException) -> None:
+        """The buffer refused a datagram batch with an error (not full): kept, tried again."""
+        self.limited("error", "datagram_append_failed", events=n, error=repr(error))
 
     # buffer
     def events_dropped(self, reason: str, n: int) -> None:
