@@ -1,9 +1,11 @@
 """The datagram intake: events over a Unix datagram socket or loopback UDP, no answers.
 
-Each wake-up drains the sockets until EAGAIN (one callback for many datagrams),
-decodes the datagrams (``datagram_events``) and adds their encoded events to a
-pending group per project; one appender task hands the groups to the buffer,
-so a disk buffer's commit latency is paid once per group, not per datagram.
+The reader drains the sockets until EAGAIN on each wake-up (one callback for
+many datagrams) and only keeps the datagrams: the less it does, the sooner it
+reads again. One appender task takes everything read so far, decodes it
+together (``datagram_events``) and hands the buffer one append per project, so
+a disk buffer's commit latency is paid once per group, not per datagram, and
+reading goes on while an append waits.
 
 Backpressure: while the buffer is full or too many events wait for their
 append, the sockets are not read. A Unix socket's queue then fills and its
@@ -29,10 +31,14 @@ from .wakeup import Wakeup
 # Datagrams read per wake-up and socket before the loop gets a turn: the flush
 # loop and the sender share the loop with the reader.
 DRAIN_MAX = 512
-# Events read and not yet in the buffer (pending plus in flight); reading stops
-# at this bound. A disk commit of a few ms at 50k events/s holds a few hundred.
-MAX_HELD = 20_000
-FULL_POLL = 0.01  # seconds between two looks at a full buffer
+# Datagrams read and not yet taken by the appender: reading stops at either bound.
+MAX_UNREAD = 20_000
+MAX_UNREAD_BYTES = 16 * 2**20
+FULL_POLL = 0.01  # seconds between two tries of an append the buffer had no room for
+# Seconds the appender waits after a wake-up for more datagrams, so that it
+# decodes and appends them in bigger groups (benchmarks/RESULTS.md, "datagram").
+LINGER = 0.001
+LINGER_ENOUGH = 256  # datagrams that make waiting pointless
 FINAL_DRAIN_MAX = 100_000  # datagrams read at shutdown from what the kernel already holds
 
 
@@ -40,20 +46,22 @@ class DatagramIntake:
     """The datagram sockets and their reader: a stage with start / stop / close."""
 
     def __init__(self, config: IntakeConfig, default_project: str, buffer: Buffer, observer: Observer,
-                 wall: Callable[[], float] = time.time, full_poll: float = FULL_POLL,
-                 max_held: int = MAX_HELD) -> None:
+                 wall: Callable[[], float] = time.time, full_poll: float = FULL_POLL, linger: float = LINGER,
+                 max_unread: int = MAX_UNREAD) -> None:
         self._config = config
         self._buffer = buffer
         self._observer = observer
         self._wall = wall
         self._full_poll = full_poll
-        self._max_held = max_held
+        self._linger = linger
+        self._max_unread = max_unread
         self._max_bytes = config.datagram_max_bytes
         self._decoder = DatagramDecoder(default_project, observer.datagram_rejected)
         self.sockets: list[Bound] = []
-        self._pending: dict[str, list[bytes]] = {}
-        self._pending_since = 0.0  # wall time of the oldest pending event
-        self.held = 0  # events read and not yet appended (pending + in flight)
+        self._unread: list[bytes] = []  # read, not yet taken by the appender
+        self._unread_bytes = 0
+        self._unread_since = 0.0  # wall time the oldest of them was read
+        self._in_flight = 0  # events the appender holds, decoded and not yet in the buffer
         self._paused: set[str] = set()  # why the sockets are not read; empty: reading
         self._wake = Wakeup()
         self._idle = asyncio.Event()  # set while nothing is held
@@ -72,6 +80,11 @@ class DatagramIntake:
     def paused(self) -> frozenset[str]:
         """Why the sockets are not read now (empty while reading)."""
         return frozenset(self._paused)
+
+    @property
+    def held(self) -> int:
+        """Datagrams read and events decoded that are not in the buffer yet."""
+        return len(self._unread) + self._in_flight
 
     def kernel_drops(self) -> int | None:
         """UDP datagrams the kernel dropped for a full socket buffer (None without a UDP socket)."""
@@ -109,9 +122,8 @@ class DatagramIntake:
                 # Senders get EPIPE from now on (no path: ENOENT); what is queued stays readable.
                 bound.sock.shutdown(socket.SHUT_RD)
                 remove_unix(bound)
-        now = self._wall()
         for bound in self.sockets:
-            self._drain(bound, FINAL_DRAIN_MAX, now)
+            self._drain(bound, FINAL_DRAIN_MAX)
         await self._idle.wait()
 
     async def close(self) -> None:
@@ -120,10 +132,12 @@ class DatagramIntake:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if self.held:
-            self._observer.events_dropped("shutdown", self.held)
-            self.held = 0
-            self._pending.clear()
+        left = self._in_flight
+        if self._unread:
+            left += self._decoder.decode_all(self._take(), self._unread_since, {})
+        if left:
+            self._observer.events_dropped("shutdown", left)
+        self._in_flight = 0
         sockets, self.sockets = self.sockets, []
         for bound in sockets:
             if self._loop is not None and not self._paused:
@@ -140,42 +154,39 @@ class DatagramIntake:
 
     def _readable(self, bound: Bound) -> None:
         try:
-            self._drain(bound, DRAIN_MAX, self._wall())
+            self._drain(bound, DRAIN_MAX)
         except Exception as e:  # a bug in the reader itself: stop the daemon loudly
             self._pause("crashed")
             self._on_crash(e)
 
-    def _drain(self, bound: Bound, limit: int, now: float) -> None:
-        """Read up to ``limit`` datagrams, until the socket has no more, and decode them together."""
-        recv, size, most = bound.sock.recv, self._max_bytes + 1, self._max_bytes
-        datagrams: list[bytes] = []
-        add = datagrams.append
-        n = 0
+    def _drain(self, bound: Bound, limit: int) -> None:
+        """Read up to ``limit`` datagrams, until the socket has no more; keep them for the appender."""
+        recv, size = bound.sock.recv, self._max_bytes + 1  # one byte more: an oversized one shows
+        unread = self._unread
+        first = len(unread)
+        add = unread.append
         try:
-            while n < limit:
+            for _ in range(limit):
                 add(recv(size))
-                n += 1
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:  # e.g. a UDP socket's ICMP error: the socket stays usable
             self._observer.log.warning("datagram_receive_failed", address=bound.address, error=str(e))
+        n = len(unread) - first
         if not n:
             return
-        self._observer.datagrams_received(n)
-        if any(len(data) > most for data in datagrams):
-            datagrams = [data for data in datagrams if len(data) <= most]
-            self._observer.datagram_rejected("oversized", n - len(datagrams),
-                                             f"a datagram exceeds intake.datagram_max_bytes ({most})")
-        fresh = not self._pending
-        accepted = self._decoder.decode_all(datagrams, now, self._pending)
-        if accepted:
-            if fresh:
-                self._pending_since = now
+        if not first:
+            self._unread_since = self._wall()
             self._idle.clear()
-            self.held += accepted
             self._wake.set()
-            if self.held >= self._max_held:
-                self._pause("backlog")
+        self._observer.datagrams_received(n)
+        self._unread_bytes += sum(map(len, unread[first:]))
+        if len(unread) >= self._max_unread or self._unread_bytes >= MAX_UNREAD_BYTES:
+            self._pause("backlog")
+
+    def _take(self) -> list[bytes]:
+        datagrams, self._unread, self._unread_bytes = self._unread, [], 0
+        return datagrams
 
     def _pause(self, reason: str) -> None:
         if not self._paused and self._loop is not None:
@@ -193,21 +204,32 @@ class DatagramIntake:
             for bound in self.sockets:
                 self._loop.add_reader(bound.sock.fileno(), self._readable, bound)
 
-    # appending
+    # decoding and appending
 
     async def _append_loop(self) -> None:
         while True:
-            if not self._pending:
+            if not self._unread:
+                self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            groups, received_at = self._pending, self._pending_since
-            self._pending = {}
+            if self._linger and len(self._unread) < LINGER_ENOUGH and "draining" not in self._paused:
+                await asyncio.sleep(self._linger)
+            received_at = self._unread_since
+            groups = self._decode(self._take())
+            self._resume("backlog")
             await self._append(list(groups.items()), received_at)
-            if self.held < self._max_held:
-                self._resume("backlog")
-            if not self.held:
-                self._idle.set()
+
+    def _decode(self, datagrams: list[bytes]) -> dict[str, list[bytes]]:
+        most = self._max_bytes
+        if any(len(data) > most for data in datagrams):
+            kept = [data for data in datagrams if len(data) <= most]
+            self._observer.datagram_rejected("oversized", len(datagrams) - len(kept),
+                                             f"a datagram exceeds intake.datagram_max_bytes ({most})")
+            datagrams = kept
+        groups: dict[str, list[bytes]] = {}
+        self._in_flight = self._decoder.decode_all(datagrams, self._unread_since, groups)
+        return groups
 
     async def _append(self, groups: list[tuple[str, list[bytes]]], received_at: float) -> None:
         """Append every group, keeping the refused ones (and the reader paused) until the buffer takes them."""
@@ -253,7 +275,7 @@ class DatagramIntake:
         return [(project, events[:half]), (project, events[half:])]
 
     def _appended(self, n: int) -> None:
-        self.held -= n
+        self._in_flight -= n
         self._observer.events_received(n)
 
     async def _wait_for_room(self) -> None:

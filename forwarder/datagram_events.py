@@ -32,8 +32,9 @@ Reject = Callable[[str, int, str], None]
 
 # A project named first, with plain characters (no escapes): the fast path's prefix.
 _LEADING_PROJECT = re.compile(rb'\{\s*"project"\s*:\s*"([A-Za-z0-9._:/-]*)"\s*,')
-# ``data`` as an object: the fast path takes only strings (the wire form), skip it.
-_OBJECT_DATA = re.compile(rb'"data"\s*:\s*\{')
+# An event that opens with ``data`` as an object (as orjson and json.dumps write
+# it): the fast path takes only strings (the wire form), so it skips the attempt.
+_OBJECT_DATA = (b'{"data":{', b'{"data": {')
 _decode_raw_values = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
@@ -80,8 +81,6 @@ class DatagramDecoder:
 
     def _split(self, data: bytes) -> tuple[bytes, str | None]:
         """(the event without its leading project, the project) for the fast path; project None: not eligible."""
-        if _OBJECT_DATA.search(data) is not None:
-            return data, None
         match = _LEADING_PROJECT.match(data)
         if match is not None:
             name = self._names.get(match.group(1))
@@ -92,8 +91,9 @@ class DatagramDecoder:
                 if len(self._names) >= PROJECT_CACHE_SIZE:
                     self._names.clear()  # a bound, not an LRU: valid names come back at once
                 self._names[match.group(1)] = name = text
-            return b"{" + data[match.end():].rstrip(), name
-        if self._default and data[:1] == b"{" and b'"project"' not in data:
+            event = b"{" + data[match.end():].lstrip().rstrip()
+            return event, (None if event.startswith(_OBJECT_DATA) else name)
+        if self._default and data[:1] == b"{" and not data.startswith(_OBJECT_DATA) and b'"project"' not in data:
             return data.rstrip(), self._default
         return data, None
 

@@ -198,7 +198,7 @@ class SlowBuffer(MemoryBuffer):
 
 async def test_appends_behind_stop_the_reader_at_the_bound_and_every_event_taken_is_delivered(stages, sock_dir):
     s = await start(stages, IntakeConfig(datagram_socket=str(sock_dir / "s")), make_buffer=SlowBuffer,
-                    max_held=20)
+                    max_unread=20)
     c = connected(s.path)
     sent = await fill_until_refused(s, c, "backlog")
     assert s.intake.held >= 20 and s.buffer.depth == 0
@@ -372,9 +372,9 @@ def test_kernel_drops_are_read_for_the_intakes_own_sockets_only(tmp_path):
 async def test_a_bug_in_the_reader_is_reported_as_a_crash_and_stops_reading(stages, sock_dir):
     s = await start(stages, IntakeConfig(datagram_socket=str(sock_dir / "s")))
 
-    def broken(*args):
+    def broken(n: int) -> None:
         raise RuntimeError("bug")
-    s.intake._decoder.decode_all = broken  # type: ignore[method-assign]
+    s.observer.datagrams_received = broken  # type: ignore[method-assign]
     await send_all(connected(s.path), [event(1)])
 
     async def crashed() -> bool:
@@ -383,12 +383,12 @@ async def test_a_bug_in_the_reader_is_reported_as_a_crash_and_stops_reading(stag
     assert [str(e) for e in s.crashes] == ["bug"] and "crashed" in s.intake.paused
 
 
-async def test_a_crash_of_the_appender_task_is_reported(stages, sock_dir):
+async def test_a_bug_in_decoding_or_appending_crashes_the_appender_task_and_is_reported(stages, sock_dir):
     s = await start(stages, IntakeConfig(datagram_socket=str(sock_dir / "s")))
 
-    async def broken(*args):
-        raise RuntimeError("bookkeeping bug")  # outside the per-append handling: the loop itself is wrong
-    s.intake._append = broken  # type: ignore[method-assign]
+    def broken(*args):
+        raise RuntimeError("bookkeeping bug")  # outside the per-append handling: the task itself is wrong
+    s.intake._decoder.decode_all = broken  # type: ignore[method-assign]
     await send_all(connected(s.path), [event(1)])
 
     async def crashed() -> bool:
