@@ -30,11 +30,11 @@ PROJECT_CACHE_SIZE = 1024  # validated project names kept (the pattern check is 
 # reason, events, message
 Reject = Callable[[str, int, str], None]
 
-# A project named first, with plain characters (no escapes): the fast path's prefix.
-_LEADING_PROJECT = re.compile(rb'\{\s*"project"\s*:\s*"([A-Za-z0-9._:/-]*)"\s*,')
-# An event that opens with ``data`` as an object (as orjson and json.dumps write
-# it): the fast path takes only strings (the wire form), so it skips the attempt.
-_OBJECT_DATA = (b'{"data":{', b'{"data": {')
+# The fast path's prefix: a project named first, in plain characters (no escapes),
+# and not followed by ``data`` as an object (the fast path takes only strings,
+# the wire form, so such events skip the attempt).
+_LEADING_PROJECT = re.compile(rb'\{\s*"project"\s*:\s*"([A-Za-z0-9._:/-]*)"\s*,\s*(?!"data"\s*:\s*\{)')
+_OBJECT_DATA = (b'{"data":{', b'{"data": {')  # the same, for an event without a project
 _decode_raw_values = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
@@ -83,19 +83,21 @@ class DatagramDecoder:
         """(the event without its leading project, the project) for the fast path; project None: not eligible."""
         match = _LEADING_PROJECT.match(data)
         if match is not None:
-            name = self._names.get(match.group(1))
-            if name is None:
-                text = match.group(1).decode()
-                if project_error(text) is not None:
-                    return data, None  # the general path reports it
-                if len(self._names) >= PROJECT_CACHE_SIZE:
-                    self._names.clear()  # a bound, not an LRU: valid names come back at once
-                self._names[match.group(1)] = name = text
-            event = b"{" + data[match.end():].lstrip().rstrip()
-            return event, (None if event.startswith(_OBJECT_DATA) else name)
+            name = self._names.get(match.group(1)) or self._name(match.group(1))
+            return b"{" + data[match.end():].rstrip(), name
         if self._default and data[:1] == b"{" and not data.startswith(_OBJECT_DATA) and b'"project"' not in data:
             return data.rstrip(), self._default
         return data, None
+
+    def _name(self, raw: bytes) -> str | None:
+        """A project name as sent, validated once; None (the general path reports it) if invalid."""
+        text = raw.decode()
+        if project_error(text) is not None:
+            return None
+        if len(self._names) >= PROJECT_CACHE_SIZE:
+            self._names.clear()  # a bound, not an LRU: valid names come back at once
+        self._names[raw] = text
+        return text
 
     def decode(self, data: bytes, now: float, into: dict[str, list[bytes]]) -> int:
         """The general path for one datagram: add its valid events to ``into[project]``; returns how many."""
