@@ -44,7 +44,7 @@ class Forwarder:
     def __init__(self, config: Config, config_path: str | None = None, *,
                  transport: Transport | None = None, credentials: tuple[str, str] | None = None,
                  registry: CollectorRegistry | None = None, process_metrics: bool = True,
-                 rate_controller: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._config_path = config_path
         self.log = structlog.get_logger("forwarder")
@@ -57,7 +57,7 @@ class Forwarder:
             transport = self.client
         ev = config.evidently
         self.limiter = RateLimiter(ev.effective_initial_rate, ev.effective_max_rate,
-                                   rate_controller or ev.rate_controller, clock,
+                                   ev.rate_controller, clock,
                                    on_change=self.observer.rate_changed)
         self.sender = Sender(transport, self.buffer,
                              DeadLetterWriter(config.dead_letter.path, config.dead_letter.max_bytes),

@@ -291,7 +291,7 @@ def _validate(c: Config) -> None:
     _check(c.evidently.initial_rate <= c.evidently.effective_max_rate,
            f"evidently.initial_rate ({c.evidently.initial_rate}) must not exceed evidently.max_rate "
            f"({c.evidently.effective_max_rate})")
-    _choice("evidently.rate_controller", c.evidently.rate_controller, CONTROLLERS)
+    _choice("evidently.rate_controller", c.evidently.rate_controller, tuple(CONTROLLERS))  # registered ones included
     _check(c.evidently.request_timeout > 0, f"evidently.request_timeout must be above 0, got {c.evidently.request_timeout}")
     _check(c.retry.max_elapsed > 0, f"retry.max_elapsed must be above 0, got {c.retry.max_elapsed}")
     _check(c.retry.initial_backoff > 0, f"retry.initial_backoff must be above 0, got {c.retry.initial_backoff}")

@@ -16,7 +16,7 @@ from botocore.credentials import Credentials
 from forwarder.client import EvidentlyClient, ModelMissing, check_model, encode_body, read_answer
 from forwarder.config import EvidentlyConfig
 from forwarder.retry import CallResult, RetryReason
-from tests.harness import free_port
+from forwarder.testing import free_port
 
 
 def events(n):

@@ -16,7 +16,7 @@ from forwarder.diskbuffer import DB_NAME, BufferDisplaced, DiskBuffer, Progress
 from forwarder.diskstore import _ranges, connect
 from forwarder.observability import Metrics, Observer
 from tests.fakes import FakeClock
-from tests.harness import wait_for
+from forwarder.testing import wait_for
 
 
 def events(prefix: str, n: int, size: int = 20) -> list[bytes]:

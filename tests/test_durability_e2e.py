@@ -26,7 +26,7 @@ import pytest
 from forwarder.config import BufferConfig
 from forwarder.diskbuffer import DB_NAME, DiskBuffer
 from forwarder.observability import Metrics, Observer
-from tests.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
+from forwarder.testing import EmulatorProcess, ForwarderProcess, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -65,15 +65,15 @@ async def post_all(fwd: ForwarderProcess, session, total: int, per_request: int 
     return acked
 
 
-async def delivered(emulator: EmulatorProcess, session) -> Counter:
+async def delivered_ids(emulator: EmulatorProcess, session) -> Counter:
     return Counter(orjson.loads(e["data"])["i"] for e in await emulator.events(session))
 
 
 async def wait_delivered(emulator: EmulatorProcess, session, acked: set[int], timeout: float = 30.0) -> Counter:
     async def all_there() -> bool:
-        return acked <= set(await delivered(emulator, session))
+        return acked <= set(await delivered_ids(emulator, session))
     await wait_for(all_there, timeout, f"{len(acked)} acknowledged events at the emulator")
-    return await delivered(emulator, session)
+    return await delivered_ids(emulator, session)
 
 
 def log_events(fwd: ForwarderProcess, name: str) -> list[dict]:
@@ -189,14 +189,14 @@ async def test_sigterm_in_memory_mode_drains_every_acknowledged_event_within_dra
     await emulator.ready(session)
     fwd = await start(procs, session, tmp_path, settings(emulator.url, "memory"))
     acked = await post_all(fwd, session, 3000)
-    at_sigterm = len(await delivered(emulator, session))
+    at_sigterm = len(await delivered_ids(emulator, session))
 
     stopping = time.monotonic()
     fwd.terminate()
     assert await fwd.wait(DRAIN_TIMEOUT + EXIT_MARGIN) == 0
     print(f"{at_sigterm} of 3000 delivered at SIGTERM; exited after {time.monotonic() - stopping:.2f}s")
 
-    assert set(await delivered(emulator, session)) >= acked
+    assert set(await delivered_ids(emulator, session)) >= acked
     assert log_events(fwd, "stopped")[0]["undelivered"] == 0
 
 
@@ -339,5 +339,5 @@ async def test_a_full_disk_refuses_new_events_keeps_delivering_and_recovers_by_i
     fwd.terminate()
     assert await fwd.wait(DRAIN_TIMEOUT + EXIT_MARGIN) == 0
     assert "Traceback" not in fwd.logs()
-    delivered_ids = await delivered(emulator, session)
-    assert acked | set(range(10**6, 10**6 + 50)) <= set(delivered_ids)
+    arrived = await delivered_ids(emulator, session)
+    assert acked | set(range(10**6, 10**6 + 50)) <= set(arrived)

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from forwarder.config import to_toml
-from tests.harness import EmulatorProcess, ForwarderProcess, wait_for
+from forwarder.testing import EmulatorProcess, ForwarderProcess, wait_for
 from tests.upstream import Reply, Upstream
 
 pytestmark = pytest.mark.e2e
