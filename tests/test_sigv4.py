@@ -196,6 +196,13 @@ def test_a_malformed_authorization_header_is_an_incomplete_signature(mangle, wor
     assert words in result.message  # type: ignore[union-attr]
 
 
+def test_a_non_ascii_signature_from_a_known_client_is_malformed_not_a_crash() -> None:
+    v, signed = verifier(), sign()
+    assert verify(v, signed) == KEY  # the client's header is now cached
+    signed.headers["Authorization"] = signed.headers["Authorization"][:-64] + "é" * 64
+    assert denial(verify(v, signed)) == (INCOMPLETE, "malformed")
+
+
 @pytest.mark.parametrize("date", [None, "2026-03-01T12:00:00Z", "20261301T120000Z"])
 def test_a_missing_or_malformed_x_amz_date_is_an_incomplete_signature(date: str | None) -> None:
     signed = sign()
