@@ -7,7 +7,6 @@ ready; shutdown is a sequence of phases under one deadline, like uvicorn's.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import os
 import time
@@ -218,19 +217,26 @@ class Forwarder:
             self.log.error("reload_failed", error=str(e), path=self._config_path)
             return
         changed = config_mod.changed_keys(self.config, new)
-        live = [k for k in changed if k in config_mod.RELOADABLE]
-        restart = [k for k in changed if k not in config_mod.RELOADABLE]
-        self._apply(new)
-        self.config = _merge_live(self.config, new)
+        live = [k for k in changed if k in config_mod.LIVE]
+        restart = [k for k in changed if k not in config_mod.LIVE]
+        merged = config_mod.merge_live(self.config, new)
+        stages = self.live_stages()
+        for stage in sorted({config_mod.LIVE[k] for k in live}):
+            stages[stage](merged)
+        self.config = merged
         self.log.info("reloaded", applied=live, needs_restart=restart)
         if restart:
             self.log.warning("config_needs_restart", keys=restart)
 
-    def _apply(self, new: Config) -> None:
-        configure_logging(new.log.level, self.config.log.format)
-        self.flush_loop.batcher.reconfigure(new.batch)
-        self.sender.reconfigure(new.retry)
-        self.limiter.reconfigure(new.evidently.effective_initial_rate, new.evidently.effective_max_rate)
+    def live_stages(self) -> dict[str, Callable[[Config], None]]:
+        """Each stage named in config.LIVE, applying its section of a reloaded configuration."""
+        return {
+            "log": lambda c: configure_logging(c.log.level, c.log.format),
+            "batch": lambda c: self.flush_loop.reconfigure(c.batch),
+            "retry": lambda c: self.sender.reconfigure(c.retry),
+            "rate": lambda c: self.limiter.reconfigure(c.evidently.effective_initial_rate,
+                                                       c.evidently.effective_max_rate),
+        }
 
 
 def _check_writable(path: str, key: str) -> None:
@@ -246,14 +252,6 @@ def _check_writable(path: str, key: str) -> None:
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says what to fix."""
-
-
-def _merge_live(old: Config, new: Config) -> Config:
-    """The running configuration after a reload: live keys from ``new``, the rest from ``old``."""
-    ev = dataclasses.replace(old.evidently, initial_rate=new.evidently.initial_rate,
-                             max_rate=new.evidently.max_rate)
-    log = dataclasses.replace(old.log, level=new.log.level)
-    return dataclasses.replace(old, batch=new.batch, retry=new.retry, evidently=ev, log=log)
 
 
 async def serve(config: Config, config_path: str | None, **kwargs: Any) -> int:
