@@ -40,7 +40,8 @@ HEADER_CACHE_SIZE = 256  # parsed Authorization headers kept, keyed by all but t
 
 _SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
 # Case-insensitive header names made once: a plain str is case-folded on every lookup.
-_AUTHORIZATION, _X_AMZ_DATE, _X_AMZ_CONTENT_SHA256 = map(istr, ("Authorization", "X-Amz-Date", "x-amz-content-sha256"))
+_AUTHORIZATION, _X_AMZ_DATE, _X_AMZ_CONTENT_SHA256 = map(istr, ("Authorization", "X-Amz-Date",
+                                                                 "x-amz-content-sha256"))
 _PRESIGNED_PARAMS = ("X-Amz-Signature=", "X-Amz-Algorithm=", "X-Amz-Credential=")
 
 # The AWS error types, as the service names them in x-amzn-ErrorType.
@@ -55,7 +56,7 @@ class Headers(Protocol):
 
     def get(self, key: str, default: None = None) -> str | None: ...
 
-    def getall(self, key: str, default: list[str]) -> list[str]: ...
+    def getall(self, key: str, default: Any) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,22 +163,6 @@ def canonical_query(raw_query: str) -> str:
         name, _, value = part.partition("=")
         pairs.append((quote(unquote(name), safe="-_.~"), quote(unquote(value), safe="-_.~")))
     return "&".join(f"{n}={v}" for n, v in sorted(pairs))
-
-
-def canonical_headers(headers: Headers, names: tuple[str, ...]) -> str | None:
-    """``name:value\\n`` for each signed header, or None when one of them is absent."""
-    lines = []
-    for name in names:
-        values = headers.getall(name, [])
-        if not values:
-            return None
-        lines.append(name + ":" + ",".join(" ".join(v.split()) for v in values) + "\n")
-    return "".join(lines)
-
-
-def string_to_sign(amz_date: str, scope: str, canonical_request: str) -> str:
-    digest = hashlib.sha256(canonical_request.encode()).hexdigest()
-    return f"{ALGORITHM}\n{amz_date}\n{scope}\n{digest}"
 
 
 def keyed_sha256(key: bytes) -> tuple[Any, Any]:
