@@ -436,6 +436,9 @@ class Dctcp:
         self._last = now
         return self._rate
 
+    def resume(self, rate: float, now: float) -> None:
+        self._rate, self._last = rate, now
+
 
 EXPERIMENTAL_CONTROLLERS = ("dctcp",)  # built from "cubic", then swapped in by apply_experiment
 SCALED_DEFAULTS = {name: param.default for name, param in inspect.signature(ratelimit.ScaledAimd).parameters.items()

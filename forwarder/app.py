@@ -97,7 +97,7 @@ class Forwarder:
     def not_ready(self) -> str | None:
         if self.buffer.full:
             return "buffer full"
-        return self.sender.stalled()
+        return self.buffer.problem or self.sender.stalled()
 
     def _crashed(self, exc: BaseException) -> None:
         self.log.error("task_crashed", error=repr(exc), exc_info=exc)
@@ -116,7 +116,7 @@ class Forwarder:
 
     async def _start(self) -> None:
         _check_writable(self.config.dead_letter.path, "dead_letter.path")
-        recovered = await self.buffer.open()
+        recovered = await self.buffer.open(self._crashed)
         if recovered:
             self.observer.buffer_recovered(recovered, self.config.buffer.path)
         if self.client is not None:

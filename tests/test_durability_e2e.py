@@ -13,6 +13,7 @@ import copy
 import json
 import random
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -285,3 +286,58 @@ async def test_sigterm_in_disk_mode_with_evidently_down_exits_in_time_and_keeps_
     await start(procs, session, tmp_path, sections)
     counts = await wait_delivered(emulator, session, acked)
     assert set(counts) == acked
+
+
+# a disk that fills up (issue 16, item 8): a real small file system
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs mounted for the test; skipped where mounting is not permitted."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_refuses_new_events_keeps_delivering_and_recovers_by_itself(
+        tmp_path, procs, session, small_disk):
+    emulator = procs(EmulatorProcess(tmp_path, "--down"))
+    await emulator.ready(session)
+    config = settings(emulator.url, path=str(small_disk / "buffer"), max_events=10_000_000, max_bytes=1 << 30)
+    config["dead_letter"] = {"path": str(tmp_path / "dead-letter.ndjson")}
+    fwd = await start(procs, session, tmp_path, config)
+
+    acked: set[int] = set()
+    payload = "x" * 400  # fills 16 MiB in about 40k events
+    for start_at in range(0, 200_000, 500):
+        body = {"events": [{"data": {"i": i, "pad": payload}} for i in range(start_at, start_at + 500)]}
+        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps(body),
+                                headers={"Content-Type": "application/json"}) as r:
+            if r.status == 429:
+                break
+            assert r.status == 200, await r.text()
+            acked.update(range(start_at, start_at + 500))
+    else:
+        raise AssertionError("the disk never filled up")
+    async with session.get(f"{fwd.url}/readyz") as r:
+        assert r.status == 503 and "disk is full" in (await r.json())["reason"]
+
+    await emulator.configure(session, down=False)  # delivery goes on: acks commit on a full disk
+    await wait_delivered(emulator, session, acked, timeout=60)
+
+    async def accepting_again() -> bool:
+        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps({"events": numbered(10**6, 50)}),
+                                headers={"Content-Type": "application/json"}) as r:
+            return r.status == 200
+    await wait_for(accepting_again, 30, "new events accepted once the disk has room")
+    async with session.get(f"{fwd.url}/readyz") as r:
+        assert r.status == 200
+    fwd.terminate()
+    assert await fwd.wait(DRAIN_TIMEOUT + EXIT_MARGIN) == 0
+    assert "Traceback" not in fwd.logs()
+    delivered_ids = await delivered(emulator, session)
+    assert acked | set(range(10**6, 10**6 + 50)) <= set(delivered_ids)
