@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from . import config as config_mod
 from . import systemd
+from .auth import CredentialsError, make_authenticator
 from .batcher import Batcher, FlushLoop
 from .buffer import Buffer, MemoryBuffer
 from .client import EvidentlyClient, Transport
@@ -65,6 +66,10 @@ class Forwarder:
         self.flush_loop = FlushLoop(self.buffer, Batcher(config.batch, clock), self.sender, self.observer, clock)
         self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self.alive,
                              self.not_ready, self.metrics.registry)
+        try:
+            self.auth = self.intake.authenticate = make_authenticator(config.intake, ev.region, self.observer)
+        except CredentialsError as e:
+            raise StartupError(str(e)) from None
         self._metrics_runner: web.AppRunner | None = None
         self._signals = Signals(self.log)
         self._crash: BaseException | None = None
@@ -201,6 +206,8 @@ class Forwarder:
 
     def reload(self) -> None:
         """Re-read the configuration file; apply live keys, report the others."""
+        if self.auth is not None:  # intake.credentials_file / token_file: key and token rotation
+            self.auth.reload()
         if self._config_path is None:
             self.log.warning("reload_ignored", reason="no configuration file")
             return

@@ -3,8 +3,9 @@
 It answers as soon as the events are in the buffer (committed, for the disk
 buffer). Each request's events are taken all or none by the buffer; the 200
 reports per-event results in request order, so one bad event never costs the
-good ones beside it. SigV4 headers are accepted and not checked: a boto3
-``evidently`` client pointed here with ``inject_host_prefix=False`` just works.
+good ones beside it. A boto3 ``evidently`` client pointed here with
+``inject_host_prefix=False`` just works; its SigV4 signature is checked when
+``intake.auth = "sigv4"`` (auth.py), and ignored otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Protocol
 
 import orjson
 from aiohttp import web
@@ -28,6 +29,12 @@ from .protocol import PUT_PATH_PREFIX, ProtocolError, error_response, project_er
 
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines"})
 PROJECT_CACHE_SIZE = 1024  # validated request paths kept (parsing one is ~1.5 us)
+
+
+class Authenticator(Protocol):
+    """What intake.auth plugs in: None to let a request through, or the answer refusing it."""
+
+    def __call__(self, request: web.BaseRequest, body: bytes) -> web.Response | None: ...
 
 
 class _EventIds:
@@ -86,6 +93,10 @@ class Intake:
         self._ids = _EventIds()
         self._projects: dict[str, str] = {}  # raw path -> validated project
         self.accepting = True
+        # Authentication (intake.auth) plugs in here: called with the raw body
+        # (SigV4 signs its hash) after the header checks and before anything is
+        # decoded or buffered.
+        self.authenticate: Authenticator | None = None
         self._gets = {"/healthz": self._healthz, "/readyz": self._readyz}
         if registry is not None:
             self._gets["/metrics"] = self._metrics
@@ -182,6 +193,10 @@ class Intake:
             self._observer.events_rejected("body_too_large", 1)
             return error_response(413, "PayloadTooLargeException",
                                   f"the request body exceeds intake.max_body_bytes ({limit})")
+        if self.authenticate is not None:
+            denied = self.authenticate(request, body)
+            if denied is not None:
+                return denied
         now = self._wall()
         fast = not ndjson and len(body) >= WIRE_FAST_PATH_MIN_BYTES
         encoded = encode_wire_body(body, now) if fast else None

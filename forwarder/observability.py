@@ -34,6 +34,11 @@ from .retry import RetryReason
 # The `_created` series double every counter for no use on a dashboard.
 prometheus_client.disable_created_metrics()
 
+# Why the intake refused a request's authentication (intake.auth): the label
+# values of forwarder_intake_auth_refusals_total, all present from the start.
+AUTH_REFUSAL_REASONS = ("missing", "malformed", "presigned", "wrong_scope", "expired", "unknown_key",
+                        "body_mismatch", "bad_signature", "wrong_token")
+
 # Beyond this many distinct projects a `project` label reads "other", so a
 # client sending random project names cannot blow up the series count.
 MAX_PROJECT_LABELS = 50
@@ -125,6 +130,17 @@ class Metrics:
         self.buffer_write_errors = Counter("forwarder_buffer_write_errors_total",
                                            "Disk buffer transactions that failed (their requests got an error).",
                                            registry=r)
+        self.auth_refusals = Counter("forwarder_intake_auth_refusals_total",
+                                     "Requests the intake refused for their authentication (intake.auth), by reason.",
+                                     ["reason"], registry=r)
+        self.auth_credentials = Gauge("forwarder_intake_auth_credentials",
+                                      "Access keys (intake.auth = sigv4) or tokens (token) the intake accepts.",
+                                      registry=r)
+        self.auth_reload_errors = Counter("forwarder_intake_auth_reload_errors_total",
+                                          "SIGHUPs whose credentials or token file could not be read (the previous "
+                                          "set stays in force).", registry=r)
+        for reason in AUTH_REFUSAL_REASONS:
+            self.auth_refusals.labels(reason)
         self._projects: set[str] = set()
         # Known label values exist from the start at 0, so increase() sees the first burst.
         for reason in ("validation", "body_too_large", "buffer_full", "buffer_error", "draining"):
@@ -186,6 +202,20 @@ class Observer:
         self.metrics.events_rejected.labels(reason).inc(n)
         if reason in ("buffer_full", "draining"):
             self.limited("warning", "intake_rejected", reason=reason, events=n)
+
+    def auth_refused(self, reason: str, scheme: str, key: str, remote: str | None) -> None:
+        """A request refused for its credentials: nothing of it was read into the buffer."""
+        self.metrics.auth_refusals.labels(reason).inc()
+        self.metrics.events_rejected.labels("unauthenticated").inc()
+        self.limited("warning", "auth_refused", reason=reason, auth=scheme, key=key or None, remote=remote)
+
+    def auth_loaded(self, path: str, count: int, reload: bool) -> None:
+        self.metrics.auth_credentials.set(count)
+        self.log.info("auth_reloaded" if reload else "auth_loaded", path=path, credentials=count)
+
+    def auth_reload_failed(self, path: str, error: str) -> None:
+        self.metrics.auth_reload_errors.inc()
+        self.log.error("reload_failed", path=path, error=error, kept="the previous credentials")
 
     # buffer
     def events_dropped(self, reason: str, n: int) -> None:
