@@ -44,12 +44,12 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import stats  # noqa: E402
-from benchmarks.procs import Emulator, cpu_seconds, forwarder_sections  # noqa: E402
-from benchmarks.procs import Forwarder as ForwarderProcess  # noqa: E402
+from benchmarks.procs import cpu_seconds, emulator, forwarder, forwarder_sections  # noqa: E402
 from forwarder import config as config_mod  # noqa: E402
 from forwarder.app import Forwarder  # noqa: E402
 from forwarder.buffer import BufferFull  # noqa: E402
 from forwarder.observability import configure_logging  # noqa: E402
+from forwarder.testing import EmulatorProcess, ForwarderProcess, emulator_events, emulator_stats  # noqa: E402
 
 EVENTS_PER_CALL = 50
 REGION = "us-east-1"
@@ -123,7 +123,7 @@ def sidecar_config(i: int, url: str, chained: bool, quota: float, state: Path) -
     }, {})
 
 
-async def start_centrals(session: aiohttp.ClientSession, logdir: Path, emulator: Emulator, m: int,
+async def start_centrals(session: aiohttp.ClientSession, logdir: Path, emu: EmulatorProcess, m: int,
                          quota: float) -> list[ForwarderProcess]:
     creds = logdir / "central-credentials"
     creds.write_text("".join(f"[sidecar-{i}]\naws_access_key_id = side-{i}\naws_secret_access_key = {SECRET}\n"
@@ -131,13 +131,13 @@ async def start_centrals(session: aiohttp.ClientSession, logdir: Path, emulator:
     centrals = []
     for c in range(CENTRALS):
         sections = forwarder_sections(
-            logdir, f"central-{c}", emulator.url,
+            logdir, f"central-{c}", emu.url,
             intake={"auth": "sigv4", "credentials_file": str(creds)},
             evidently={"region": REGION, "max_rate": quota, "initial_rate": 0.0, "concurrency": 8},
             buffer={"type": "disk", "max_events": 1_000_000, "max_bytes": 2**30})
-        central = ForwarderProcess(logdir, sections, name=f"central-{c}", core=None)
+        central = forwarder(logdir, sections, name=f"central-{c}", core=None)
         centrals.append(central)
-        await central.start(session)
+        await central.launch(session)
     return centrals
 
 
@@ -151,16 +151,9 @@ def self_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def emulator_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with session.get(f"{url}/_emulator/stats") as r:
-        return await r.json()
-
-
 async def recorded_latencies(session: aiohttp.ClientSession, url: str, start: float, end: float) -> list[float]:
-    async with session.get(f"{url}/_emulator/events") as r:
-        events = orjson.loads(await r.read())["events"]
     out = []
-    for e in events:
+    for e in await emulator_events(session, url):
         fed = orjson.loads(e["data"])["t"]
         if start <= fed < end:
             out.append(e["received_at"] - fed)
@@ -179,7 +172,7 @@ class Snapshot:
         self.offered = offered
         self.hop_calls = sum(request_count(f, "forwarder_request_duration_seconds_count") for f in sidecars)
         self.hop_throttled = sum(request_count(f, "forwarder_throttled_total") for f in sidecars)
-        self.central_cpu = sum(cpu_seconds(c.child.pid) for c in centrals)
+        self.central_cpu = sum(cpu_seconds(c.pid) for c in centrals)
         self.sidecar_cpu = self_cpu()
 
 
@@ -188,16 +181,16 @@ async def run(m: int, chained: bool, args: argparse.Namespace, logdir: Path) -> 
     rate = args.load * args.quota * EVENTS_PER_CALL / m
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        emulator = Emulator(logdir, "--quota", str(args.quota), core=None,
-                            name=f"emulator-{'chained' if chained else 'direct'}-{m}")
-        await emulator.start(session)
+        emu = emulator(logdir, "--quota", str(args.quota), core=None,
+                       name=f"emulator-{'chained' if chained else 'direct'}-{m}")
+        await emu.launch(session)
         centrals: list[ForwarderProcess] = []
         sidecars: list[Forwarder] = []
         try:
             if chained:
-                centrals = await start_centrals(session, logdir, emulator, m, args.quota)
+                centrals = await start_centrals(session, logdir, emu, m, args.quota)
             for i in range(m):
-                url = centrals[i % CENTRALS].url if chained else emulator.url
+                url = centrals[i % CENTRALS].url if chained else emu.url
                 fwd = Forwarder(sidecar_config(i, url, chained, args.quota, logdir), credentials=(f"side-{i}", SECRET),
                                 registry=CollectorRegistry(), process_metrics=False)
                 await fwd.start()
@@ -208,20 +201,20 @@ async def run(m: int, chained: bool, args: argparse.Namespace, logdir: Path) -> 
             t0 = time.monotonic()
             feeding = asyncio.create_task(feeder.run(t0 + args.duration))
             await asyncio.sleep(args.warmup)
-            a = Snapshot(await emulator_stats(session, emulator.url), sidecars, centrals, feeder.offered)
+            a = Snapshot(await emulator_stats(session, emu.url), sidecars, centrals, feeder.offered)
             wall_a = time.time()
             await feeding
-            b = Snapshot(await emulator_stats(session, emulator.url), sidecars, centrals, feeder.offered)
+            b = Snapshot(await emulator_stats(session, emu.url), sidecars, centrals, feeder.offered)
             wall_b = time.time()
             # Events fed in the window may still be on their way: give them the time they took at most.
             await asyncio.sleep(min(10.0, args.duration / 4))
-            latencies = await recorded_latencies(session, emulator.url, wall_a, wall_b)
+            latencies = await recorded_latencies(session, emu.url, wall_a, wall_b)
         finally:
             for fwd in sidecars:
                 await fwd.shutdown()
             for central in centrals:
                 central.stop()
-            emulator.stop()
+            emu.stop()
     seconds = b.t - a.t
     calls, throttled = b.calls - a.calls, b.throttled - a.throttled
     accepted, offered = b.accepted - a.accepted, b.offered - a.offered

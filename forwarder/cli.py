@@ -57,9 +57,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from .emulator.cli import faults_from_args, run_emulator
+    from .emulator.cli import credentials_from_args, faults_from_args, run_emulator
 
-    run_emulator(args.host, args.port, faults_from_args(args))
+    run_emulator(args.host, args.port, faults_from_args(args), credentials_from_args(args), args.region)
     return 0
 
 

@@ -23,7 +23,7 @@ import botocore.config
 import botocore.exceptions
 import pytest
 
-from tests.harness import EmulatorProcess, ForwarderProcess, wait_for
+from forwarder.testing import EmulatorProcess, ForwarderProcess, wait_for
 from tests.tools import require_tool
 
 pytestmark = pytest.mark.e2e

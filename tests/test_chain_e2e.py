@@ -26,7 +26,7 @@ from forwarder.config import BufferConfig
 from forwarder.diskbuffer import DiskBuffer
 from forwarder.events import encode_event
 from forwarder.observability import Metrics, Observer
-from tests.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
+from forwarder.testing import EmulatorProcess, ForwarderProcess, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -85,15 +85,15 @@ async def post_numbered(sidecar: ForwarderProcess, session: aiohttp.ClientSessio
     return acked
 
 
-async def delivered(emulator: EmulatorProcess, session) -> Counter:
+async def delivered_ids(emulator: EmulatorProcess, session) -> Counter:
     return Counter((e["project"], orjson.loads(e["data"])["i"]) for e in await emulator.events(session))
 
 
 async def wait_delivered(emulator: EmulatorProcess, session, acked: set, timeout: float = 60.0) -> Counter:
     async def all_there() -> bool:
-        return acked <= set(await delivered(emulator, session))
+        return acked <= set(await delivered_ids(emulator, session))
     await wait_for(all_there, timeout, f"{len(acked)} acknowledged events at the emulator", interval=0.2)
-    return await delivered(emulator, session)
+    return await delivered_ids(emulator, session)
 
 
 @pytest.fixture

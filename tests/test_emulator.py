@@ -8,18 +8,26 @@ import json
 import re
 import signal
 import sys
+import time
+from urllib.parse import quote
 
 import aiohttp
 import boto3
 import botocore.config
 import orjson
 import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
+from prometheus_client import CollectorRegistry
 
+from forwarder.app import Forwarder
+from forwarder.config import from_dict
 from forwarder.emulator import Emulator, FaultConfig
-from forwarder.emulator.cli import add_cli_arguments, faults_from_args
+from forwarder.emulator.cli import add_cli_arguments, credentials_from_args, faults_from_args
 from forwarder.emulator.decisions import MAX_BODY_BYTES
-from forwarder.testing import ForwarderProcess
+from forwarder.testing import ForwarderProcess, delivered
 
 ARN = "arn:aws:evidently:us-east-1:123456789012:project/shop"
 SIGNED = {
@@ -343,6 +351,100 @@ async def test_the_raw_signed_request_records_the_access_key_from_the_credential
     assert emulator.accepted[0].access_key == "AKIDRAW"
 
 
+# --- SigV4 verification (--credentials) ---
+
+
+def signed_headers(url: str, body: bytes, key: str = "AKIDGOOD", secret: str = "good-secret",
+                   region: str = "us-east-1") -> dict[str, str]:
+    """The headers botocore's SigV4 signer gives a POST of ``body`` to ``url``."""
+    request = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": "application/json"})
+    SigV4Auth(Credentials(key, secret), "evidently", region).add_auth(request)
+    return dict(request.headers.items())
+
+
+@pytest.fixture
+async def verifying():
+    emulator = Emulator(FaultConfig(), credentials={"AKIDGOOD": "good-secret", "AKIDOTHER": "other-secret"})
+    await emulator.start()
+    yield emulator
+    await emulator.close()
+
+
+async def test_with_credentials_a_correctly_signed_boto3_call_is_accepted_under_its_key(verifying):
+    evidently = _SESSION.client(
+        "evidently", region_name="us-east-1", endpoint_url=verifying.url, aws_access_key_id="AKIDOTHER",
+        aws_secret_access_key="other-secret",
+        config=botocore.config.Config(inject_host_prefix=False, retries={"total_max_attempts": 1}))
+
+    answer = await put(evidently, ARN, events(2))
+
+    assert answer["failedEventCount"] == 0
+    assert [(e.project, e.access_key) for e in verifying.accepted] == [(ARN, "AKIDOTHER")] * 2
+
+
+@pytest.mark.parametrize(("signer", "error_type", "named"), [
+    ({"secret": "wrong-secret"}, "InvalidSignatureException", "does not match the signature you provided"),
+    ({"key": "AKIDUNKNOWN"}, "UnrecognizedClientException", "not one of --credentials"),
+    ({"region": "eu-west-1"}, "InvalidSignatureException", "this emulator verifies 'us-east-1' (--region)"),
+])
+async def test_with_credentials_a_bad_signature_gets_403_naming_what_is_wrong(verifying, http, signer, error_type,
+                                                                               named):
+    url = f"{verifying.url}/events/projects/shop"
+    body = orjson.dumps({"events": events(1)})
+
+    status, got_type, answer = await post_raw(http, verifying, body, signed_headers(url, body, **signer))
+
+    assert (status, got_type) == (403, error_type)
+    assert named in answer["message"]
+    assert verifying.accepted == []
+
+
+async def test_with_credentials_a_body_changed_after_signing_is_refused(verifying, http):
+    url = f"{verifying.url}/events/projects/shop"
+    headers = signed_headers(url, orjson.dumps({"events": events(1)}))
+
+    status, got_type, _ = await post_raw(http, verifying, orjson.dumps({"events": events(1, start=1)}), headers)
+    good = await post_raw(http, verifying, orjson.dumps({"events": events(1)}), headers)
+
+    assert (status, got_type) == (403, "InvalidSignatureException")
+    assert good[0] == 200
+    assert [json.loads(e.data)["i"] for e in verifying.accepted] == [0]
+
+
+async def test_with_credentials_a_signature_from_an_hour_ago_has_expired(http):
+    emulator = Emulator(credentials={"AKIDGOOD": "good-secret"}, wall_clock=lambda: time.time() + 3600)
+    await emulator.start()
+    try:
+        url = f"{emulator.url}/events/projects/shop"
+        body = orjson.dumps({"events": events(1)})
+        status, got_type, answer = await post_raw(http, emulator, body, signed_headers(url, body))
+    finally:
+        await emulator.close()
+
+    assert (status, got_type) == (403, "InvalidSignatureException")
+    assert "Signature expired" in answer["message"]
+
+
+async def test_the_forwarders_own_calls_verify_against_a_strict_emulator(tmp_path, verifying, http):
+    config = from_dict({"intake": {"port": 0}, "batch": {"flush_interval": 0.05},
+                        "evidently": {"endpoint_url": verifying.url},
+                        "dead_letter": {"path": str(tmp_path / "dl.ndjson")}}, {})
+    fwd = Forwarder(config, credentials=("AKIDGOOD", "good-secret"), registry=CollectorRegistry(),
+                    process_metrics=False)
+    await fwd.start()
+    try:
+        url = f"http://127.0.0.1:{fwd.intake.port}/events/projects/{quote(ARN, safe='')}"
+        async with http.post(url, json={"events": [{"data": {"i": i}} for i in range(120)]}) as resp:
+            assert resp.status == 200, await resp.text()
+        arrived = await delivered(http, verifying.url, 120, timeout=10)
+    finally:
+        await fwd.shutdown()
+
+    assert sorted(json.loads(e["data"])["i"] for e in arrived) == list(range(120))
+    assert {(e["project"], e["access_key"]) for e in arrived} == {(ARN, "AKIDGOOD")}
+    assert verifying.stats_dict()["requests_by_status"] == {"200": 3}  # 50 + 50 + 20, none refused
+
+
 # --- request quota ---
 
 
@@ -568,6 +670,20 @@ def test_cli_flags_build_the_fault_config():
         seed=4, record=False,
     )
     assert faults_from_args(parser.parse_args([])) == FaultConfig()
+
+
+def test_cli_credentials_are_key_secret_pairs_and_none_means_format_checks_only():
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+
+    args = parser.parse_args(["--credentials", "AKID1:s/e+c", "--credentials", "AKID2:x:y", "--region", "eu-west-1"])
+
+    assert credentials_from_args(args) == {"AKID1": "s/e+c", "AKID2": "x:y"}
+    assert args.region == "eu-west-1"
+    assert credentials_from_args(parser.parse_args([])) is None
+    for bad in ("AKID1", ":secret", "AKID1:"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--credentials", bad])
 
 
 def test_cli_rejects_a_rate_above_one():

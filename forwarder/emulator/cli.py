@@ -7,10 +7,11 @@ import asyncio
 import signal
 
 from .faults import FaultConfig, normalize_fault_fields
-from .server import Emulator
+from .server import DEFAULT_REGION, Emulator
 
 
-def run_emulator(host: str, port: int, faults: FaultConfig) -> None:
+def run_emulator(host: str, port: int, faults: FaultConfig, credentials: dict[str, str] | None = None,
+                 region: str = DEFAULT_REGION) -> None:
     """Serve until SIGTERM or SIGINT; blocks. Prints the URL once listening."""
     try:
         import uvloop  # optional (the bench extra); the emulator must outpace what it measures
@@ -19,11 +20,10 @@ def run_emulator(host: str, port: int, faults: FaultConfig) -> None:
     except ImportError:
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(host, port, faults))
+        runner.run(_serve(host, port, Emulator(faults, credentials=credentials, region=region)))
 
 
-async def _serve(host: str, port: int, faults: FaultConfig) -> None:
-    emulator = Emulator(faults)
+async def _serve(host: str, port: int, emulator: Emulator) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,6 +67,23 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--denied-project", action="append", default=[], dest="denied_projects", help="answer 403 for this project (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="seed for random faults")
     parser.add_argument("--no-record", action="store_false", dest="record", help="keep counters only, not events")
+    parser.add_argument("--credentials", action="append", default=[], type=_credential, metavar="KEY:SECRET",
+                        help="verify every SigV4 signature against these credentials (repeatable); "
+                             "without, only the form of the Authorization header is checked")
+    parser.add_argument("--region", default=DEFAULT_REGION,
+                        help="the region signatures must be scoped to, with --credentials")
+
+
+def _credential(text: str) -> tuple[str, str]:
+    key, sep, secret = text.partition(":")
+    if not (sep and key and secret):
+        raise argparse.ArgumentTypeError(f"must be ACCESS_KEY_ID:SECRET, got {text!r}")
+    return key, secret
+
+
+def credentials_from_args(args: argparse.Namespace) -> dict[str, str] | None:
+    """Access key id -> secret from ``--credentials``; None (format checks only) without any."""
+    return dict(args.credentials) or None
 
 
 def faults_from_args(args: argparse.Namespace) -> FaultConfig:

@@ -1,5 +1,9 @@
 """What the emulator answers to one PutProjectEvents request, as pure functions.
 
+Authentication: by default only the form of SigV4 is checked (the emulator
+holds no secrets); with credentials (``--credentials KEY:SECRET``) every
+signature is verified by the intake's verifier, ``forwarder.sigv4``.
+
 The rules follow botocore's Evidently model (``PutProjectEventsRequest``): a
 violation refuses the whole request with 400 ``ValidationException`` naming the
 field, as the service does. Where the model is silent the emulator assumes a
@@ -20,6 +24,7 @@ from typing import Any
 import orjson
 
 from forwarder.protocol import EVENT_TYPES, MAX_EVENTS_PER_CALL, ProtocolError
+from forwarder.sigv4 import INVALID, Denial, Verifier
 
 VALIDATION = "ValidationException"
 THROTTLING = "ThrottlingException"
@@ -46,9 +51,9 @@ _AMZ_DATE_RE = re.compile(r"\d{8}T\d{6}Z")
 
 
 def access_key_from_headers(headers: Mapping[str, str]) -> str:
-    """The caller's access key id, after the checks the service makes on SigV4.
+    """The caller's access key id, after the checks the service makes on the form of SigV4.
 
-    The signature itself is not verified: the emulator holds no secrets.
+    The signature itself is verified only with credentials (``verify_signature``).
     """
     authorization = headers.get("Authorization")
     if authorization is None:
@@ -66,6 +71,25 @@ def access_key_from_headers(headers: Mapping[str, str]) -> str:
             "Authorization requires an X-Amz-Date header like 20240101T000000Z",
         )
     return match.group(1)
+
+
+def verify_signature(verifier: Verifier, method: str, raw_target: str, headers: Any, body: bytes) -> None:
+    """Refuse (403) a request whose SigV4 signature does not verify against the configured secrets."""
+    result = verifier.verify(method, raw_target, headers, body)
+    if isinstance(result, Denial):
+        raise ProtocolError(403, result.error_type, _as_the_service_says(result, verifier.region))
+
+
+def _as_the_service_says(denial: Denial, region: str) -> str:
+    """The verifier's message, with the service's wording where it names the intake's settings."""
+    if denial.reason == "unknown_key":
+        return "The security token included in the request is invalid: its access key id is not one of --credentials"
+    if denial.reason == "wrong_scope" and "evidently.region" in denial.message:
+        return f"Credential should be scoped to a valid region: this emulator verifies '{region}' (--region)"
+    if denial.error_type == INVALID and denial.reason == "bad_signature" and "SignedHeaders" not in denial.message:
+        return ("The request signature we calculated does not match the signature you provided. "
+                "Check your AWS Secret Access Key and signing method.")
+    return denial.message
 
 
 # --- the body --------------------------------------------------------------

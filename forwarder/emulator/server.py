@@ -38,21 +38,32 @@ from .decisions import (
     invalid,
     parse_events,
     rejected_index,
+    verify_signature,
 )
+from forwarder.sigv4 import Verifier
+
 from .faults import FaultConfig, TokenBucket, bucket_capacity, normalize_fault_fields
 from .records import AcceptedEvent, KeyStats, Stats
 
 REQUEST_ID = "x-amzn-RequestId"
+DEFAULT_REGION = "us-east-1"
 # What aiohttp's own refusals (no such path, wrong method) are called in AWS style.
 _HTTP_ERROR_TYPES = {404: "UnknownOperationException", 405: "UnknownOperationException"}
 
 
 class Emulator:
-    """An Evidently PutProjectEvents endpoint with faults, counters and a control API."""
+    """An Evidently PutProjectEvents endpoint with faults, counters and a control API.
 
-    def __init__(self, faults: FaultConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    With ``credentials`` (access key id -> secret) every SigV4 signature is
+    verified, scoped to ``region``, against ``wall_clock``; without, only its form.
+    """
+
+    def __init__(self, faults: FaultConfig | None = None, clock: Callable[[], float] = time.monotonic, *,
+                 credentials: Mapping[str, str] | None = None, region: str = DEFAULT_REGION,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.faults = FaultConfig()
         self._clock = clock
+        self._verifier = Verifier(credentials, region, clock=wall_clock) if credentials else None
         self._rng = random.Random()
         self._bucket: TokenBucket | None = None
         self._missing: frozenset[str] = frozenset()
@@ -124,12 +135,12 @@ class Emulator:
 
     async def _put_project_events(self, request: web.Request) -> web.Response:
         body = await _read_body(request)
-        response = self._answer(request.headers, request.raw_path, body)
+        response = self._answer(request.method, request.raw_path, request.headers, body)
         if self.faults.latency > 0:
             await asyncio.sleep(self.faults.latency)
         return response
 
-    def _answer(self, headers: Mapping[str, str], raw_path: str, body: bytes | ProtocolError) -> web.Response:
+    def _answer(self, method: str, raw_path: str, headers: Any, body: bytes | ProtocolError) -> web.Response:
         stats = self.stats
         stats.requests_total += 1
         batch = stats.requests_total
@@ -138,6 +149,8 @@ class Emulator:
             return self._refuse(body)
         try:
             access_key = access_key_from_headers(headers)
+            if self._verifier is not None:
+                verify_signature(self._verifier, method, raw_path, headers, body)
         except ProtocolError as err:
             return self._refuse(err)
         key_stats = stats.key(access_key)
