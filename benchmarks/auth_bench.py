@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import ExitStack
+from functools import partial
 from typing import Callable
 
 from botocore.auth import SigV4Auth
@@ -30,8 +31,9 @@ from botocore.credentials import Credentials
 from benchmarks import stats, workload, wrk
 from benchmarks.context import Context
 from benchmarks.intake_bench import CONNECTIONS, PATH, Subject, describe, per_round, summary
-from benchmarks.procs import DRIVER_CORE, Emulator, Forwarder, forwarder_sections, run_json
+from benchmarks.procs import DRIVER_CORE, emulator, forwarder, forwarder_sections, proc_counters, run_json
 from benchmarks.report import Row, at_least
+from forwarder.testing import EmulatorProcess
 
 REGION = "us-east-1"
 KEY, SECRET = "AKIDBENCH", "bench-secret"
@@ -60,19 +62,19 @@ async def load(ctx: Context, name: str, url: str, body: bytes, headers: dict[str
     return await run_json(args, DRIVER_CORE, timeout=duration + 60)
 
 
-async def start(ctx: Context, stack: ExitStack, emulator: Emulator, auth: str) -> Subject:
+async def start(ctx: Context, stack: ExitStack, emu: EmulatorProcess, auth: str) -> Subject:
     secrets = ctx.logdir / "auth-secrets"
     secrets.mkdir(exist_ok=True)
     (secrets / "credentials").write_text(f"[bench]\naws_access_key_id = {KEY}\naws_secret_access_key = {SECRET}\n")
     (secrets / "tokens").write_text(TOKEN + "\n")
     intake = {"auth": auth, "credentials_file": str(secrets / "credentials"), "token_file": str(secrets / "tokens")}
-    sections = forwarder_sections(ctx.logdir, f"forwarder-auth-{auth}", emulator.url, intake=intake,
+    sections = forwarder_sections(ctx.logdir, f"forwarder-auth-{auth}", emu.url, intake=intake,
                                   evidently={"region": REGION},
                                   buffer={"max_events": 20_000_000, "max_bytes": 16 * 2**30})
-    fwd = Forwarder(ctx.logdir, sections, name=f"forwarder-auth-{auth}")
+    fwd = forwarder(ctx.logdir, sections, name=f"forwarder-auth-{auth}")
     stack.callback(fwd.stop)
-    await fwd.start(ctx.session)
-    return Subject(auth, fwd.url, None, fwd.child.counters)
+    await fwd.launch(ctx.session)
+    return Subject(auth, fwd.url, None, partial(proc_counters, fwd.pid))
 
 
 def headers_for(auth: str) -> Callable[[str, bytes], dict[str, str]]:
@@ -96,10 +98,10 @@ async def auth(ctx: Context) -> list[Row]:
     rounds, duration = ctx.pick(5, 1), ctx.pick(4.0, 1.0)
     body = workload.body(workload.events(0, 1))
     with ExitStack() as stack:
-        emulator = Emulator(ctx.logdir, "--no-record", "--down", name="emulator-auth")
-        stack.callback(emulator.stop)
-        await emulator.start(ctx.session)
-        subjects = [await start(ctx, stack, emulator, a) for a in ("none", "sigv4", "token")]
+        emu = emulator(ctx.logdir, "--no-record", "--down", name="emulator-auth")
+        stack.callback(emu.stop)
+        await emu.launch(ctx.session)
+        subjects = [await start(ctx, stack, emu, a) for a in ("none", "sigv4", "token")]
         for s in subjects if not ctx.quick else ():  # one warm-up window each
             await load(ctx, s.name, s.url + PATH, body, headers_for(s.name)(s.url + PATH, body), 1.0)
         for _, name in stats.alternate([s.name for s in subjects], rounds):
