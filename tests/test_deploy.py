@@ -55,7 +55,9 @@ FORWARDER_SERIES = frozenset({
     "forwarder_request_duration_seconds_bucket", "forwarder_request_duration_seconds_sum",
     "forwarder_request_duration_seconds_count",
     "forwarder_inflight_requests", "forwarder_send_rate", "forwarder_circuit_open", "forwarder_duplicates_total",
-    "forwarder_buffer_corruptions_total", "forwarder_build_info",
+    "forwarder_buffer_corruptions_total", "forwarder_build_info", "forwarder_buffer_write_errors_total",
+    "forwarder_outage", "forwarder_outage_seconds_total", "forwarder_outage_probes_total",
+    "forwarder_dead_letter_write_errors_total", "forwarder_internal_errors_total",
 })
 DEFAULT_COLLECTOR_SERIES = frozenset({
     "process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",

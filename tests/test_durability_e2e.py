@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import random
 import signal
 import subprocess
@@ -146,7 +147,8 @@ class Client:
 
 
 async def test_ten_kill_9_at_random_moments_lose_no_acknowledged_event(tmp_path, procs, session):
-    seed = random.randrange(1 << 30)
+    # FORWARDER_TEST_SEED=<n> replays a failed run (its seed is in the test's output).
+    seed = int(os.environ.get("FORWARDER_TEST_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     # Latency keeps batches in flight, so kills land between "Evidently has them" and the ack.
     emulator = procs(EmulatorProcess(tmp_path, "--latency", "0.05"))
