@@ -171,6 +171,11 @@ class RateLimiter:
         self._grown_at = now
         self._waited = False  # a call waited for its turn since the last doubling
 
+    @property
+    def controller(self) -> Controller:
+        """The controller that owns the rate after slow start."""
+        return self._controller
+
     def reconfigure(self, initial_rate: float, max_rate: float) -> None:
         """New rates (live): a change starts over from ``initial_rate`` in slow start; none changes nothing."""
         if (initial_rate, max_rate) != (self.initial_rate, self.max_rate):

@@ -268,7 +268,7 @@ def test_the_forwarder_paces_with_the_configured_controller(tmp_path, name, kind
     config = from_dict({"evidently": {"rate_controller": name},
                         "dead_letter": {"path": str(tmp_path / "dl.ndjson")}}, {})
     fwd = Forwarder(config, registry=CollectorRegistry(), process_metrics=False)
-    assert type(fwd.limiter._controller) is kind
+    assert type(fwd.limiter.controller) is kind
 
 
 def test_a_registered_controller_is_a_valid_rate_controller_and_paces_the_limiter(request):
