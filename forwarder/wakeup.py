@@ -35,6 +35,11 @@ class Wakeup:
     def is_set(self) -> bool:
         return self._flag
 
+    @property
+    def waiting(self) -> int:
+        """How many waits are pending."""
+        return len(self._waiters)
+
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until set or ``timeout`` seconds; True when set."""
         if self._flag:
