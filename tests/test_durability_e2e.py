@@ -293,18 +293,6 @@ async def test_sigterm_in_disk_mode_with_evidently_down_exits_in_time_and_keeps_
 # a disk that fills up (issue 16, item 8): a real small file system
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 16 MiB tmpfs mounted for the test; skipped where mounting is not permitted."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 async def test_a_full_disk_refuses_new_events_keeps_delivering_and_recovers_by_itself(
         tmp_path, procs, session, small_disk):
     emulator = procs(EmulatorProcess(tmp_path, "--down"))
