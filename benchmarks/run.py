@@ -15,8 +15,8 @@ if __package__ in (None, ""):  # run as a script: benchmarks/run.py
 
 import aiohttp
 
-from benchmarks import (codec_bench, direct_bench, intake_bench, latency_bench, machine, memory_bench, report,
-                        sender_bench, wrk)
+from benchmarks import (codec_bench, connection_limits, direct_bench, intake_bench, latency_bench, machine,
+                        memory_bench, report, sender_bench, wrk)
 from benchmarks.context import Context
 from benchmarks.procs import DRIVER_CORE, ROOT, SERVER_CORE, pin_self, pinning
 
@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, Bench] = {
     "direct": direct_bench.direct,
     "uvloop": lambda ctx: _both(ctx, intake_bench.uvloop_intake, sender_bench.uvloop_sender),
     "codec": codec_bench.codec,
+    "connections": connection_limits.connections,
 }
 
 

@@ -65,7 +65,7 @@ class Forwarder:
                              on_crash=self._crashed)
         self.flush_loop = FlushLoop(self.buffer, Batcher(config.batch, clock), self.sender, self.observer, clock)
         self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self.alive,
-                             self.not_ready, self.metrics.registry)
+                             self.not_ready, self.metrics.registry, upstream_connections=ev.concurrency)
         self._metrics_runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -215,6 +215,7 @@ class Forwarder:
 
     def reload(self) -> None:
         """Re-read the configuration file; apply live keys, report the others."""
+        self.intake.reload_tls()  # certificate rotation needs no configuration change
         if self._config_path is None:
             self.log.warning("reload_ignored", reason="no configuration file")
             return
