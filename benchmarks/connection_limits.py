@@ -119,7 +119,8 @@ class Flood:
 
     async def _slowloris(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write(HEAD + b"".join(b"X-Fill-%d: %s\r\n" % (i, b"f" * 1000) for i in range(self.head_bytes // 1024)))
+            fill = b"".join(b"X-Fill-%d: %s\r\n" % (i, b"f" * 1000) for i in range(self.head_bytes // 1024))
+            writer.write(HEAD + fill)
             i = 0
             while not reader.at_eof():
                 try:
@@ -288,8 +289,10 @@ async def connections(ctx: Context) -> list[Row]:
     notes = [
         f"{idle:,} idle + {slowloris:,} slowloris connections against `ulimit -n {nofile}` "
         f"(connection limit {r['connection_limit']:.0f}); flood held {r['flood_seconds']} s",
-        f"normal client, one new connection per request: {served} of {made} served; during the flood p50 {r['during']['p50_ms']:.1f} ms, p99 {r['during']['p99_ms']:.1f} ms; "
-        f"later p99 {r['late']['p99_ms']:.1f} ms; before it p99 {r['before']['p99_ms']:.1f} ms",
+        f"normal client, one new connection per request: {served} of {made} served; while the flood opened p99 "
+        f"{r['while_opening']['p99_ms']:.1f} ms, once open p50 {r['during']['p50_ms']:.1f} ms, p99 "
+        f"{r['during']['p99_ms']:.1f} ms, later p99 {r['late']['p99_ms']:.1f} ms; before it p99 "
+        f"{r['before']['p99_ms']:.1f} ms",
         f"closed by the forwarder: {r['closed']}; peak RSS {r['peak_rss'] / 2**20:.0f} MiB against the bound "
         f"{bound / 2**20:.0f} MiB (start-up RSS + (limit + {ACCEPT_BATCH}) x (2 x max_header_bytes + 16 KiB))",
         f"forwarder log during the flood: {r['log']}",

@@ -180,7 +180,7 @@ class Intake:
     def _server(self, check_host: bool) -> web.Server:
         return web.Server(functools.partial(self._route, check_host), request_factory=self._make_request)
 
-    def _make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:  # type: ignore[no-untyped-def]
+    def _make_request(self, message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
         self._connections.touch(protocol)  # type: ignore[union-attr]
         return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
                                client_max_size=self._config.max_body_bytes)
@@ -365,9 +365,11 @@ class Intake:
         return orjson.dumps({"eventResults": results, "failedEventCount": len(errors)})
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
-        if self._alive():
-            return _json({"status": "ok"})
-        return _json({"status": "a pipeline task has stopped"}, 503)
+        if not self._alive():
+            return _json({"status": "a pipeline task has stopped"}, 503)
+        if self._connections is not None and not self._connections.alive:
+            return _json({"status": "the intake's connection sweep has stopped"}, 503)
+        return _json({"status": "ok"})
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
         reason = "draining" if not self.accepting else self._not_ready()

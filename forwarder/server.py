@@ -43,7 +43,9 @@ FIXED_FILES = 64
 # is closed on the next loop iteration, so a batch can hold this many more
 # descriptors for a moment: the reserve covers it.
 ACCEPT_BATCH = 64
-LISTEN_BACKLOG = 1024  # the kernel queue: a burst of connects waits there instead of being dropped (SYN retried after 1 s)
+# The kernel's accept queue: a burst of connects waits there instead of having
+# SYNs dropped (a client retries a dropped SYN after 1 s).
+LISTEN_BACKLOG = 1024
 MIN_CONNECTIONS = 8
 SWEEP_INTERVAL = 1.0  # seconds; timeouts are enforced within one interval
 ACCEPT_RETRY_DELAY = 0.1  # seconds before accepting again after EMFILE with nothing to evict
@@ -117,7 +119,12 @@ class BodyTimeout(Exception):
 
 
 class IntakeProtocol(RequestHandler):
-    """aiohttp's HTTP/1.1 protocol with a bound on request heads and the state the sweep reads."""
+    """aiohttp's HTTP/1.1 protocol with a bound on request heads and the state the sweep reads.
+
+    It reads aiohttp 3.14's RequestHandler internals (``_messages``,
+    ``_request_count``, ``_request_in_progress``, the queue thresholds);
+    tests/test_connections.py exercises each of them.
+    """
 
     __slots__ = ("_pool", "_head_bytes", "_body", "_seen", "_since", "accept_task")
 
@@ -235,6 +242,11 @@ class Connections:
     @property
     def count(self) -> int:
         return len(self._order)
+
+    @property
+    def alive(self) -> bool:
+        """False once the sweep has crashed: timeouts would no longer apply (/healthz says so)."""
+        return self._sweeper is None or not self._sweeper.done()
 
     def listen(self, sock: socket.socket, server: web.Server, tls: ssl.SSLContext | None) -> None:
         """Accept on ``sock`` (bound and listening), handing requests to ``server``."""

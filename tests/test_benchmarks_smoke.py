@@ -31,6 +31,7 @@ EXPECTED_ROWS = (
     "orjson vs json: parse+encode, 1 event/POST",
     "orjson vs json: parse+encode, 50 events/POST",
     "memory held per encoded event",
+    "connection flood:",
 )
 
 

@@ -125,11 +125,17 @@ def test_only_connections_without_a_request_in_progress_may_be_evicted():
 
 # --- timeouts ---------------------------------------------------------------------------------
 
-async def test_a_request_head_still_incomplete_after_header_timeout_gets_408_and_is_closed(fwd):
+async def stalled(fwd, request: bytes, phase: Phase) -> tuple[Client, IntakeProtocol, float]:
+    """A client that sent part of ``request`` and stopped; its connection, and since when it is in ``phase``."""
     client = await Client().open(fwd.port)
-    client.send(b"GET /healthz HTTP/1.1\r\nHost: local")
-    (protocol,) = await in_phase(fwd, Phase.HEAD)
-    _, since = protocol.observe(0.0)  # when the sweep first saw this head
+    client.send(request)
+    (protocol,) = await in_phase(fwd, phase)
+    _, since = protocol.observe(0.0)  # when the sweep first saw it so
+    return client, protocol, since
+
+
+async def test_a_request_head_still_incomplete_after_header_timeout_gets_408_and_is_closed(fwd):
+    client, protocol, since = await stalled(fwd, b"GET /healthz HTTP/1.1\r\nHost: local", Phase.HEAD)
     fwd.intake.connections.sweep(since + LIMITS.header_timeout - 0.1)
     assert protocol.phase is Phase.HEAD  # not yet
     fwd.intake.connections.sweep(since + LIMITS.header_timeout)
@@ -140,11 +146,11 @@ async def test_a_request_head_still_incomplete_after_header_timeout_gets_408_and
 
 
 async def test_a_body_still_incomplete_after_body_timeout_gets_408_and_nothing_is_buffered(fwd):
-    client = await Client().open(fwd.port)
-    client.send(b"POST /events/projects/p HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100\r\n\r\n{\"events\":[")
-    (protocol,) = await in_phase(fwd, Phase.BODY)
-    _, since = protocol.observe(0.0)
+    client, protocol, since = await stalled(
+        fwd, b"POST /events/projects/p HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 100\r\n\r\n{\"events\":[", Phase.BODY)
+    fwd.intake.connections.sweep(since + LIMITS.body_timeout - 0.1)
+    assert protocol.phase is Phase.BODY  # not yet
     fwd.intake.connections.sweep(since + LIMITS.body_timeout)
     status, headers, body = head_and_body(await client.answer())
     assert status == 408 and "intake.body_timeout" in json.loads(body)["message"]

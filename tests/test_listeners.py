@@ -198,21 +198,23 @@ def test_the_socket_has_its_mode_before_it_appears_at_its_path(tmp_path, monkeyp
     assert seen == {"mode": 0o640, "parent": 0o700, "target_exists": False}
 
 
-@pytest.mark.parametrize(("intake", "key"), [
-    ({"unix_socket_mode": "999"}, "intake.unix_socket_mode"),
-    ({"unix_socket_mode": "rw-rw----"}, "intake.unix_socket_mode"),
-    ({"unix_socket": "/run/" + "x" * 120}, "intake.unix_socket"),
-    ({"port": -1}, "intake.unix_socket"),
-    ({"port": -2}, "intake.port"),
-    ({"tls_cert_file": "/etc/c.pem"}, "intake.tls_key_file"),
-    ({"port": -1, "unix_socket": "/run/f.sock", "tls_cert_file": "c", "tls_key_file": "k"}, "intake.tls_cert_file"),
-    ({"max_connections": 0}, "intake.max_connections"),
-    ({"header_timeout": 0}, "intake.header_timeout"),
-    ({"max_header_bytes": 100}, "intake.max_header_bytes"),
+@pytest.mark.parametrize(("intake", "message"), [
+    ({"unix_socket_mode": "999"}, "intake.unix_socket_mode must be octal permission bits"),
+    ({"unix_socket_mode": "rw-rw----"}, "intake.unix_socket_mode must be octal permission bits"),
+    ({"unix_socket": "/run/" + "x" * 120}, "intake.unix_socket must be shorter than 108 bytes"),
+    ({"port": -1}, "intake.port = -1 (no TCP listener) needs intake.unix_socket"),
+    ({"port": -2}, "intake.port must be between -1 and 65535"),
+    ({"tls_cert_file": "/etc/c.pem"}, "intake.tls_cert_file and intake.tls_key_file must be set together"),
+    ({"port": -1, "unix_socket": "/run/f.sock", "tls_cert_file": "c", "tls_key_file": "k"},
+     "intake.tls_cert_file applies to the TCP listener"),
+    ({"max_connections": 0}, "intake.max_connections must be at least 1"),
+    ({"header_timeout": 0}, "intake.header_timeout must be between 0 (exclusive) and 3600"),
+    ({"max_header_bytes": 100}, "intake.max_header_bytes must be between 4096"),
 ])
-def test_listener_settings_are_validated_naming_the_key(intake, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+def test_listener_settings_are_validated_naming_the_key(intake, message):
+    with pytest.raises(ConfigError) as err:
         from_dict({"intake": intake}, {})
+    assert str(err.value).startswith(message)
 
 
 # --- TLS ---------------------------------------------------------------------------------------------
