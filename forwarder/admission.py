@@ -62,12 +62,11 @@ def media_kind(value: str | None) -> str:
     return "refused"
 
 
-def refuse_browser(origin: str | None) -> None:
-    """Refuse a request that a web page made a browser send."""
-    if origin is not None:
-        raise Refusal(403, "AccessDeniedException",
-                      f"requests from web pages are refused (this one carries Origin: {origin[:100]!r}); "
-                      "the intake is for applications and SDKs", "forbidden")
+def browser_refusal(origin: str) -> Refusal:
+    """The refusal of a request carrying ``Origin``: a web page made a browser send it."""
+    return Refusal(403, "AccessDeniedException",
+                   f"requests from web pages are refused (this one carries Origin: {origin[:100]!r}); "
+                   "the intake is for applications and SDKs", "forbidden")
 
 
 class HostCheck:

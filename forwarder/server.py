@@ -126,7 +126,7 @@ class IntakeProtocol(RequestHandler):
     tests/test_connections.py exercises each of them.
     """
 
-    __slots__ = ("_pool", "_head_bytes", "_body", "_seen", "_since", "accept_task")
+    __slots__ = ("_pool", "_max_head", "_head_bytes", "_body", "_seen", "_since", "accept_task")
 
     def __init__(self, manager: web.Server, pool: "Connections", **kwargs: Any) -> None:
         # No TCP keep-alive probes: idle_timeout closes an idle connection long
@@ -138,6 +138,7 @@ class IntakeProtocol(RequestHandler):
         self._max_msg_queue_size = PIPELINE_DEPTH
         self._msg_queue_resume_size = PIPELINE_DEPTH // 2
         self._pool = pool
+        self._max_head = pool.limits.max_header_bytes
         self._head_bytes = 0  # bytes of request heads not yet parsed into requests
         self._body: Any = None  # payload of the last request whose head was parsed
         self._seen: tuple[Phase, int] | None = None  # what the sweep saw last, and since when
@@ -179,7 +180,7 @@ class IntakeProtocol(RequestHandler):
         in_head = body is None or body.is_eof()
         count = self._request_count
         RequestHandler.data_received(self, data)
-        limit = self._pool.limits.max_header_bytes
+        limit = self._max_head
         if self._request_count != count:  # one or more heads completed
             heads, self._head_bytes = self._head_bytes + len(data), 0
             self._body = self._messages[-1][1] if self._messages else None
@@ -200,7 +201,7 @@ class IntakeProtocol(RequestHandler):
                     for msg, _ in list(self._messages)[-new:] if hasattr(msg, "raw_headers")), default=0)
 
     def _refuse_head(self, size: int) -> None:
-        limit = self._pool.limits.max_header_bytes
+        limit = self._max_head
         self._head_bytes = 0
         answer = None
         if not self._request_in_progress:  # otherwise an answer is being written: just close

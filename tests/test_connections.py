@@ -274,3 +274,39 @@ async def test_the_connection_gauges_show_open_connections_and_the_limit(fwd):
     registry = fwd.metrics.registry
     assert registry.get_sample_value("forwarder_intake_connections") == 3
     assert registry.get_sample_value("forwarder_intake_connection_limit") == LIMITS.max_connections
+
+
+async def test_accept_running_out_of_descriptors_evicts_an_idle_connection_and_accepts_again(fwd, session, monkeypatch):
+    idle = await clients(fwd, 2)
+    acceptor = fwd.intake.connections._listeners[0]
+    real, failures = acceptor.sock, []
+
+    class OutOfFiles:
+        """The listening socket, failing its next accept() with EMFILE."""
+
+        def accept(self):
+            if not failures:
+                failures.append(1)
+                raise OSError(24, "Too many open files")
+            return real.accept()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(acceptor, "sock", OutOfFiles())
+    async with session.get(f"http://127.0.0.1:{fwd.port}/healthz") as r:
+        assert r.status == 200  # accepted after the retry
+    assert failures == [1] and await idle[0].is_closed_by_server()
+    assert closed(fwd, "evicted") == 1
+
+
+async def test_a_crashed_connection_sweep_makes_healthz_fail(fwd, session, monkeypatch):
+    def broken(now: float) -> None:
+        raise RuntimeError("bug in the sweep")
+
+    monkeypatch.setattr(fwd.intake.connections, "sweep", broken)
+
+    async def unhealthy() -> bool:
+        async with session.get(f"http://127.0.0.1:{fwd.port}/healthz") as r:
+            return r.status == 503 and "sweep" in (await r.json())["status"]
+    await wait_for(unhealthy, 10, "/healthz to report the stopped sweep")
