@@ -41,7 +41,7 @@ WARNING_INTERVAL = 10.0  # seconds between two lines of the same repeated warnin
 INTAKE_REJECTIONS = ("malformed_http", "headers_too_large", "header_timeout", "body_timeout", "connection_limit",
                      "unsupported_media_type", "bad_encoding", "forbidden", "unknown_operation", "internal_error")
 # Why the intake closed a connection (intake_connections_closed reasons).
-CONNECTION_CLOSES = ("evicted", "refused", "header_timeout", "body_timeout", "headers_too_large",
+CONNECTION_CLOSES = ("evicted", "refused", "header_timeout", "body_timeout", "write_timeout", "headers_too_large",
                      "tls_handshake_failed")
 
 

@@ -78,6 +78,7 @@ class Phase(enum.Enum):
     HEAD = "head"  # part of a request's headers received
     BODY = "body"  # headers done; the handler waits for the rest of the body
     BUSY = "busy"  # a request being handled, or parsed and queued
+    WRITING = "writing"  # an answer not yet taken by the client (it does not read)
 
     @property
     def evictable(self) -> bool:
@@ -91,6 +92,8 @@ def overdue(phase: Phase, since: float, now: float, limits: Limits) -> str | Non
         return "header_timeout"
     if phase is Phase.BODY and now - since >= limits.body_timeout:
         return "body_timeout"
+    if phase is Phase.WRITING and now - since >= limits.idle_timeout:
+        return "write_timeout"
     return None
 
 
@@ -149,13 +152,19 @@ class IntakeProtocol(RequestHandler):
 
     @property
     def phase(self) -> Phase:
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return Phase.CONNECTING
+        if self.writing_paused:  # the client stopped reading: a handler may wait on it for ever
+            return Phase.WRITING
         if self._request_in_progress or self._messages:
             body = self._body
             if not self._messages and body is not None and not body.is_eof():
                 return Phase.BODY
             return Phase.BUSY
+        # Closing such a connection could lose the answer to events already accepted.
+        if transport.get_write_buffer_size():
+            return Phase.WRITING
         return Phase.HEAD if self._head_bytes else Phase.IDLE
 
     def observe(self, now: float) -> tuple[Phase, float]:
@@ -373,6 +382,8 @@ class Connections:
                     f"({self.limits.header_timeout:g} s)"))
             elif reason == "body_timeout":
                 self._fail_body(protocol, now - since)
+            elif reason == "write_timeout":  # its answers were not read for idle_timeout: nothing more to do
+                self.hang_up(protocol, reason, None)
 
     def _fail_body(self, protocol: IntakeProtocol, waited: float) -> None:
         if waited >= 2 * self.limits.body_timeout:  # the handler did not answer the first time

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -103,6 +104,7 @@ def test_the_connection_limit_stays_below_the_open_file_limit(configured, nofile
     (Phase.BODY, 6.9, None), (Phase.BODY, 7.0, "body_timeout"),
     (Phase.IDLE, 1000.0, None),  # idle connections are aiohttp's keep-alive timer's
     (Phase.BUSY, 1000.0, None), (Phase.CONNECTING, 1000.0, None),
+    (Phase.WRITING, 59.9, None), (Phase.WRITING, 60.0, "write_timeout"),
 ])
 def test_overdue_applies_the_timeout_of_each_phase(phase, waited, expected):
     assert overdue(phase, 100.0, 100.0 + waited, LIMITS) == expected
@@ -121,6 +123,7 @@ def test_aiohttps_own_errors_map_to_aws_answers(exc, status, reason):
 
 def test_only_connections_without_a_request_in_progress_may_be_evicted():
     assert {p for p in Phase if p.evictable} == {Phase.CONNECTING, Phase.IDLE, Phase.HEAD}
+    assert not Phase.WRITING.evictable  # its unread answer may acknowledge events
 
 
 # --- timeouts ---------------------------------------------------------------------------------
@@ -310,3 +313,23 @@ async def test_a_crashed_connection_sweep_makes_healthz_fail(fwd, session, monke
         async with session.get(f"http://127.0.0.1:{fwd.port}/healthz") as r:
             return r.status == 503 and "sweep" in (await r.json())["status"]
     await wait_for(unhealthy, 10, "/healthz to report the stopped sweep")
+
+
+async def test_a_connection_whose_answer_is_unread_is_not_evicted_and_closes_after_idle_timeout(fwd):
+    # A client that never reads, with small socket buffers on both sides: a /metrics answer stays unsent.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", fwd.port))
+    try:
+        (protocol,) = await in_phase(fwd, Phase.IDLE)
+        protocol.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1024)
+        sock.send(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n" * 3)
+        await in_phase(fwd, Phase.WRITING)
+        await clients(fwd, LIMITS.max_connections)  # idle connections are evicted to make room, not this one
+        assert protocol in fwd.intake.connections._order and closed(fwd, "evicted") == 1
+        _, since = protocol.observe(0.0)
+        fwd.intake.connections.sweep(since + LIMITS.idle_timeout)
+        assert protocol not in fwd.intake.connections._order and closed(fwd, "write_timeout") == 1
+    finally:
+        sock.close()
