@@ -32,23 +32,25 @@ class Refusal(Exception):
 
 
 class ContentTypes:
-    """``Content-Type`` -> "json" or "ndjson", or a 415 refusal; remembers the values it has seen."""
+    """``Content-Type`` -> "json" or "ndjson", or a 415 refusal.
+
+    ``known`` maps the accepted values seen so far, so that the intake's hot
+    path is one dict lookup and ``kind`` runs only for a new value.
+    """
 
     def __init__(self) -> None:
-        self._seen: dict[str | None, str] = {}
+        self.known: dict[str | None, str] = {}
 
     def kind(self, value: str | None) -> str:
-        kind = self._seen.get(value)
-        if kind is None:
-            kind = media_kind(value)
-            if len(self._seen) >= CACHE_SIZE:
-                self._seen.clear()
-            self._seen[value] = kind
+        kind = media_kind(value)
         if kind == "refused":
             shown = "none" if value is None else repr(value[:100])
             raise Refusal(415, "UnsupportedMediaTypeException",
                           f"Content-Type {shown} is not accepted; send one of {ACCEPTED_TYPES} "
                           "(e.g. curl -H 'Content-Type: application/json')", "unsupported_media_type")
+        if len(self.known) >= CACHE_SIZE:
+            self.known.clear()
+        self.known[value] = kind
         return kind
 
 

@@ -287,7 +287,9 @@ class Intake:
         origin = headers.get(hdrs.ORIGIN)
         if origin is not None:
             raise browser_refusal(origin)
-        ndjson = self._content_types.kind(headers.get(hdrs.CONTENT_TYPE)) == "ndjson"
+        content_type = headers.get(hdrs.CONTENT_TYPE)
+        kind = self._content_types.known.get(content_type) or self._content_types.kind(content_type)
+        ndjson = kind == "ndjson"
         limit = self._config.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:

@@ -26,23 +26,16 @@ _PROJECT_RE = re.compile(
 )
 
 
-class RequestIds:
-    """``x-amzn-RequestId`` values: UUID-shaped, unique per process run, cheap.
-
-    A random prefix per run and a counter in the last group: ~0.2 us each where
-    uuid4() costs ~2 us, and every answer carries one.
-    """
-
-    def __init__(self) -> None:
-        self._prefix = str(uuid.uuid4())[:24]  # 8-4-4-4- : the last group is the counter
-        self._count = itertools.count()
-
-    def __call__(self) -> str:
-        # No wrap-around: 16**12 answers take 89 years at 100k/s.
-        return self._prefix + "%012x" % next(self._count)
+# x-amzn-RequestId values: UUID-shaped, unique per process run, cheap. A random
+# prefix per run and a counter in the last group: ~0.3 us each where uuid4()
+# costs ~2 us, and every answer carries one.
+_REQUEST_ID_PREFIX = str(uuid.uuid4())[:24]  # 8-4-4-4- : the last group is the counter
+_request_numbers = itertools.count()
 
 
-request_id = RequestIds()
+def request_id() -> str:
+    """A new ``x-amzn-RequestId`` (no wrap-around: 16**12 answers take 89 years at 100k/s)."""
+    return _REQUEST_ID_PREFIX + "%012x" % next(_request_numbers)
 
 
 class ProtocolError(Exception):
