@@ -10,7 +10,7 @@ AWS style and counted in ``forwarder_events_rejected_total{reason}``.
 
 Listeners (TCP, TLS, a Unix socket) are in listeners.py; connection limits,
 timeouts and header bounds in server.py; the header checks a POST passes before
-its body is read in admission.py.
+its body is read in intake_checks.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import istr
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .admission import ContentTypes, HostCheck, Refusal, browser_refusal, decode_body
+from .intake_checks import ContentTypes, HostCheck, Refusal, browser_refusal, decode_body
 from .buffer import Buffer, BufferFull
 from .config import IntakeConfig
 from .events import (WIRE_FAST_PATH_MIN_BYTES, EventError, encode_all, encode_wire_body, ndjson_events,
