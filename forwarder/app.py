@@ -7,10 +7,8 @@ ready; shutdown is a sequence of phases under one deadline, like uvicorn's.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -23,9 +21,11 @@ from . import systemd
 from .batcher import Batcher, FlushLoop
 from .buffer import Buffer, MemoryBuffer
 from .client import EvidentlyClient, Transport
+from .clock import Clock
 from .config import Config
 from .deadletter import DeadLetterWriter
 from .intake import Intake, metrics_response
+from .lifecycle import Deadline, Signals
 from .observability import Metrics, Observer, configure_logging
 from .ratelimit import RateLimiter
 from .sender import Sender
@@ -59,16 +59,14 @@ class Forwarder:
         self.limiter = RateLimiter(ev.effective_initial_rate, ev.effective_max_rate,
                                    rate_controller or ev.rate_controller, clock,
                                    on_change=self.observer.rate_changed)
-        self.sender = Sender(transport, self.buffer, DeadLetterWriter(config.dead_letter.path,
-                                                                      config.dead_letter.max_bytes),
-                             config.retry, self.limiter, ev.concurrency, self.observer, clock=clock,
-                             on_crash=self._crashed)
+        self.sender = Sender(transport, self.buffer,
+                             DeadLetterWriter(config.dead_letter.path, config.dead_letter.max_bytes),
+                             self.limiter, self.observer, config.retry, ev.concurrency, Clock(monotonic=clock))
         self.flush_loop = FlushLoop(self.buffer, Batcher(config.batch, clock), self.sender, self.observer, clock)
         self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self.alive,
                              self.not_ready, self.metrics.registry, upstream_connections=ev.concurrency)
         self._metrics_runner: web.AppRunner | None = None
-        self._stop = asyncio.Event()
-        self._reload = asyncio.Event()
+        self._signals = Signals(self.log)
         self._crash: BaseException | None = None
         self._closed = False
         self._wire_gauges()
@@ -94,14 +92,12 @@ class Forwarder:
     def not_ready(self) -> str | None:
         if self.buffer.full:
             return "buffer full"
-        if self.sender.all_circuits_open():
-            return "every project's circuit is open"
-        return None
+        return self.sender.stalled()
 
     def _crashed(self, exc: BaseException) -> None:
         self.log.error("task_crashed", error=repr(exc), exc_info=exc)
         self._crash = exc
-        self._stop.set()
+        self._signals.stop.set()
 
     # lifecycle
 
@@ -120,7 +116,7 @@ class Forwarder:
             self.observer.buffer_recovered(recovered, self.config.buffer.path)
         if self.client is not None:
             await self.client.start()
-        await self.sender.start()
+        await self.sender.start(self._crashed)
         self.flush_loop.start(self._crashed)
         port = await self.intake.start()
         if self.config.metrics.port:
@@ -142,37 +138,26 @@ class Forwarder:
         await web.TCPSite(self._metrics_runner, host, self.config.metrics.port).start()
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self._signals.stop_requested()
 
     def request_reload(self) -> None:
-        self._reload.set()
+        self._signals.reload_requested()
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (or a crashed task), then shut down; returns the exit code."""
-        await self.start()
-        # Start-up leaves ~80k long-lived objects tracked by the cyclic GC
-        # (botocore's models and endpoint rules among them): every full collection
-        # walked them all, ~40 ms of a stalled loop. Frozen, they are skipped.
-        gc.collect()
-        gc.freeze()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self._signals.install()
         try:
-            while not self._stop.is_set():
-                waiters = [asyncio.create_task(self._stop.wait()), asyncio.create_task(self._reload.wait())]
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for w in waiters:
-                    w.cancel()
-                await asyncio.gather(*waiters, return_exceptions=True)
-                if self._reload.is_set() and not self._stop.is_set():
-                    self._reload.clear()
-                    self.reload()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            await self.start()
+            # Start-up leaves tens of thousands of long-lived objects tracked by the
+            # cyclic GC (botocore's models and endpoint rules among them): every full
+            # collection walked them all and stalled the loop. Frozen, they are skipped.
+            gc.collect()
+            gc.freeze()
+            while await self._signals.next() == "reload":
+                self.reload()
             await self.shutdown()
+        finally:
+            self._signals.uninstall()
         return 1 if self._crash is not None else 0
 
     async def shutdown(self) -> None:
@@ -180,8 +165,8 @@ class Forwarder:
         if self._closed:
             return
         self._closed = True
-        deadline = time.monotonic() + self.config.shutdown.drain_timeout
-        remaining = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+        self._signals.stop.set()  # a stop signal from now on hurries the drain
+        deadline = Deadline(self.config.shutdown.drain_timeout, self._signals.hurry)
 
         # 1. Stop accepting: new events get 503, /readyz says draining.
         self.intake.stop_accepting()
@@ -189,17 +174,18 @@ class Forwarder:
         self.log.info("draining", queue_depth=self.buffer.depth, drain_timeout=self.config.shutdown.drain_timeout)
 
         # 2. Flush every partial batch into the sender.
-        flushed = await self.flush_loop.stop(remaining())
+        flushed = await deadline.within(self.flush_loop.stop(deadline.remaining()), False)
 
         # 3. Deliver what the sender holds, within the deadline.
-        drained = flushed and await self.sender.drain(remaining())
+        drained = flushed and await deadline.within(self.sender.drain(deadline.remaining()), False)
 
         # 4. Report what could not be delivered in time.
         await self.flush_loop.close()
         await self.sender.close()
         left = self.buffer.depth
-        if left and self.config.buffer.type == "memory":
-            self.observer.events_dropped("shutdown", left)
+        dropped = left if self.config.buffer.type == "memory" else 0
+        if dropped:
+            self.observer.events_dropped("shutdown", dropped)
         elif left:
             self.log.info("left_on_disk", events=left, path=self.config.buffer.path)
 
@@ -210,7 +196,7 @@ class Forwarder:
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         await self.buffer.close()
-        self.log.info("stopped", drained=drained, undelivered=left,
+        self.log.info("stopped", drained=drained, undelivered=left, dropped=dropped,
                       sent=int(self.metrics.registry.get_sample_value("forwarder_events_sent_total") or 0))
 
     def reload(self) -> None:
@@ -225,19 +211,26 @@ class Forwarder:
             self.log.error("reload_failed", error=str(e), path=self._config_path)
             return
         changed = config_mod.changed_keys(self.config, new)
-        live = [k for k in changed if k in config_mod.RELOADABLE]
-        restart = [k for k in changed if k not in config_mod.RELOADABLE]
-        self._apply(new)
-        self.config = _merge_live(self.config, new)
+        live = [k for k in changed if k in config_mod.LIVE]
+        restart = [k for k in changed if k not in config_mod.LIVE]
+        merged = config_mod.merge_live(self.config, new)
+        stages = self.live_stages()
+        for stage in sorted({config_mod.LIVE[k] for k in live}):
+            stages[stage](merged)
+        self.config = merged
         self.log.info("reloaded", applied=live, needs_restart=restart)
         if restart:
             self.log.warning("config_needs_restart", keys=restart)
 
-    def _apply(self, new: Config) -> None:
-        configure_logging(new.log.level, self.config.log.format)
-        self.flush_loop.batcher.reconfigure(new.batch)
-        self.sender.retry = new.retry
-        self.limiter.reconfigure(new.evidently.effective_initial_rate, new.evidently.effective_max_rate)
+    def live_stages(self) -> dict[str, Callable[[Config], None]]:
+        """Each stage named in config.LIVE, applying its section of a reloaded configuration."""
+        return {
+            "log": lambda c: configure_logging(c.log.level, c.log.format),
+            "batch": lambda c: self.flush_loop.reconfigure(c.batch),
+            "retry": lambda c: self.sender.reconfigure(c.retry),
+            "rate": lambda c: self.limiter.reconfigure(c.evidently.effective_initial_rate,
+                                                       c.evidently.effective_max_rate),
+        }
 
 
 def _check_writable(path: str, key: str) -> None:
@@ -253,14 +246,6 @@ def _check_writable(path: str, key: str) -> None:
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says what to fix."""
-
-
-def _merge_live(old: Config, new: Config) -> Config:
-    """The running configuration after a reload: live keys from ``new``, the rest from ``old``."""
-    ev = dataclasses.replace(old.evidently, initial_rate=new.evidently.initial_rate,
-                             max_rate=new.evidently.max_rate)
-    log = dataclasses.replace(old.log, level=new.log.level)
-    return dataclasses.replace(old, batch=new.batch, retry=new.retry, evidently=ev, log=log)
 
 
 async def serve(config: Config, config_path: str | None, **kwargs: Any) -> int:

@@ -8,14 +8,16 @@ full, and everything flushes on drain.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .buffer import Chunk
+from .buffer import Chunk, Receipt
 from .config import BatchConfig
 from .observability import Observer
+from .retry import RetryReason
 
 
 class FlushReason(str, enum.Enum):
@@ -30,7 +32,7 @@ class Batch:
 
     project: str
     events: list[bytes]
-    ids: list[int] | None  # disk row ids, parallel to events; None in memory
+    receipt: Receipt  # what acknowledges these events to the buffer, in the same order
     received_at: float  # wall clock of the oldest event
     flush_reason: FlushReason = FlushReason.SIZE
     attempts: int = 0
@@ -38,25 +40,27 @@ class Batch:
     last_attempt_at: float = 0.0
     last_code: str = ""
     last_message: str = ""
+    last_reason: RetryReason | None = None  # why it was last rescheduled
+    reject: tuple[str, str] | None = None  # (code, message) of a dead-letter write still to do
     ambiguous: bool = False  # the last attempt may have been delivered (timeout, 5xx)
     duplicates_counted: bool = False  # each event counts once as a possible duplicate
 
     def subset(self, indexes: list[int]) -> "Batch":
-        """The same history for some of the events (a split or a partial resend)."""
-        return Batch(
-            self.project, [self.events[i] for i in indexes],
-            None if self.ids is None else [self.ids[i] for i in indexes],
-            self.received_at, self.flush_reason, self.attempts, self.first_attempt_at,
-            self.last_attempt_at, self.last_code, self.last_message, self.ambiguous, self.duplicates_counted,
-        )
+        """The same history for some of the events (a split or a partial resend), in ascending order."""
+        return dataclasses.replace(self, events=[self.events[i] for i in indexes],
+                                   receipt=self.receipt.subset(indexes))
 
 
 @dataclass(slots=True)
 class _Open:
+    """A batch being filled. Its limits are fixed when it opens, so a reload
+    never applies a new size or deadline to events already in it."""
+
+    max_events: int
+    received_at: float
+    deadline: float  # on the batcher's monotonic clock
     events: list[bytes] = field(default_factory=list)
-    ids: list[int] | None = None
-    received_at: float = 0.0
-    deadline: float = 0.0  # on the batcher's monotonic clock
+    receipt: Receipt = field(default_factory=Receipt)
 
 
 class Batcher:
@@ -71,38 +75,36 @@ class Batcher:
         self._open: dict[str, _Open] = {}
 
     def reconfigure(self, config: BatchConfig) -> None:
-        """New limits apply to batches opened from now on."""
+        """New limits apply to batches opened from now on; open ones keep the limits they opened with."""
         self._max = config.max_events
         self._interval = config.flush_interval
 
     def add(self, chunk: Chunk) -> list[Batch]:
         """Add a chunk's events; return the batches that became full."""
         sealed: list[Batch] = []
-        events, ids = chunk.events, chunk.ids
+        events = chunk.events
         start = 0
         while start < len(events):
             batch = self._open.get(chunk.project)
             if batch is None:
-                batch = self._open[chunk.project] = self._new(chunk, ids is not None)
-            take = min(self._max - len(batch.events), len(events) - start)
+                batch = self._open[chunk.project] = self._new(chunk)
+            take = min(batch.max_events - len(batch.events), len(events) - start)
             batch.events.extend(events[start:start + take])
-            if ids is not None and batch.ids is not None:
-                batch.ids.extend(ids[start:start + take])
+            batch.receipt.add(chunk.lease, chunk.first + start, chunk.first + start + take)
             start += take
-            if len(batch.events) >= self._max:
+            if len(batch.events) >= batch.max_events:
                 sealed.append(self._seal(chunk.project, FlushReason.SIZE))
         return sealed
 
-    def _new(self, chunk: Chunk, with_ids: bool) -> _Open:
+    def _new(self, chunk: Chunk) -> _Open:
         # The deadline counts the time the event already spent in the buffer
         # (recovered events from disk flush at once).
         waited = max(0.0, self._wall() - chunk.received_at)
-        return _Open([], [] if with_ids else None, chunk.received_at,
-                     self._clock() + max(0.0, self._interval - waited))
+        return _Open(self._max, chunk.received_at, self._clock() + max(0.0, self._interval - waited))
 
     def _seal(self, project: str, reason: FlushReason) -> Batch:
         o = self._open.pop(project)
-        return Batch(project, o.events, o.ids, o.received_at, reason)
+        return Batch(project, o.events, o.receipt, o.received_at, reason)
 
     def next_deadline(self) -> float | None:
         """The earliest deadline on the batcher's clock, or None when nothing is open."""
@@ -156,6 +158,10 @@ class FlushLoop:
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def reconfigure(self, config: BatchConfig) -> None:
+        """New batch limits (live): see ``Batcher.reconfigure``."""
+        self.batcher.reconfigure(config)
 
     async def _run(self) -> None:
         while True:

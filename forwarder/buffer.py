@@ -2,14 +2,18 @@
 
 Events stay counted (``depth``, ``nbytes``) from ``append`` until ``ack``: read by
 the batcher is not done, Evidently acknowledging or the dead-letter file taking
-them is. ``MemoryBuffer`` lives here; ``DiskBuffer`` (SQLite) in ``diskbuffer.py``
-has the same interface.
+them is. Each read hands its events out under one ``Lease``; what comes back to
+``ack`` is a ``Receipt`` (runs of leases), the only way to name buffered events,
+so an event is acknowledged at most once whatever the caller does.
+``MemoryBuffer`` lives here; ``DiskBuffer`` (SQLite) in ``diskbuffer.py`` has the
+same interface.
 """
 
 from __future__ import annotations
 
-import asyncio
+from array import array
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,14 +26,86 @@ READ_MAX_EVENTS = 5000  # per read, so the batcher loop yields regularly
 READY_AGAIN_RATIO = 0.9
 
 
+class Lease:
+    """The events of one read, each resolved (acknowledged) at most once.
+
+    Opaque outside the buffers: ``ids`` are the disk buffer's row ids (None in
+    memory), ``sizes`` the encoded size of each event for the byte bound.
+    """
+
+    __slots__ = ("ids", "sizes", "_resolved", "unresolved")
+
+    def __init__(self, sizes: Iterable[int], ids: Sequence[int] | None = None) -> None:
+        self.sizes = array("I", sizes)
+        self.ids = ids
+        self._resolved = bytearray(len(self.sizes))
+        self.unresolved = len(self.sizes)
+
+    def resolve(self, start: int, stop: int) -> tuple[list[int], int, int]:
+        """Mark events [start, stop) resolved: (newly resolved positions, their bytes, repeats)."""
+        flags = self._resolved
+        if not any(flags[start:stop]):  # the usual case: none of them was resolved before
+            flags[start:stop] = b"\x01" * (stop - start)
+            positions = list(range(start, stop))
+            self.unresolved -= stop - start
+            return positions, sum(self.sizes[start:stop]), 0
+        positions = [i for i in range(start, stop) if not flags[i]]
+        for i in positions:
+            flags[i] = 1
+        self.unresolved -= len(positions)
+        return positions, sum(self.sizes[i] for i in positions), (stop - start) - len(positions)
+
+
+class Receipt:
+    """Which buffered events a batch holds: runs ``(lease, start, stop)`` in the batch's order."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self, runs: list[tuple[Lease, int, int]] | None = None) -> None:
+        self.runs = runs if runs is not None else []
+
+    def add(self, lease: Lease, start: int, stop: int) -> None:
+        runs = self.runs
+        if runs:
+            last_lease, last_start, last_stop = runs[-1]
+            if last_lease is lease and last_stop == start:
+                runs[-1] = (lease, last_start, stop)
+                return
+        runs.append((lease, start, stop))
+
+    def __len__(self) -> int:
+        return sum(stop - start for _, start, stop in self.runs)
+
+    def subset(self, indexes: Iterable[int]) -> "Receipt":
+        """The receipt of the batch's events at ``indexes`` (ascending), in that order."""
+        out = Receipt()
+        runs = iter(self.runs)
+        lease, start, stop = next(runs, (None, 0, 0))
+        offset = 0  # batch index of the current run's first event
+        for i in indexes:
+            while lease is not None and i >= offset + (stop - start):
+                offset += stop - start
+                lease, start, stop = next(runs, (None, 0, 0))
+            if lease is None:
+                raise IndexError(f"index {i} is beyond the receipt's {offset} events")
+            pos = start + i - offset
+            out.add(lease, pos, pos + 1)
+        return out
+
+
 @dataclass(slots=True)
 class Chunk:
-    """Events of one project appended together (one intake request)."""
+    """Events of one project appended together (one intake request), as read."""
 
     project: str
     received_at: float  # wall clock, epoch seconds
-    events: list[bytes]
-    ids: list[int] | None = None  # disk row ids; None in memory
+    events: Sequence[bytes]
+    lease: Lease
+    first: int = 0  # position of the chunk's first event in its lease
+
+    def receipt(self, start: int = 0, stop: int | None = None) -> Receipt:
+        stop = len(self.events) if stop is None else stop
+        return Receipt([(self.lease, self.first + start, self.first + stop)])
 
 
 class BufferFull(Exception):
@@ -53,7 +129,7 @@ class Buffer(Protocol):
 
     async def read(self, timeout: float | None) -> list[Chunk]: ...
 
-    async def ack(self, events: list[bytes], ids: list[int] | None) -> None: ...
+    async def ack(self, receipt: Receipt) -> None: ...
 
     def oldest_unread(self) -> float | None: ...
 
@@ -62,7 +138,7 @@ class Buffer(Protocol):
     async def close(self) -> None: ...
 
 
-class Accounting:
+class Bounds:
     """Depth and byte bounds shared by both buffer kinds, with readiness hysteresis."""
 
     def __init__(self, config: BufferConfig) -> None:
@@ -80,6 +156,7 @@ class Accounting:
         self.nbytes += size
 
     def remove(self, n: int, size: int) -> None:
+        assert n <= self.depth and size <= self.nbytes, "removing more than the buffer holds"
         self.depth -= n
         self.nbytes -= size
         if (self.rejecting and self.depth <= self.max_events * READY_AGAIN_RATIO
@@ -87,34 +164,53 @@ class Accounting:
             self.rejecting = False
 
 
-class Accounted:
-    """``depth``, ``nbytes`` and ``full`` of a buffer, read from its Accounting."""
+class Bounded:
+    """``depth``, ``nbytes`` and ``full`` of a buffer, read from its Bounds."""
 
-    _acct: Accounting
+    _bounds: Bounds
 
     @property
     def depth(self) -> int:
-        return self._acct.depth
+        return self._bounds.depth
 
     @property
     def nbytes(self) -> int:
-        return self._acct.nbytes
+        return self._bounds.nbytes
 
     @property
     def full(self) -> bool:
-        return self._acct.rejecting
+        return self._bounds.rejecting
 
 
-class MemoryBuffer(Accounted):
+def resolve(receipt: Receipt, bounds: Bounds, observer: Observer) -> list[tuple[Lease, list[int]]]:
+    """Resolve a receipt's events once: frees their room; returns the newly resolved positions per lease.
+
+    An event acknowledged twice is a bug upstream: counted and logged, never
+    subtracted twice (a negative depth would hide the loss it stands for).
+    """
+    out: list[tuple[Lease, list[int]]] = []
+    n = size = repeats = 0
+    for lease, start, stop in receipt.runs:
+        positions, nbytes, again = lease.resolve(start, stop)
+        if positions:
+            out.append((lease, positions))
+        n, size, repeats = n + len(positions), size + nbytes, repeats + again
+    bounds.remove(n, size)
+    if repeats:
+        observer.ack_repeated(repeats)
+    return out
+
+
+class MemoryBuffer(Bounded):
     """Accepted events in RAM: fast, lost if the process dies."""
 
     def __init__(self, config: BufferConfig, observer: Observer) -> None:
-        self._acct = Accounting(config)
+        self._bounds = Bounds(config)
         self._drop_oldest = config.when_full == "drop_oldest"
         self._observer = observer
         # Unread events wait as plain tuples of str/float/bytes: the cyclic GC
         # stops tracking such tuples, so a backlog of millions does not make every
-        # full collection walk it (gen-2 pauses of ~40 ms per million chunks).
+        # full collection walk it (docs/architecture.md, "Memory").
         self._unread: deque[tuple[str, float, tuple[bytes, ...]]] = deque()
         self._readable = Wakeup()
         self._closed = False
@@ -125,45 +221,53 @@ class MemoryBuffer(Accounted):
     async def append(self, project: str, events: list[bytes], received_at: float) -> None:
         """Take all the events or none (BufferFull)."""
         size = sum(map(len, events))
-        if not self._acct.fits(len(events), size) and self._drop_oldest:
+        if not self._bounds.fits(len(events), size) and self._drop_oldest:
             self._drop_unread(len(events), size)
-        if not self._acct.fits(len(events), size):
-            self._acct.rejecting = True
+        if not self._bounds.fits(len(events), size):
+            self._bounds.rejecting = True
             raise BufferFull()
-        self._acct.add(len(events), size)
+        self._bounds.add(len(events), size)
         self._unread.append((project, received_at, tuple(events)))
         self._readable.set()
 
     def _drop_unread(self, n: int, size: int) -> None:
         # Only events the batcher has not read can go: the rest are in flight.
         dropped = 0
-        while self._unread and not self._acct.fits(n, size):
+        while self._unread and not self._bounds.fits(n, size):
             project, received_at, events = self._unread.popleft()
-            excess = max(self._acct.depth + n - self._acct.max_events, 1)
+            excess = max(self._bounds.depth + n - self._bounds.max_events, 1)
             take, rest = events[:excess], events[excess:]
             if rest:
                 self._unread.appendleft((project, received_at, rest))
-            self._acct.remove(len(take), sum(map(len, take)))
+            self._bounds.remove(len(take), sum(map(len, take)))
             dropped += len(take)
         if dropped:
             self._observer.events_dropped("buffer_full", dropped)
 
     async def read(self, timeout: float | None) -> list[Chunk]:
-        """Unread chunks (up to READ_MAX_EVENTS events), waiting up to ``timeout``."""
+        """Unread chunks (up to READ_MAX_EVENTS events) under one lease, waiting up to ``timeout``."""
         if not self._unread and not self._closed:
             self._readable.clear()
             if not await self._readable.wait(timeout):
                 return []
+        taken: list[tuple[str, float, tuple[bytes, ...]]] = []
+        n = 0
+        while self._unread and n < READ_MAX_EVENTS:
+            entry = self._unread.popleft()
+            taken.append(entry)
+            n += len(entry[2])
+        if not taken:
+            return []
+        lease = Lease(len(e) for _, _, events in taken for e in events)
         out: list[Chunk] = []
-        taken = 0
-        while self._unread and taken < READ_MAX_EVENTS:
-            project, received_at, events = self._unread.popleft()
-            out.append(Chunk(project, received_at, events))  # type: ignore[arg-type]
-            taken += len(events)
+        first = 0
+        for project, received_at, events in taken:
+            out.append(Chunk(project, received_at, events, lease, first))
+            first += len(events)
         return out
 
-    async def ack(self, events: list[bytes], ids: list[int] | None) -> None:
-        self._acct.remove(len(events), sum(map(len, events)))
+    async def ack(self, receipt: Receipt) -> None:
+        resolve(receipt, self._bounds, self._observer)
 
     def oldest_unread(self) -> float | None:
         return self._unread[0][1] if self._unread else None

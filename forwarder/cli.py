@@ -95,9 +95,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import replay
+    from .replay import ReplayError, replay
 
-    report = asyncio.run(replay(args.file, args.intake, args.project))
+    try:
+        report = asyncio.run(replay(args.file, args.intake, args.project, args.timeout))
+    except ReplayError as e:
+        print(f"forwarder replay: {e}", file=sys.stderr)
+        return 2
     print(f"accepted {report.accepted}, rejected {report.rejected}, unreadable lines {report.unreadable_lines}")
     for reason, count in report.reasons.most_common(10):
         print(f"  {count} x {reason}")
@@ -132,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("file")
     rp.add_argument("--intake", default="http://127.0.0.1:8080")
     rp.add_argument("--project", help="send every event to this project instead of its own")
+    rp.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole replay, retries included")
     rp.set_defaults(func=cmd_replay)
     return parser
 

@@ -1,38 +1,18 @@
 """The only code that talks to AWS: PutProjectEvents through one aiobotocore client.
 
 aiobotocore brings credentials, endpoint rules, request serialisation, SigV4
-signing and error parsing. What it would cost us on the hot path is turned off
-through its documented settings and event hooks, each worth its figure (2-core
-machine, 50 events per call; ``benchmarks/`` measures the whole):
+signing and error parsing; what it would cost on the hot path is turned off
+through its documented settings and event hooks (docs/architecture.md, "The
+client", has the why and the figures). In short: no parameter validation (the
+intake validated every event), the body is the events' bytes joined as they
+are, a ``before-call`` handler signs with the client's own signer, sends on a
+lean aiohttp session and parses errors with botocore's parser, botocore's
+retries are off (one retry layer: ours), and ``inject_host_prefix=False``
+whenever ``endpoint_url`` is set, or botocore would call ``dataplane.127.0.0.1``.
 
-* ``parameter_validation=False``: validation was ~37% of a default call's CPU;
-  the intake has already validated every event against the model's rules.
-* The body is not serialised by botocore at all. The events are bytes in their
-  final form since the intake; ``before-parameter-build`` takes them out of the
-  params (so the serialiser sees ``events=[]``) and the joined bytes become the
-  body before signing. Serialisation was ~32% of a call, float timestamps alone
-  ~40% (botocore parses each one and converts it through dateutil twice). A
-  default call costs 3.4-4.1 ms of CPU.
-* ``before-call`` is where a handler may answer a call itself (botocore's
-  Stubber works this way). Ours signs the serialised request with the client's
-  own request signer (its credentials, refreshed as botocore does), sends it on
-  a plain aiohttp session and parses an error answer with botocore's parser
-  for the model's protocol, so botocore raises the same ClientError. This skips
-  the endpoint's generic machinery: five more hook emissions, the retry
-  bookkeeping, header re-encoding, response wrapping and the generic parser
-  walking 50 ``eventResults`` (a 200 without failed entries is recognised by
-  a substring test; one with failures is read with orjson). With the proxy
-  lookup done once per host (``_proxy``), sender CPU per event went from 11.1
-  to 7.7 us (raw signed aiohttp: 4.5; ``make bench``).
-* ``user_agent`` set once: botocore otherwise rebuilds and sanitises its
-  detailed User-Agent twice per call (~0.25 ms of a call in a profile).
-* ``retries={"total_max_attempts": 1}``: exactly one retry layer, ours.
-* ``inject_host_prefix=False`` whenever ``endpoint_url`` is set, or botocore
-  would call ``dataplane.127.0.0.1``.
-
-The HTTP session follows what aiobotocore's would do for a daemon: TLS
-verified against ``AWS_CA_BUNDLE`` or botocore's CA bundle, proxies from the
-usual environment variables, the client's connect and read timeouts.
+A 200 counts only when its ``eventResults`` confirm the batch: one result per
+event, each an ``eventId`` or an ``errorCode`` (``read_answer``). Anything else
+(a proxy's HTML page, a truncated body) is a protocol error, retried.
 """
 
 from __future__ import annotations
@@ -48,7 +28,7 @@ import aiohttp
 import botocore
 import botocore.exceptions
 import botocore.handlers
-import orjson
+import msgspec
 import yarl
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
@@ -58,11 +38,11 @@ from botocore.parsers import create_parser
 
 from . import __version__
 from .config import EvidentlyConfig
-from .retry import CallResult, parse_retry_after
+from .retry import CallResult, RetryReason, no_answer, parse_retry_after
 
 _OPERATION = "evidently.PutProjectEvents"
 _BODY_KEY = "forwarder_encoded_body"
-_FAILED_KEY = "ForwarderFailedEntries"
+_ANSWER_KEY = "ForwarderAnswer"
 _USER_AGENT = (f"forwarder/{__version__} aiobotocore/{aiobotocore.__version__} "
                f"botocore/{botocore.__version__} Python/{platform.python_version()}")
 
@@ -95,16 +75,44 @@ def _take_body(params: dict[str, Any], context: dict[str, Any], **_: Any) -> Non
         params["events"] = []
 
 
-def failed_entries(body: bytes) -> tuple[tuple[int, str, str], ...] | None:
-    """(index, code, message) of each failed event of a 200's body; None if it is not the expected shape."""
-    if b'"errorCode"' not in body and b'"eventResults"' in body:
-        return ()  # the usual answer: a substring test instead of 50 parsed results (~4% of a call)
+class _Entry(msgspec.Struct, gc=False):
+    eventId: str | None = None
+    errorCode: str | None = None
+    errorMessage: str | None = None
+
+
+class _Answer(msgspec.Struct, gc=False):
+    eventResults: list[_Entry]
+    failedEventCount: int | None = None
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
+def read_answer(body: bytes, events: int) -> CallResult:
+    """A 200's body as a CallResult: its failed entries, or a protocol error when it confirms nothing."""
     try:
-        results = orjson.loads(body).get("eventResults") or ()
-        return tuple((i, r.get("errorCode") or "Unknown", r.get("errorMessage") or "")
-                     for i, r in enumerate(results) if r.get("errorCode"))
-    except (orjson.JSONDecodeError, AttributeError, TypeError):
-        return None
+        results = _decode_answer(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        return _unconfirmed(f"the 200 answer is not a PutProjectEvents result: {e}; body starts {body[:80]!r}")
+    entries = results.eventResults
+    if len(entries) != events:
+        return _unconfirmed(f"the 200 answer has {len(entries)} eventResults for {events} events")
+    failed = []
+    for i, entry in enumerate(entries):
+        if entry.errorCode:
+            failed.append((i, entry.errorCode, entry.errorMessage or ""))
+        elif not entry.eventId:
+            return _unconfirmed(f"eventResults[{i}] of the 200 answer has neither an eventId nor an errorCode")
+    if results.failedEventCount is not None and results.failedEventCount != len(failed):
+        return _unconfirmed(f"the 200 answer says failedEventCount {results.failedEventCount} "
+                            f"but {len(failed)} eventResults have an errorCode")
+    return CallResult(200, failed=tuple(failed))
+
+
+def _unconfirmed(message: str) -> CallResult:
+    # The service answered 200: it may have stored the events.
+    return no_answer(RetryReason.PROTOCOL, message, maybe_delivered=True)
 
 
 # botocore's generic before-parameter-build handlers, which do nothing for
@@ -194,9 +202,7 @@ class EvidentlyClient:
             raw = await resp.read()
             status = resp.status
             if status == 200:
-                failed = failed_entries(raw)
-                if failed is not None:
-                    return AWSResponse(request.url, status, {}, None), {_FAILED_KEY: failed}
+                return AWSResponse(request.url, status, {}, None), {_ANSWER_KEY: raw}
             # botocore's own parser makes errors exactly what ClientError expects.
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.raw_headers}
         response = {"status_code": status, "headers": headers, "body": raw, "context": {"operation_name": model.name}}
@@ -220,17 +226,22 @@ class EvidentlyClient:
                     project=project, events=_Encoded(encode_body(events)))
         except botocore.exceptions.ClientError as e:
             return _from_client_error(e)
-        except (botocore.exceptions.ReadTimeoutError, TimeoutError):
-            return CallResult(0, "timeout", "no answer before the read timeout")
         except botocore.exceptions.NoCredentialsError as e:
             return CallResult(401, "NoCredentials", str(e))
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
+                botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as e:
+            # No connection, so nothing was sent.
+            return no_answer(RetryReason.CONNECTION, _describe(e), maybe_delivered=False)
+        except (botocore.exceptions.ReadTimeoutError, aiohttp.SocketTimeoutError, TimeoutError):
+            return no_answer(RetryReason.TIMEOUT, "no answer before the read timeout", maybe_delivered=True)
         except (botocore.exceptions.BotoCoreError, aiohttp.ClientError, OSError) as e:
-            return CallResult(0, "connection", f"{type(e).__name__}: {e}")
-        failed = parsed.get(_FAILED_KEY)
-        if failed is None:  # an unexpected 200 body that botocore parsed itself
-            failed = tuple((i, r.get("errorCode") or "Unknown", r.get("errorMessage") or "")
-                           for i, r in enumerate(parsed.get("eventResults") or ()) if r.get("errorCode"))
-        return CallResult(200, failed=failed)
+            # Connected, then the connection broke (reset, closed mid-answer): the
+            # request may have been stored, so a resend is a possible duplicate.
+            return no_answer(RetryReason.CONNECTION, _describe(e), maybe_delivered=True)
+        raw = parsed.get(_ANSWER_KEY)
+        if raw is None:  # an answer botocore parsed itself: judge the parsed shape the same way
+            raw = msgspec.json.encode({k: v for k, v in parsed.items() if k != "ResponseMetadata"})
+        return read_answer(raw, len(events))
 
     async def close(self) -> None:
         """Close the HTTP session and the client (idempotent)."""
@@ -240,6 +251,10 @@ class EvidentlyClient:
         exit_, self._exit = self._exit, None
         if exit_ is not None:
             await exit_(None, None, None)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:300]
 
 
 def _from_client_error(e: botocore.exceptions.ClientError) -> CallResult:

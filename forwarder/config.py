@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .protocol import MAX_EVENTS_PER_CALL, project_error
-from .ratelimit import CONTROLLERS
+from .ratelimit import CONTROLLERS, MIN_RATE
 
 ENV_PREFIX = "FORWARDER_"
 
@@ -132,64 +132,93 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Keys that a SIGHUP may change on a running daemon; the rest need a restart.
-RELOADABLE = frozenset({
-    "log.level", "batch.max_events", "batch.flush_interval",
-    "retry.max_elapsed", "retry.initial_backoff", "retry.max_backoff",
-    "evidently.initial_rate", "evidently.max_rate",
-})
+# The keys a SIGHUP applies to a running daemon, and the stage that applies each
+# (through its ``reconfigure(section)``); every other key needs a restart.
+# config.example.toml marks exactly these "(live)" (tests/test_config.py checks).
+LIVE: dict[str, str] = {
+    "log.level": "log",
+    "batch.max_events": "batch",
+    "batch.flush_interval": "batch",
+    "retry.max_elapsed": "retry",
+    "retry.initial_backoff": "retry",
+    "retry.max_backoff": "retry",
+    "evidently.initial_rate": "rate",
+    "evidently.max_rate": "rate",
+}
 
 
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the TOML file (if any), apply environment overrides and validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        raw = _read(path)
     return from_dict(raw, os.environ if environ is None else environ)
 
 
+def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): TOML files must be") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+
+
 def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-    sections: dict[str, Any] = {}
+    """Validate a {section: {key: value}} mapping with ``FORWARDER_*`` overrides from ``environ``."""
     known = {f.name: f for f in fields(Config)}
-    for name in raw:
+    for name, value in raw.items():
         if name not in known:
             raise ConfigError(f"unknown section [{name}]; known: {', '.join(known)}")
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"[{name}] must be a table of keys, got {name} = {value!r}")
+    from_env = _env_values(environ or {})
+    sections: dict[str, Any] = {}
     for name, f in known.items():
-        cls = f.default_factory  # type: ignore[misc]
-        values = dict(raw.get(name, {}))
-        if not isinstance(raw.get(name, {}), Mapping):
-            raise ConfigError(f"[{name}] must be a table")
-        values.update(_env_values(name, cls, environ or {}))
-        sections[name] = _build(name, cls, values)
+        values = {**raw.get(name, {}), **{k: v for (s, k), (v, _) in from_env.items() if s == name}}
+        sections[name] = _build(name, f.default_factory, values)  # type: ignore[misc]
     config = Config(**sections)
-    _validate(config)
+    try:
+        _validate(config)
+    except ConfigError as e:  # say which variable set the value, when one did
+        sources = [var for (s, k), (_, var) in from_env.items() if str(e).startswith(f"{s}.{k} ")]
+        if sources:
+            raise ConfigError(f"{e} (set by {sources[0]})") from None
+        raise
     return config
 
 
-def _env_values(section: str, cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
-    prefix = f"{ENV_PREFIX}{section.upper()}__"
-    names = {f.name.upper(): f for f in fields(cls)}
-    out: dict[str, Any] = {}
+def _env_values(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[Any, str]]:
+    """(section, key) -> (value, variable) for every FORWARDER_<SECTION>__<KEY> variable."""
+    sections = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+    out: dict[tuple[str, str], tuple[Any, str]] = {}
     for var, text in environ.items():
-        if not var.startswith(prefix):
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
             continue
-        key = var[len(prefix):]
+        section, _, key = var[len(ENV_PREFIX):].lower().partition("__")
+        if section not in sections:
+            raise ConfigError(f"environment variable {var} names no section; known: {', '.join(sections)}")
+        names = {f.name: f for f in fields(sections[section])}
         if key not in names:
-            raise ConfigError(f"environment variable {var} names no key of [{section}]")
-        out[names[key].name] = _parse_env(f"{section}.{names[key].name}", names[key].type, text)
+            raise ConfigError(f"environment variable {var} names no key of [{section}]; "
+                              f"known: {', '.join(names)}")
+        out[(section, key)] = (_parse_env(var, f"{section}.{key}", names[key].type, text), var)
     return out
 
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string"}
 
 
-def _parse_env(key: str, typ: Any, text: str) -> Any:
+def _parse_env(var: str, key: str, typ: Any, text: str) -> Any:
     typ = typ if isinstance(typ, str) else typ.__name__
     try:
         if typ == "int":
@@ -197,7 +226,7 @@ def _parse_env(key: str, typ: Any, text: str) -> Any:
         if typ == "float":
             return float(text)
     except ValueError:
-        raise ConfigError(f"{key} must be {_TYPE_NAMES.get(typ, typ)}, got {text!r}") from None
+        raise ConfigError(f"{key} must be {_TYPE_NAMES.get(typ, typ)}, got {text!r} (set by {var})") from None
     return text
 
 
@@ -208,9 +237,11 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
             raise ConfigError(f"unknown key {section}.{key}; known: {', '.join(by_name)}")
         want = by_name[key].type if isinstance(by_name[key].type, str) else by_name[key].type.__name__
         if want == "float" and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = float(value)
+            values[key] = value = float(value)
         elif not _is_type(value, want):
             raise ConfigError(f"{section}.{key} must be {_TYPE_NAMES.get(want, want)}, got {value!r}")
+        if want == "float" and not math.isfinite(value):
+            raise ConfigError(f"{section}.{key} must be a finite number, got {value!r}")
     return cls(**values)
 
 
@@ -238,7 +269,14 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _rate(key: str, value: float) -> None:
+    _check(value == 0 or value >= MIN_RATE,
+           f"{key} must be 0 (the default) or at least {MIN_RATE} requests/s (the limiter's floor), got {value}")
+
+
 def _validate(c: Config) -> None:
+    _check(bool(c.intake.host.strip()),
+           "intake.host must not be empty; name an address (0.0.0.0 listens on every IPv4 address)")
     _range("intake.port", c.intake.port, -1, 65535)
     _check(c.intake.port != -1 or bool(c.intake.unix_socket),
            "intake.port = -1 (no TCP listener) needs intake.unix_socket")
@@ -277,8 +315,8 @@ def _validate(c: Config) -> None:
         problem = project_error(c.evidently.default_project)
         _check(problem is None, f"evidently.default_project is invalid: {problem}")
     _range("evidently.concurrency", c.evidently.concurrency, 1, 1024)
-    _range("evidently.initial_rate", c.evidently.initial_rate, 0)
-    _range("evidently.max_rate", c.evidently.max_rate, 0)
+    _rate("evidently.initial_rate", c.evidently.initial_rate)
+    _rate("evidently.max_rate", c.evidently.max_rate)
     _check(c.evidently.initial_rate <= c.evidently.effective_max_rate,
            f"evidently.initial_rate ({c.evidently.initial_rate}) must not exceed evidently.max_rate "
            f"({c.evidently.effective_max_rate})")
@@ -293,6 +331,16 @@ def _validate(c: Config) -> None:
     _range("shutdown.drain_timeout", c.shutdown.drain_timeout, 0)
     _choice("log.level", c.log.level, ("debug", "info", "warning", "error"))
     _choice("log.format", c.log.format, ("json", "console"))
+
+
+def merge_live(old: Config, new: Config) -> Config:
+    """The running configuration after a reload: the live keys from ``new``, every other from ``old``."""
+    changes: dict[str, dict[str, Any]] = {}
+    for key in LIVE:
+        section, name = key.split(".")
+        changes.setdefault(section, {})[name] = getattr(getattr(new, section), name)
+    return dataclasses.replace(old, **{section: dataclasses.replace(getattr(old, section), **values)
+                                       for section, values in changes.items()})
 
 
 def _octal_mode(text: str) -> int | None:

@@ -46,24 +46,36 @@ class DeadLetterWriter:
         await asyncio.to_thread(self._write, data)
 
     def _write(self, data: bytes) -> None:
+        # One write at a time: a rotation never races a write, and lines never interleave.
         with self._lock:
-            directory = os.path.dirname(self.path)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, exist_ok=True)
             try:
                 size = os.path.getsize(self.path)
             except FileNotFoundError:
                 size = 0
-            if size and size + len(data) > self.max_bytes:
+            rotated = bool(size) and size + len(data) > self.max_bytes
+            if rotated:
                 self._rotate()
             with open(self.path, "ab") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            if rotated or not size:
+                _fsync_directory(directory)  # the renames and the new file's name are durable too
 
     def _rotate(self) -> None:
+        """<path> becomes <path>.1, the previous .1 becomes .2, ...; the oldest beyond KEEP is dropped."""
         for i in range(KEEP - 1, 0, -1):
             older = f"{self.path}.{i}"
             if os.path.exists(older):
                 os.replace(older, f"{self.path}.{i + 1}")
         os.replace(self.path, f"{self.path}.1")
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .buffer import READ_MAX_EVENTS, Accounted, Accounting, BufferFull, Chunk
+from .buffer import READ_MAX_EVENTS, Bounded, Bounds, BufferFull, Chunk, Lease, Receipt, resolve
 from .config import BufferConfig
 from .observability import Observer
 from .wakeup import Wakeup
@@ -306,23 +306,23 @@ def _ranges(ids: list[int]) -> list[tuple[int, int]]:
 
 
 def _chunks(rows: list[tuple[int, str, float, bytes]]) -> list[Chunk]:
-    """Consecutive rows of one project become one chunk (dated by its oldest row)."""
+    """Consecutive rows of one project become one chunk (dated by its oldest row), all under one lease."""
+    lease = Lease((len(row[3]) for row in rows), [row[0] for row in rows])
     out: list[Chunk] = []
     current: Chunk | None = None
-    for row_id, project, received_at, body in rows:
+    for position, (_, project, received_at, body) in enumerate(rows):
         if current is None or current.project != project:
-            current = Chunk(project, received_at, [], [])
+            current = Chunk(project, received_at, [], lease, position)
             out.append(current)
-        current.events.append(body)
-        current.ids.append(row_id)  # type: ignore[union-attr]
+        current.events.append(body)  # type: ignore[attr-defined]
     return out
 
 
-class DiskBuffer(Accounted):
+class DiskBuffer(Bounded):
     """Accepted events in SQLite: each ``append`` is committed before it returns."""
 
     def __init__(self, config: BufferConfig, observer: Observer) -> None:
-        self._acct = Accounting(config)
+        self._bounds = Bounds(config)
         self._drop_oldest = config.when_full == "drop_oldest"
         self._observer = observer
         self._store = Store(config.path, config.fsync)
@@ -332,7 +332,7 @@ class DiskBuffer(Accounted):
         self._cursor = 0
         self._resent_upto = 0  # rows up to this id were handed out by a previous run
         # Pending work for the next cycle; bounded because every pending append
-        # already holds its place in the Accounting bounds.
+        # already holds its place in the bounds.
         self._appends: list[_Append] = []
         self._acks: list[int] = []
         self._reader: asyncio.Future[Cycled] | None = None
@@ -362,7 +362,7 @@ class DiskBuffer(Accounted):
         opened = await asyncio.get_running_loop().run_in_executor(self._thread, self._store.open)
         if opened.moved_to:
             self._observer.buffer_corrupted(self._store.file, opened.moved_to, opened.damage)
-        self._acct.add(opened.rows, opened.nbytes)
+        self._bounds.add(opened.rows, opened.nbytes)
         self._next_id = opened.max_id + 1
         self._committed = opened.max_id
         self._resent_upto = opened.max_read
@@ -400,12 +400,12 @@ class DiskBuffer(Accounted):
         n, size = len(events), sum(map(len, events))
         if not n:
             return
-        if not self._acct.fits(n, size) and self._drop_oldest:
+        if not self._bounds.fits(n, size) and self._drop_oldest:
             await self._make_room(n, size)
-        if not self._acct.fits(n, size):
-            self._acct.rejecting = True
+        if not self._bounds.fits(n, size):
+            self._bounds.rejecting = True
             raise BufferFull()
-        self._acct.add(n, size)
+        self._bounds.add(n, size)
         request = _Append(project, received_at, events, self._next_id, size,
                           asyncio.get_running_loop().create_future())
         self._next_id += n
@@ -416,14 +416,14 @@ class DiskBuffer(Accounted):
     async def _make_room(self, n: int, size: int) -> None:
         # One drop at a time, so two full appends do not both drop for the same room.
         async with self._drop_lock:
-            if self._acct.fits(n, size) or n > self._acct.max_events or size > self._acct.max_bytes:
+            if self._bounds.fits(n, size) or n > self._bounds.max_events or size > self._bounds.max_bytes:
                 return
-            need_events = max(0, self._acct.depth + n - self._acct.max_events)
-            need_bytes = max(0, self._acct.nbytes + size - self._acct.max_bytes)
+            need_events = max(0, self._bounds.depth + n - self._bounds.max_events)
+            need_bytes = max(0, self._bounds.nbytes + size - self._bounds.max_bytes)
             dropped, dropped_bytes = await asyncio.get_running_loop().run_in_executor(
                 self._thread, self._store.drop_unread, need_events, need_bytes)
             if dropped:
-                self._acct.remove(dropped, dropped_bytes)
+                self._bounds.remove(dropped, dropped_bytes)
                 self._observer.events_dropped("buffer_full", dropped)
 
     # the sender side
@@ -447,17 +447,17 @@ class DiskBuffer(Accounted):
         return cycled.chunks
 
     def _count_resent(self, chunks: list[Chunk]) -> None:
-        if not chunks or chunks[0].ids[0] > self._resent_upto:  # type: ignore[index]
+        ids = chunks[0].lease.ids if chunks else None
+        if not ids or ids[0] > self._resent_upto:
             return
-        resent = sum(bisect.bisect_right(c.ids, self._resent_upto) for c in chunks)  # type: ignore[arg-type]
-        self._observer.possible_duplicates(resent)
+        self._observer.possible_duplicates(bisect.bisect_right(ids, self._resent_upto))
 
-    async def ack(self, events: list[bytes], ids: list[int] | None) -> None:
+    async def ack(self, receipt: Receipt) -> None:
         """Forget acknowledged rows: counted at once, deleted by the next cycle."""
-        if ids is None:
-            raise ValueError("the disk buffer needs the row ids of acknowledged events")
-        self._acct.remove(len(events), sum(map(len, events)))
-        self._acks.extend(ids)
+        for lease, positions in resolve(receipt, self._bounds, self._observer):
+            ids = lease.ids
+            assert ids is not None
+            self._acks.extend(ids[p] for p in positions)
         self._wake.set()
 
     def oldest_unread(self) -> float | None:
@@ -504,7 +504,7 @@ class DiskBuffer(Accounted):
         disk_full = getattr(error, "sqlite_errorname", "") == "SQLITE_FULL"
         self._observer.buffer_write_failed(self._store.file, repr(error), len(appends), len(acks))
         for a in appends:
-            self._acct.remove(len(a.events), a.size)
+            self._bounds.remove(len(a.events), a.size)
             if not a.done.done():
                 a.done.set_exception(BufferFull(DISK_FULL_RETRY_AFTER) if disk_full else error)
         if not self._closing:

@@ -29,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 
 from . import __version__
+from .retry import RetryReason
 
 # The `_created` series double every counter for no use on a dashboard.
 prometheus_client.disable_created_metrics()
@@ -112,6 +113,19 @@ class Metrics:
         self.send_rate = Gauge("forwarder_send_rate", "Allowed PutProjectEvents requests per second.", registry=r)
         self.circuit_open = Gauge("forwarder_circuit_open", "1 while a project's circuit breaker is open.",
                                   ["project"], registry=r)
+        self.outage = Gauge("forwarder_outage", "1 while Evidently is not answering (only probes are sent).",
+                            registry=r)
+        self.outage_seconds = Counter("forwarder_outage_seconds_total",
+                                      "Time spent in outages that ended (see forwarder_outage for the current one).",
+                                      registry=r)
+        self.outage_probes = Counter("forwarder_outage_probes_total",
+                                     "Calls sent as probes while Evidently was not answering.", registry=r)
+        self.dead_letter_errors = Counter("forwarder_dead_letter_write_errors_total",
+                                          "Events whose dead-letter write failed (kept and written again later).",
+                                          registry=r)
+        self.internal_errors = Counter("forwarder_internal_errors_total",
+                                       "Bugs caught at run time: batches whose attempt failed, repeated acks.",
+                                       ["kind"], registry=r)
         self.buffer_corruptions = Counter("forwarder_buffer_corruptions_total",
                                           "Damaged buffer databases moved aside at start.", registry=r)
         self.buffer_write_errors = Counter("forwarder_buffer_write_errors_total",
@@ -138,8 +152,10 @@ class Metrics:
             self.events_dropped.labels(reason)
         for reason in ("size", "deadline", "drain"):
             self.batches_sent.labels(reason)
-        for reason in ("throttled", "partial", "server_error", "timeout", "connection"):
-            self.retries.labels(reason)
+        for retry_reason in RetryReason:
+            self.retries.labels(retry_reason.value)
+        for kind in ("send_failed", "ack_repeated"):
+            self.internal_errors.labels(kind)
 
     def project_label(self, project: str) -> str:
         if project in self._projects:
@@ -239,11 +255,38 @@ class Observer:
         self.metrics.throttled.inc(n)
         self.limited("warning", "throttled", project=project, events=n)
 
-    def retry_scheduled(self, reason: str, n: int, project: str, delay: float, code: str) -> None:
-        self.metrics.retries.labels(reason).inc(n)
-        if reason != "throttled":
-            self.limited("warning", "retry_scheduled", reason=reason, project=project, events=n,
+    def retry_scheduled(self, reason: RetryReason, n: int, project: str, delay: float, code: str) -> None:
+        self.metrics.retries.labels(reason.value).inc(n)
+        if reason is not RetryReason.THROTTLED:
+            self.limited("warning", "retry_scheduled", reason=reason.value, project=project, events=n,
                          delay=round(delay, 3), code=code)
+
+    def send_failed(self, project: str, n: int, error: BaseException) -> None:
+        """An attempt failed inside the forwarder (a bug): the batch is tried again later."""
+        self.metrics.internal_errors.labels("send_failed").inc()
+        self.limited("error", "send_failed", project=project, events=n, error=repr(error), exc_info=error)
+
+    def ack_repeated(self, n: int) -> None:
+        """Events acknowledged to the buffer a second time (a bug): ignored, never subtracted twice."""
+        self.metrics.internal_errors.labels("ack_repeated").inc(n)
+        self.limited("error", "ack_repeated", events=n)
+
+    def dead_letter_failed(self, n: int, error: BaseException) -> None:
+        self.metrics.dead_letter_errors.inc(n)
+        self.limited("error", "dead_letter_write_failed", events=n, error=repr(error))
+
+    def outage_started(self, failures: int, waiting: int) -> None:
+        self.metrics.outage.set(1)
+        self.log.warning("outage_started", consecutive_failures=failures, events_waiting=waiting)
+
+    def outage_ended(self, seconds: float, probes: int, waiting: int, resumed_batches: int) -> None:
+        self.metrics.outage.set(0)
+        self.metrics.outage_seconds.inc(seconds)
+        self.log.info("outage_ended", seconds=round(seconds, 3), probes=probes, events_waiting=waiting,
+                      resumed_batches=resumed_batches)
+
+    def probe_sent(self) -> None:
+        self.metrics.outage_probes.inc()
 
     def possible_duplicates(self, n: int) -> None:
         self.metrics.duplicates.inc(n)

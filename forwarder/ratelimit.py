@@ -1,31 +1,26 @@
 """Adaptive client-side send rate: a paced token bucket whose rate follows a controller.
 
-``evidently.rate_controller`` picks it:
+Two phases, like TCP's. Slow start: from ``initial_rate`` the rate doubles every
+``SLOW_START_INTERVAL`` while calls are waiting for it, until the first throttle
+or ``max_rate``; a backlog after a restart or an outage drains at the quota in
+about a second instead of a controller's slow climb. It starts again after an
+idle period. Then the controller (``evidently.rate_controller``) owns the rate:
 
 * ``cubic`` (the default, botocore's adaptive mode uses the same constants):
-  its growth is time-based and flattens out near the last throttled rate, so
-  one forwarder alone on a quota rarely overshoots: 3-4% of calls throttled
-  against a 10 calls/s quota (tests/test_e2e_delivery.py), where ``scaled``
-  throttled 12.5%.
-* ``scaled`` (``ScaledAimd``) for a fleet, e.g. one sidecar per pod: many
-  forwarders that do not know each other share one account quota, and each
-  learns only from its own throttled calls. Each adds, per second, 8% of a
-  slow average of its own rate and cuts by 40% on a throttle. Because of that
-  scale, a forwarder with a share of 1.5 calls/s climbs back as fast as one
-  with 25, and the increase does not depend on max_rate, as ``Aimd``'s does.
-  Because the average is slow, the increase is about the same for every
-  forwarder of a fleet while throttles come in proportion to each one's rate,
-  which pulls the shares together. Against CUBIC, measured with
-  ``benchmarks/fleet.py``: 3.6% of calls throttled instead of 8.9% at 16
-  forwarders on one quota, 16.5% instead of 25.1% at 64, with fairer shares
-  (docs/scaling.md).
-* ``aimd``: kept for comparison (``benchmarks/fleet.py --controller aimd``).
+  time-based growth that flattens out near the last throttled rate, so one
+  forwarder alone on a quota rarely overshoots.
+* ``scaled`` (``ScaledAimd``) for a fleet of forwarders sharing one account
+  quota (one sidecar per pod): each adds per second a share of a slow average
+  of its own rate and cuts by 40% on a throttle, which pulls the shares
+  together.
+* ``aimd``: kept for comparison.
 
-One decrease per round trip: throttles answering requests sent before the last
-decrease say nothing new, so they are ignored (TCP's one reduction per window);
-otherwise the in-flight requests of one congestion event would cut the rate
-``concurrency`` times over. The same goes for requests booked before it that
-went out just after, at the old pace (``STALE_BOOKING``).
+Only throttling teaches the rate anything: 5xx, timeouts and an unreachable
+endpoint are an outage (``circuits.Endpoint``), not a quota. One decrease per
+round trip: throttles answering requests sent before the last decrease say
+nothing new (TCP's one reduction per window), nor do requests booked before it
+that went out just after, at the old pace (``STALE_BOOKING``). The figures
+behind each choice are in docs/architecture.md ("Rate") and docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -37,12 +32,19 @@ from typing import Callable, Protocol
 MIN_RATE = 0.5  # requests/s; never stop probing entirely
 MEASURE_INTERVAL = 0.5  # seconds per bucket of the measured send rate
 STALE_BOOKING = 0.3  # seconds: a call booked before a decrease and sent within this of it is not news
+# Slow start doubles the rate this often while calls wait for it: from a tenth of
+# the quota to all of it in under a second (benchmarks/RESULTS.md, "backlog drain").
+SLOW_START_INTERVAL = 0.25
+IDLE_RESTART = 10.0  # seconds without a call after which the next burst starts slow again
 
 
 class Controller(Protocol):
     def success(self, now: float) -> float: ...
 
     def throttle(self, rate: float, now: float) -> float: ...
+
+    def resume(self, rate: float, now: float) -> None:
+        """Take over at ``rate`` after slow start, keeping what was learnt before it."""
 
 
 class Cubic:
@@ -68,14 +70,19 @@ class Cubic:
         self._last_throttle = now
         return rate * self._beta
 
+    def resume(self, rate: float, now: float) -> None:
+        # As at the start: on the curve's plateau at ``rate``, growing past it gently.
+        self._w_max = rate / self._beta
+        self._k = self._zero_point()
+        self._last_throttle = now
+
 
 class Aimd:
     """Additive increase (requests/s per second), multiplicative decrease.
 
     Its increase is max_rate/100 per second, so it behaves well only with
-    max_rate near the forwarder's share: at M=16 sharing 100 calls/s it throttled
-    5.4% of calls with max_rate 100 and 19.6% with 1000 (CUBIC: 8.0% and 7.5%;
-    docs/scaling.md)."""
+    max_rate near the forwarder's share (docs/scaling.md).
+    """
 
     def __init__(self, initial_rate: float, now: float, increase: float = 1.0, beta: float = 0.7) -> None:
         self._rate = initial_rate
@@ -93,20 +100,19 @@ class Aimd:
         self._last = now
         return self._rate
 
+    def resume(self, rate: float, now: float) -> None:
+        self._rate, self._last = rate, now
+
 
 class ScaledAimd:
     """AIMD whose increase per second is ``growth`` x a slow average of its own rate.
 
-    Scaled so that a forwarder with a share of 1.5 calls/s and one with 25
-    both climb back about 8% of their rate per second (from half a quota back
-    to 85% of it in about 9 s at any share; docs/scaling.md), which AIMD's
-    fixed increase cannot do. The average is
-    slow (``tau`` seconds) so that it is about the same for every forwarder of
-    a fleet: the increase is then the same for all while the decreases, one
-    per throttle (at most one per round trip), come in proportion to each
-    one's rate, which pulls the rates together. With the forwarder's own last throttled rate as the scale, a
-    larger forwarder would also grow faster, and nothing would pull the
-    rates together.
+    Scaled so that a forwarder with a small share and one with a large share
+    both climb back the same fraction of their rate per second, which AIMD's
+    fixed increase cannot do. The average is slow (``tau`` seconds) so that it
+    is about the same for every forwarder of a fleet: the increase is then the
+    same for all while the decreases, one per throttle, come in proportion to
+    each one's rate, which pulls the rates together (docs/scaling.md).
     """
 
     def __init__(self, initial_rate: float, now: float, max_rate: float, growth: float = 0.08,
@@ -128,6 +134,13 @@ class ScaledAimd:
         self._last = now
         return self._rate
 
+    def resume(self, rate: float, now: float) -> None:
+        # The slow average keeps its value from before slow start: a fleet whose
+        # members all doubled up to max_rate in the first second (the quota's
+        # burst hides the overshoot for that long) must not grow by a share of
+        # max_rate for the next minute (docs/scaling.md, slow start).
+        self._rate, self._last = rate, now
+
 
 class RateLimiter:
     """Paces PutProjectEvents calls at an allowed rate that adapts to throttling."""
@@ -136,30 +149,45 @@ class RateLimiter:
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[float, str], None] | None = None) -> None:
         self._clock = clock
-        now = clock()
-        self.max_rate = max_rate
-        self.rate = max(MIN_RATE, min(initial_rate, max_rate))
-        self._controller: Controller = make_controller(controller, self.rate, max_rate, now)
-        self._tokens = 1.0
-        self._refilled = now
-        self._last_decrease = now
+        self._name = controller
         self._on_change = on_change
+        self._tokens = 1.0
+        now = clock()
+        self._refilled = self._last_decrease = self._last_call = now
         # measured send rate: requests per MEASURE_INTERVAL, smoothed
         self._bucket_start = now
         self._bucket_count = 0
         self.measured = 0.0
+        self._restart(initial_rate, max_rate, now)
+
+    def _restart(self, initial_rate: float, max_rate: float, now: float) -> None:
+        self.initial_rate, self.max_rate = initial_rate, max_rate
+        self.rate = max(MIN_RATE, min(initial_rate, max_rate))
+        self._controller: Controller = make_controller(self._name, self.rate, max_rate, now)
+        self._enter_slow_start(now)
+
+    def _enter_slow_start(self, now: float) -> None:
+        self.slow_start = self.rate < self.max_rate
+        self._grown_at = now
+        self._waited = False  # a call waited for its turn since the last doubling
 
     def reconfigure(self, initial_rate: float, max_rate: float) -> None:
-        self.max_rate = max_rate
-        self.rate = max(MIN_RATE, min(self.rate, max_rate))
+        """New rates (live): a change starts over from ``initial_rate`` in slow start; none changes nothing."""
+        if (initial_rate, max_rate) != (self.initial_rate, self.max_rate):
+            self._restart(initial_rate, max_rate, self._clock())
 
     async def acquire(self) -> float:
         """Wait for this call's turn; returns the time to pass to on_throttle."""
         booked = self._clock()
+        if booked - self._last_call > IDLE_RESTART and not self.slow_start:
+            self.rate = max(self.rate, min(self.initial_rate, self.max_rate))
+            self._enter_slow_start(booked)
+        self._last_call = booked
         self._refill(booked)
         self._tokens -= 1.0  # a reservation: a negative balance is a queue of waiters
         now = booked
         if self._tokens < 0:
+            self._waited = True
             await asyncio.sleep(-self._tokens / self.rate)
             now = self._clock()
         self._count(now)
@@ -184,11 +212,27 @@ class RateLimiter:
     def on_success(self) -> None:
         now = self._clock()
         self._refill(now)
+        if self.slow_start:
+            self._grow(now)
+            return
         rate = self._controller.success(now)
         # Do not grow far beyond what we actually send: an idle forwarder must
         # not wake up with a rate the account has never tolerated.
         ceiling = max(2 * self.measured, self.rate)
         self._set(min(rate, ceiling), "success")
+
+    def _grow(self, now: float) -> None:
+        if now - self._grown_at < SLOW_START_INTERVAL:
+            return
+        if self._waited:  # double only a rate that is what holds the calls back
+            self._set(self.rate * 2, "success")
+        self._grown_at, self._waited = now, False
+        if self.rate >= self.max_rate:
+            self._leave_slow_start(now)
+
+    def _leave_slow_start(self, now: float) -> None:
+        self.slow_start = False
+        self._controller.resume(self.rate, now)
 
     def on_throttle(self, sent_at: float) -> None:
         if sent_at < self._last_decrease:
@@ -196,6 +240,8 @@ class RateLimiter:
         now = self._clock()
         self._refill(now)
         self._last_decrease = now
+        if self.slow_start:
+            self._leave_slow_start(now)
         base = min(self.rate, self.measured) if self.measured else self.rate
         self._set(self._controller.throttle(base, now), "throttled")
 

@@ -1,149 +1,70 @@
 """The sender: delivers batches with PutProjectEvents and accounts for every event.
 
 Each event ends exactly once, either acknowledged by Evidently or written to the
-dead-letter file; only then is it acknowledged to the buffer. Decisions come
-from ``retry.classify``; this module carries them out: scheduling retries
-without holding a concurrency slot, bisecting refused batches, per-project
-circuit breakers, and feeding throttling back into the rate limiter.
+dead-letter file; only then is it acknowledged to the buffer. ``concurrency``
+workers take due batches from the ``schedule``, wait for their ``admission``
+(the project's circuit, the endpoint's outage state, the rate), make the call,
+and carry out the ``outcome`` plan of its answer through ``effects``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
-import random
-import time
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
-from . import deadletter
+from .admission import Admission
 from .batcher import Batch
 from .client import Transport
+from .clock import Clock
 from .config import RetryConfig
+from .effects import Acker, DeadLetterSink, Effects
 from .observability import Observer
+from .outcome import Plan, plan
 from .ratelimit import RateLimiter
-from .retry import (CallResult, DeadLetter, Done, OpenCircuit, Partial, Retry, Split, THROTTLE_CODES,
-                    circuit_delay, classify, retry_delay)
-from .wakeup import Wakeup
+from .schedule import Schedule
 
-PROBE_WAIT = 0.25  # seconds a batch waits while its project's probe is in flight
-IDLE_HEALTHY = 60.0  # seconds without any success before "every circuit open" counts
-
-
-class Acker(Protocol):
-    async def ack(self, events: list[bytes], ids: list[int] | None) -> None: ...
-
-
-class DeadLetterSink(Protocol):
-    async def write(self, data: bytes) -> None: ...
-
-
-@dataclass(slots=True)
-class _Circuit:
-    failures: int = 0
-    open_until: float = 0.0
-    probing: bool = False
-    code: str = ""  # the refusal that opened it, for the batches it holds back
-    message: str = ""
-
-
-class _Schedule:
-    """Batches due now or later; fresh batches are bounded, retries are not
-    (they are already counted in the buffer's bounds)."""
-
-    def __init__(self, clock: Callable[[], float], fresh_limit: int) -> None:
-        self._clock = clock
-        self._fresh_limit = fresh_limit
-        self._heap: list[tuple[float, int, Batch, bool]] = []
-        self._seq = itertools.count()
-        self._fresh = 0
-        self._wake = Wakeup()
-        self._room = asyncio.Event()
-        self._room.set()
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    async def put_fresh(self, batch: Batch) -> None:
-        while self._fresh >= self._fresh_limit:
-            self._room.clear()
-            await self._room.wait()
-        self._fresh += 1
-        self._push(self._clock(), batch, True)
-
-    def put_later(self, batch: Batch, due: float) -> None:
-        self._push(due, batch, False)
-
-    def _push(self, due: float, batch: Batch, fresh: bool) -> None:
-        heapq.heappush(self._heap, (due, next(self._seq), batch, fresh))
-        self._wake.set()
-
-    async def get(self) -> Batch:
-        while True:
-            if self._heap and self._heap[0][0] <= self._clock():
-                _, _, batch, fresh = heapq.heappop(self._heap)
-                if fresh:
-                    self._fresh -= 1
-                    self._room.set()
-                return batch
-            timeout = self._heap[0][0] - self._clock() if self._heap else None
-            self._wake.clear()
-            await self._wake.wait(timeout)
-
-    def take_all(self) -> list[Batch]:
-        batches = [entry[2] for entry in self._heap]
-        self._heap.clear()
-        return batches
-
-    def oldest(self) -> float | None:
-        return min((entry[2].received_at for entry in self._heap), default=None)
+STALLED_AFTER = 60.0  # seconds without a delivery, with work waiting, before /readyz says so
 
 
 class Sender:
     """``concurrency`` workers sending batches paced by the adaptive rate limiter."""
 
-    def __init__(self, transport: Transport, buffer: Acker, dead_letters: DeadLetterSink,
-                 retry: RetryConfig, limiter: RateLimiter, concurrency: int, observer: Observer,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None,
-                 on_crash: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(self, transport: Transport, buffer: Acker, dead_letters: DeadLetterSink, limiter: RateLimiter,
+                 observer: Observer, retry: RetryConfig, concurrency: int, clock: Clock | None = None) -> None:
         self._transport = transport
-        self._buffer = buffer
-        self._dead_letters = dead_letters
-        self.retry = retry
-        self.limiter = limiter
-        self._concurrency = concurrency
         self._observer = observer
-        self._clock = clock
-        self._wall = wall
-        self._rng = rng or random.Random()
-        self._on_crash = on_crash
-        self._schedule = _Schedule(clock, fresh_limit=2 * concurrency)
-        self._circuits: dict[str, _Circuit] = {}
-        self._inflight_batches: dict[int, Batch] = {}
-        self._busy = 0  # batches taken by a worker and not yet resolved or rescheduled
+        self._concurrency = concurrency
+        self._clock = clock = clock or Clock()
+        self._schedule = Schedule(clock.monotonic, fresh_limit=2 * concurrency)
+        self.admission = Admission(limiter, observer, retry, clock, lambda: buffer.depth,
+                                   lambda: self._effects.resume_outage_retries())
+        self._effects = Effects(buffer, dead_letters, self._schedule, self.admission, observer, clock)
+        self._taken: dict[int, Batch] = {}  # batches a worker holds: waiting for a turn or in a call
+        self.inflight = 0  # calls in flight
         self._idle = asyncio.Event()
         self._idle.set()
         self._workers: list[asyncio.Task[None]] = []
-        self._last_ok = clock()
 
     # lifecycle
 
-    async def start(self) -> None:
-        """Start the workers; a worker that dies is reported through on_crash."""
+    async def start(self, on_crash: Callable[[BaseException], None]) -> None:
+        """Start the workers; a worker that dies is reported through ``on_crash``."""
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                on_crash(task.exception())  # type: ignore[arg-type]
+
         for i in range(self._concurrency):
             task = asyncio.create_task(self._work(), name=f"forwarder-sender-{i}")
-            task.add_done_callback(self._worker_done)
+            task.add_done_callback(done)
             self._workers.append(task)
-
-    def _worker_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None and self._on_crash is not None:
-            self._on_crash(task.exception())  # type: ignore[arg-type]
 
     @property
     def alive(self) -> bool:
         return bool(self._workers) and all(not t.done() for t in self._workers)
+
+    def reconfigure(self, retry: RetryConfig) -> None:
+        """New retry limits (live): each batch is judged by them the next time it is taken."""
+        self.admission.retry = retry
 
     async def send(self, batch: Batch) -> None:
         """Accept a sealed batch; waits while the sender is ``2 * concurrency`` batches behind."""
@@ -153,15 +74,16 @@ class Sender:
     async def drain(self, timeout: float) -> bool:
         """Wait until every accepted batch is resolved, at most ``timeout`` seconds."""
         try:
-            await asyncio.wait_for(self._wait_idle(), timeout)
+            async with asyncio.timeout(timeout):
+                while not self._resolved_all():
+                    self._idle.clear()
+                    await self._idle.wait()
             return True
         except TimeoutError:
             return False
 
-    async def _wait_idle(self) -> None:
-        while not (len(self._schedule) == 0 and self._busy == 0):
-            self._idle.clear()
-            await self._idle.wait()
+    def _resolved_all(self) -> bool:
+        return len(self._schedule) == 0 and not self._taken
 
     async def close(self) -> list[Batch]:
         """Stop the workers; return the batches that were not resolved (idempotent)."""
@@ -169,197 +91,102 @@ class Sender:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        left = list(self._inflight_batches.values()) + self._schedule.take_all()
-        self._inflight_batches.clear()
+        left = list(self._taken.values()) + self._schedule.take_all()
+        self._taken.clear()
         return left
 
     # state read by metrics and readiness
 
     @property
-    def inflight(self) -> int:
-        return len(self._inflight_batches)
+    def limiter(self) -> RateLimiter:
+        return self.admission.limiter
 
     def oldest(self) -> float | None:
-        times = [b.received_at for b in self._inflight_batches.values()]
+        times = [b.received_at for b in self._taken.values()]
         scheduled = self._schedule.oldest()
         if scheduled is not None:
             times.append(scheduled)
         return min(times, default=None)
 
-    def all_circuits_open(self) -> bool:
-        now = self._clock()
-        return (any(c.open_until > now for c in self._circuits.values())
-                and now - self._last_ok > IDLE_HEALTHY)
+    def stalled(self) -> str | None:
+        """Why nothing has been delivered for a while although there is work, or None."""
+        if self._resolved_all() or self._clock.monotonic() - self._effects.last_delivery < STALLED_AFTER:
+            return None
+        return self.admission.blocked()
 
     # the worker
 
     async def _work(self) -> None:
         while True:
             batch = await self._schedule.get()
-            self._busy += 1
-            try:
-                await self._attempt(batch)
-            except Exception as e:  # one bad batch must not kill the worker
-                self._observer.log.exception("send_failed", project=batch.project, events=len(batch.events),
-                                             error=repr(e))
-                self._reschedule(batch, self._clock() + self.retry.max_backoff)
-            finally:
-                self._busy -= 1
-                if self._busy == 0 and len(self._schedule) == 0:
-                    self._idle.set()
+            self._taken[id(batch)] = batch
+            # Cancelled or crashed, the batch stays listed: close() reports it.
+            await self._handle(batch)
+            del self._taken[id(batch)]
+            if self._resolved_all():
+                self._idle.set()
 
-    async def _attempt(self, batch: Batch) -> None:
-        wall = self._wall()
-        if self._expired(batch, wall):
-            await self._dead_letter(batch, batch.last_code or "Expired",
-                                    batch.last_message or "retry.max_elapsed reached")
+    async def _handle(self, batch: Batch) -> None:
+        try:
+            outcome = await self._attempt(batch)
+        except Exception as e:  # one bad batch must not kill the worker; nothing of it was resolved
+            self._observer.send_failed(batch.project, len(batch.events), e)
+            self._effects.reschedule(batch, self._clock.monotonic() + self.admission.retry.max_backoff)
             return
-        if self._circuit_blocks(batch):
-            return
-        sent_at = await self.limiter.acquire()
-        wall = self._wall()
+        if outcome is not None:
+            # Not caught: effects that can fail on their own (the dead-letter write)
+            # are handled where they fail; anything else is a bug and crashes loudly.
+            await self._effects.apply(batch, outcome)
+
+    async def _attempt(self, batch: Batch) -> Plan | None:
+        """Call PutProjectEvents for the batch when it may go; the plan for its answer, None if it did not go."""
+        if batch.reject is not None:  # its dead-letter write failed before: no call, write it again
+            await self._effects.dead_letter(batch, *batch.reject)
+            return None
+        if self._expired(batch):
+            self.admission.released(batch.project, id(batch))
+            await self._effects.expire(batch)
+            return None
+        if self._held_by_circuit(batch):
+            return None
+        probe, sent_at = await self.admission.turn()
+        if probe and self._expired(batch):  # it may have waited out a long outage
+            self.admission.release()
+            await self._effects.expire(batch)
+            return None
         if batch.ambiguous and not batch.duplicates_counted:
             batch.duplicates_counted = True
             self._observer.possible_duplicates(len(batch.events))
+        wall = self._clock.wall()
         batch.attempts += 1
         batch.first_attempt_at = batch.first_attempt_at or wall
         batch.last_attempt_at = wall
-        key = id(batch)
-        self._inflight_batches[key] = batch
-        started = self._clock()
+        started = self._clock.monotonic()
+        self.inflight += 1
         try:
             result = await self._transport.put_events(batch.project, batch.events)
-        except asyncio.CancelledError:
-            raise  # the batch stays listed: close() reports it
-        except BaseException:
-            self._inflight_batches.pop(key, None)
-            raise
-        self._inflight_batches.pop(key, None)
-        await self._resolve(batch, result, sent_at, self._clock() - started)
-
-    def _expired(self, batch: Batch, wall: float) -> bool:
-        return bool(batch.first_attempt_at) and wall >= batch.first_attempt_at + self.retry.max_elapsed
-
-    def _circuit_blocks(self, batch: Batch) -> bool:
-        """Defer the batch while its project's circuit is open or being probed."""
-        circuit = self._circuits.get(batch.project)
-        if circuit is None:
-            return False
-        now = self._clock()
-        if circuit.open_until > now or circuit.probing:
-            # The deadline runs from the first deferral too: a project that never
-            # heals must not keep its events forever.
-            batch.first_attempt_at = batch.first_attempt_at or self._wall()
-            # should it expire while held back, its dead letter says why the project refused
-            batch.last_code, batch.last_message = circuit.code, circuit.message
-            due = circuit.open_until if circuit.open_until > now else now + PROBE_WAIT
-            self._reschedule(batch, due)
-            return True
-        circuit.probing = True  # this batch is the probe
-        return False
-
-    # outcomes
-
-    async def _resolve(self, batch: Batch, result: CallResult, sent_at: float, seconds: float) -> None:
-        decision = classify(result, len(batch.events))
-        self._observer.request_done(_outcome(result), seconds)
+        finally:
+            self.inflight -= 1
+        outcome = plan(result, len(batch.events))
+        self._observer.request_done(outcome.label, self._clock.monotonic() - started)
         batch.last_code, batch.last_message = result.code, result.message
-        batch.ambiguous = isinstance(decision, Retry) and decision.ambiguous
-        if not isinstance(decision, OpenCircuit):
-            self._close_circuit(batch.project)
-        if isinstance(decision, Done):
-            self._last_ok = self._clock()
-            self.limiter.on_success()
-            await self._delivered(batch, batch.events, batch.ids)
-        elif isinstance(decision, Partial):
-            await self._partial(batch, decision, sent_at)
-        elif isinstance(decision, Retry):
-            if decision.reason == "throttled":
-                self._observer.throttled(1, batch.project)
-            # Throttling, 5xx and an unreachable endpoint all mean "send less":
-            # otherwise thousands of batches backing off on their own clocks
-            # keep calling a service that is down at the full send rate.
-            self.limiter.on_throttle(sent_at)
-            self._retry(batch, decision.reason, decision.retry_after)
-        elif isinstance(decision, Split):
-            half = len(batch.events) // 2
-            now = self._clock()
-            self._reschedule(batch.subset(list(range(half))), now)
-            self._reschedule(batch.subset(list(range(half, len(batch.events)))), now)
-        elif isinstance(decision, OpenCircuit):
-            self._open_circuit(batch)
-        elif isinstance(decision, DeadLetter):
-            await self._dead_letter(batch, result.code or f"HTTP{result.status}", result.message)
+        batch.ambiguous = outcome.ambiguous
+        self.admission.learn(batch.project, outcome, sent_at, probe)
+        return outcome
 
-    async def _partial(self, batch: Batch, decision: Partial, sent_at: float) -> None:
-        self._last_ok = self._clock()
-        if decision.throttled:
-            self._observer.throttled(decision.throttled, batch.project)
-        # A 200 that took most of the batch says the request rate is fine: the
-        # throttled entries are retried with backoff. Cutting the rate on every
-        # partly throttled 200 drove it to the floor at 20% random entry throttling.
-        if decision.throttled * 2 > len(batch.events):
-            self.limiter.on_throttle(sent_at)
-        else:
-            self.limiter.on_success()
-        failed = {i for i, _, _ in decision.retry} | {i for i, _, _ in decision.dead}
-        ok = [i for i in range(len(batch.events)) if i not in failed]
-        if ok:
-            delivered = batch.subset(ok)
-            await self._delivered(delivered, delivered.events, delivered.ids)
-        by_code: dict[tuple[str, str], list[int]] = {}
-        for i, code, message in decision.dead:
-            by_code.setdefault((code, message), []).append(i)
-        for (code, message), indexes in by_code.items():
-            await self._dead_letter(batch.subset(indexes), code, message)
-        if decision.retry:
-            again = batch.subset([i for i, _, _ in decision.retry])
-            _, again.last_code, again.last_message = decision.retry[0]
-            self._retry(again, "throttled" if decision.throttled else "partial", None)
+    def _expired(self, batch: Batch) -> bool:
+        return (bool(batch.first_attempt_at)
+                and self._clock.wall() >= batch.first_attempt_at + self.admission.retry.max_elapsed)
 
-    async def _delivered(self, batch: Batch, events: list[bytes], ids: list[int] | None) -> None:
-        await self._buffer.ack(events, ids)
-        self._observer.events_sent(len(events))
-
-    async def _dead_letter(self, batch: Batch, code: str, message: str) -> None:
-        wall = self._wall()
-        await self._dead_letters.write(deadletter.lines(
-            batch.project, batch.events, code, message, batch.attempts,
-            batch.first_attempt_at or wall, batch.last_attempt_at or wall))
-        await self._buffer.ack(batch.events, batch.ids)
-        self._observer.dead_lettered(code, len(batch.events), batch.project, message)
-
-    def _retry(self, batch: Batch, reason: str, retry_after: float | None) -> None:
-        delay = retry_delay(max(0, batch.attempts - 1), self.retry.initial_backoff, self.retry.max_backoff,
-                            retry_after, self._rng)
-        self._observer.retry_scheduled(reason, len(batch.events), batch.project, delay, batch.last_code)
-        self._reschedule(batch, self._clock() + delay)
-
-    def _reschedule(self, batch: Batch, due: float) -> None:
-        self._idle.clear()
-        self._schedule.put_later(batch, due)
-
-    def _open_circuit(self, batch: Batch) -> None:
-        circuit = self._circuits.setdefault(batch.project, _Circuit())
-        circuit.failures += 1
-        circuit.probing = False
-        circuit.code, circuit.message = batch.last_code, batch.last_message
-        delay = circuit_delay(circuit.failures, self.retry.initial_backoff, self.retry.max_backoff)
-        circuit.open_until = self._clock() + delay
-        self._observer.circuit_changed(batch.project, True, batch.last_code, delay)
-        self._reschedule(batch, circuit.open_until)
-
-    def _close_circuit(self, project: str) -> None:
-        circuit = self._circuits.pop(project, None)
-        if circuit is not None:
-            self._observer.circuit_changed(project, False)
-
-
-def _outcome(result: CallResult) -> str:
-    if result.status == 200:
-        return "partial" if result.failed else "ok"
-    if result.status == 0:
-        return result.code or "connection"
-    if result.status == 429 or result.code in THROTTLE_CODES:
-        return "throttled"
-    return "server_error" if result.status >= 500 else "client_error"
+    def _held_by_circuit(self, batch: Batch) -> bool:
+        held = self.admission.hold(batch.project, id(batch))
+        if held is None:
+            return False
+        due, code, message = held
+        # The deadline runs from the first deferral too: a project that never
+        # heals must not keep its events forever. Should it expire while held
+        # back, its dead letter says why the project refused.
+        batch.first_attempt_at = batch.first_attempt_at or self._clock.wall()
+        batch.last_code, batch.last_message = code, message
+        self._effects.reschedule(batch, due)
+        return True

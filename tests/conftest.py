@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -7,6 +8,7 @@ import aiohttp
 import pytest
 
 from forwarder.emulator import Emulator
+from tests.fakes import VirtualTime
 from tests.harness import EmulatorProcess
 
 
@@ -14,6 +16,16 @@ from tests.harness import EmulatorProcess
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
         yield s
+
+
+@pytest.fixture
+async def virtual_time() -> AsyncIterator[VirtualTime]:
+    """The test's event loop on virtual time (see VirtualTime); for tests without real I/O."""
+    vt = VirtualTime(asyncio.get_running_loop())
+    try:
+        yield vt
+    finally:
+        vt.restore()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from contextlib import asynccontextmanager
 
@@ -12,8 +13,9 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from forwarder.client import EvidentlyClient, ModelMissing, check_model, encode_body, failed_entries
+from forwarder.client import EvidentlyClient, ModelMissing, check_model, encode_body, read_answer
 from forwarder.config import EvidentlyConfig
+from forwarder.retry import CallResult, RetryReason
 from tests.harness import free_port
 
 
@@ -82,15 +84,73 @@ async def test_an_unreachable_endpoint_is_a_connection_failure_not_an_exception(
         result = await c.put_events("p", events(1))
     finally:
         await c.close()
-    assert result.status == 0 and result.code == "connection"
+    assert (result.unanswered, result.maybe_delivered) == (RetryReason.CONNECTION, False)  # nothing was sent
 
 
-def test_failed_entries_reads_a_200_without_parsing_when_nothing_failed():
-    assert failed_entries(b'{"eventResults":[{"eventId":"a"},{"eventId":"b"}],"failedEventCount":0}') == ()
-    assert failed_entries(
+def test_a_200_whose_results_confirm_every_event_is_read_entry_by_entry():
+    assert read_answer(b'{"eventResults":[{"eventId":"a"},{"eventId":"b"}],"failedEventCount":0}', 2) == \
+        CallResult(200)
+    assert read_answer(
         b'{"eventResults":[{"eventId":"a"},{"errorCode":"ThrottlingException","errorMessage":"slow"}],'
-        b'"failedEventCount":1}') == ((1, "ThrottlingException", "slow"),)
-    assert failed_entries(b"not json") is None  # left to botocore's parser
+        b'"failedEventCount":1}', 2) == CallResult(200, failed=((1, "ThrottlingException", "slow"),))
+    # failedEventCount is optional: eventResults decide
+    assert read_answer(b'{ "eventResults" : [ {"eventId": "a"} ] }', 1) == CallResult(200)
+
+
+UNCONFIRMING_200S = {
+    "html page": b"<html><body>Please log in to the proxy</body></html>",
+    "truncated json": b'{"eventResults":[{"eventId":"a"},{"eventId"',
+    "empty body": b"",
+    "empty object": b"{}",
+    "null results": b'{"eventResults":null,"failedEventCount":0}',
+    "one result for ten events": b'{"eventResults":[{"eventId":"a"}],"failedEventCount":0}',
+    "failed count without codes": (b'{"eventResults":[' + b",".join([b'{"eventId":"a"}'] * 10)
+                                   + b'],"failedEventCount":10}'),
+    "null error codes": b'{"eventResults":[' + b",".join([b'{"errorCode":null}'] * 10) + b'],"failedEventCount":10}',
+    "extra result with an error": (b'{"eventResults":[' + b",".join([b'{"eventId":"a"}'] * 10)
+                                   + b',{"errorCode":"ValidationException"}],"failedEventCount":1}'),
+}
+
+
+@pytest.mark.parametrize("body", UNCONFIRMING_200S.values(), ids=UNCONFIRMING_200S.keys())
+def test_a_200_that_does_not_confirm_the_batch_is_a_protocol_error_that_may_have_been_stored(body):
+    result = read_answer(body, 10)
+    assert (result.unanswered, result.maybe_delivered) == (RetryReason.PROTOCOL, True)
+    assert result.message
+
+
+@pytest.mark.parametrize("body", UNCONFIRMING_200S.values(), ids=UNCONFIRMING_200S.keys())
+async def test_the_client_reports_an_unconfirming_200_from_a_real_server_as_a_protocol_error(body):
+    async with recording_server(body) as (url, seen):
+        c = EvidentlyClient(EvidentlyConfig(endpoint_url=url, request_timeout=2.0), credentials=("k", "s"))
+        await c.start()
+        try:
+            result = await c.put_events("p", events(10))
+        finally:
+            await c.close()
+    assert result.unanswered is RetryReason.PROTOCOL and len(seen) == 1
+
+
+async def test_a_connection_closed_in_the_middle_of_the_answer_may_have_delivered_the_events():
+    async def half_answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")  # the request's head; its body follows
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                     b'{"eventResults":[{"eventId":')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(half_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    c = EvidentlyClient(EvidentlyConfig(endpoint_url=f"http://127.0.0.1:{port}", request_timeout=2.0),
+                        credentials=("k", "s"))
+    await c.start()
+    try:
+        result = await c.put_events("p", events(10))
+    finally:
+        await c.close()
+        server.close()
+        await server.wait_closed()
+    assert (result.unanswered, result.maybe_delivered) == (RetryReason.CONNECTION, True)
 
 
 @asynccontextmanager
@@ -115,7 +175,8 @@ async def recording_server(answer: bytes = b'{"eventResults":[{"eventId":"x"}],"
 
 
 async def test_the_request_as_sent_carries_a_valid_sigv4_signature():
-    async with recording_server() as (url, seen):
+    async with recording_server(b'{"eventResults":[{"eventId":"x"},{"eventId":"y"}],"failedEventCount":0}') as (
+            url, seen):
         c = EvidentlyClient(EvidentlyConfig(endpoint_url=url, region="eu-west-1"), credentials=("AKID", "SECRET"))
         await c.start()
         try:

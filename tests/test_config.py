@@ -62,7 +62,8 @@ def test_missing_or_broken_file_is_reported_with_its_path(tmp_path):
 
 
 def test_printed_configuration_loads_back_to_the_same_values(tmp_path):
-    cfg = from_dict({"evidently": {"default_project": "demo", "endpoint_url": "http://127.0.0.1:1"}})
+    cfg = from_dict({"evidently": {"default_project": "demo", "endpoint_url": "http://127.0.0.1:1"}},
+                    {"FORWARDER_LOG__LEVEL": "debug", "FORWARDER_BATCH__FLUSH_INTERVAL": "0.25"})
     path = tmp_path / "round.toml"
     path.write_text(config_mod.to_toml(cfg))
     assert load(path, {}) == cfg
@@ -79,3 +80,87 @@ def test_the_rate_controller_is_cubic_by_default_and_checked_by_name():
     assert from_dict({"evidently": {"rate_controller": "scaled"}}, {}).evidently.rate_controller == "scaled"
     with pytest.raises(ConfigError, match="evidently.rate_controller"):
         from_dict({"evidently": {"rate_controller": "fast"}}, {})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"batch": 5}, "[batch] must be a table of keys, got batch = 5"),
+    ({"evidently": {"request_timeout": float("inf")}}, "evidently.request_timeout must be a finite number"),
+    ({"retry": {"max_elapsed": float("inf")}}, "retry.max_elapsed must be a finite number"),
+    ({"batch": {"flush_interval": float("nan")}}, "batch.flush_interval must be a finite number"),
+    ({"shutdown": {"drain_timeout": float("inf")}}, "shutdown.drain_timeout must be a finite number"),
+    ({"evidently": {"max_rate": 1e-9}}, "evidently.max_rate must be 0 (the default) or at least 0.5"),
+    ({"evidently": {"initial_rate": 0.1}}, "evidently.initial_rate must be 0 (the default) or at least 0.5"),
+    ({"intake": {"host": ""}}, "intake.host must not be empty"),
+    ({"intake": {"host": "  "}}, "intake.host must not be empty"),
+])
+def test_values_that_would_misbehave_silently_are_refused_with_the_key_named(raw, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw, {})
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"FORWARDER_BATC__MAX_EVENTS": "3"}, "environment variable FORWARDER_BATC__MAX_EVENTS names no section"),
+    ({"FORWARDER_BATCH__MAX_EVENTS": "many"}, "(set by FORWARDER_BATCH__MAX_EVENTS)"),
+    ({"FORWARDER_BATCH__MAX_EVENTS": "80"}, "batch.max_events must be between 1 and 50, got 80 "
+                                            "(set by FORWARDER_BATCH__MAX_EVENTS)"),
+    ({"FORWARDER_RETRY__MAX_ELAPSED": "inf"}, "retry.max_elapsed must be a finite number"),
+])
+def test_environment_errors_name_the_variable(environ, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict({}, environ)
+    assert message in str(err.value)
+
+
+def test_unrelated_forwarder_variables_are_left_alone():
+    assert from_dict({}, {"FORWARDER_HOME": "/opt", "FORWARDER_VERSION": "1"}) == from_dict({}, {})
+
+
+def test_a_file_that_cannot_be_read_as_toml_is_a_config_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load(tmp_path)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"[batch]\nmax_events = 5 # \xff\xfe\n")
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load(binary)
+
+
+def test_the_live_marks_of_the_example_file_are_exactly_the_live_table():
+    marked = set()
+    section = ""
+    for line in open("config.example.toml", encoding="utf-8"):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1]
+        elif "=" in stripped and not stripped.startswith("#") and "(live)" in line:
+            marked.add(f"{section}.{stripped.split('=')[0].strip()}")
+    assert marked == set(config_mod.LIVE)
+
+
+def test_every_live_key_names_a_stage_the_daemon_has(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from forwarder.app import Forwarder
+
+    fwd = Forwarder(from_dict({"dead_letter": {"path": str(tmp_path / "dl.ndjson")}}, {}),
+                    registry=CollectorRegistry(), process_metrics=False)
+    assert set(config_mod.LIVE.values()) == set(fwd.live_stages())
+
+
+def test_a_reload_takes_the_live_keys_and_keeps_the_rest():
+    old = from_dict({"batch": {"max_events": 50}, "intake": {"port": 8080}}, {})
+    new = from_dict({"batch": {"max_events": 7}, "intake": {"port": 9090}, "evidently": {"max_rate": 20.0}}, {})
+    merged = config_mod.merge_live(old, new)
+    assert (merged.batch.max_events, merged.intake.port, merged.evidently.max_rate) == (7, 8080, 20.0)
+
+
+def test_a_file_the_daemon_may_not_read_is_a_config_error(tmp_path, monkeypatch):
+    # Root reads any file whatever its mode, so the refusal is the operating system's answer, staged.
+    path = tmp_path / "secret.toml"
+    path.write_text("[batch]\n")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(ConfigError, match="cannot be read: permission denied"):
+        load(path)

@@ -93,7 +93,8 @@ async def test_read_returns_rows_in_id_order_grouped_into_same_project_runs(buff
     chunks = await buf.read(0)
     assert [(c.project, c.received_at, c.events) for c in chunks] == [
         ("p1", 100.0, events("a", 2)), ("p2", 101.0, events("b", 1)), ("p1", 102.0, events("c", 2))]
-    ids = [i for c in chunks for i in c.ids]
+    assert len({id(c.lease) for c in chunks}) == 1  # one read, one lease
+    ids = list(chunks[0].lease.ids)
     assert ids == sorted(ids) and len(set(ids)) == 5
     assert await buf.read(0) == []
 
@@ -114,7 +115,7 @@ async def test_one_read_returns_at_most_read_max_events_and_the_next_read_contin
     second = await buf.read(0)
     assert sum(len(c.events) for c in first) == READ_MAX_EVENTS
     assert sum(len(c.events) for c in second) == 6000 - READ_MAX_EVENTS
-    assert first[-1].ids[-1] < second[0].ids[0]
+    assert first[-1].lease.ids[-1] < second[0].lease.ids[0]
 
 
 async def test_read_times_out_empty_and_a_waiting_reader_is_woken_by_an_append(buffers):
@@ -166,7 +167,7 @@ async def test_ack_lowers_depth_at_once_and_deletes_exactly_the_acked_rows(buffe
     await buf.append("p1", events("a", 5, size=10), 100.0)
     [chunk] = await buf.read(0)
     acked = [0, 2, 4]  # not consecutive: the rows between must stay
-    await buf.ack([chunk.events[i] for i in acked], [chunk.ids[i] for i in acked])
+    await buf.ack(chunk.receipt().subset(acked))
     assert (buf.depth, buf.nbytes) == (2, 20)
     await buf.close()
     assert [body for _, _, body in rows_on_disk(buffers.path)] == [chunk.events[1], chunk.events[3]]
@@ -176,7 +177,7 @@ async def test_acks_are_deleted_without_waiting_for_close(buffers):
     buf, _, _ = await buffers.open()
     await buf.append("p1", events("a", 4), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.events, chunk.ids)
+    await buf.ack(chunk.receipt())
 
     async def deleted() -> bool:
         return rows_on_disk(buffers.path) == []
@@ -205,7 +206,7 @@ async def test_a_failed_commit_fails_its_appends_but_keeps_its_acks(buffers, mon
         return real_cycle(*args)
     monkeypatch.setattr(buf._store, "cycle", failing_once)
 
-    await buf.ack(chunk.events, chunk.ids)
+    await buf.ack(chunk.receipt())
     with pytest.raises(sqlite3.OperationalError):
         await buf.append("p1", events("b", 1), 100.0)
     await buf.append("p1", events("c", 1), 100.0)
@@ -238,9 +239,9 @@ async def test_a_full_buffer_rejects_the_whole_request_and_readiness_returns_bel
     assert len(rows_on_disk(buffers.path)) == 16
     await buf.append("p1", events("c", 4), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.events[:1], chunk.ids[:1])
+    await buf.ack(chunk.receipt(0, 1))
     assert buf.full  # 19 of 20: still above the hysteresis line
-    await buf.ack(chunk.events[1:2], chunk.ids[1:2])
+    await buf.ack(chunk.receipt(1, 2))
     assert not buf.full  # 18 of 20
 
 
@@ -283,7 +284,7 @@ async def test_reopening_recovers_pending_rows_and_reads_them_first(buffers):
     buf, _, _ = await buffers.open()
     await buf.append("p1", events("a", 3, size=10), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.events[:1], chunk.ids[:1])
+    await buf.ack(chunk.receipt(0, 1))
     await buf.append("p2", events("b", 2, size=10), 101.0)
     await buf.close()
 
@@ -315,13 +316,13 @@ async def test_new_rows_after_a_restart_are_not_counted_as_duplicates(buffers):
     buf, _, _ = await buffers.open()
     await buf.append("p1", events("a", 3), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.events, chunk.ids)
+    await buf.ack(chunk.receipt())
     await buf.close()
     again, observer, recovered = await buffers.open()
     await again.append("p1", events("b", 2), 101.0)
     [fresh] = await again.read(0)
     assert recovered == 0
-    assert min(fresh.ids) > max(chunk.ids)
+    assert min(fresh.lease.ids) > max(chunk.lease.ids)
     assert sample(observer, "forwarder_duplicates_total") == 0
 
 

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-from types import SimpleNamespace
+import asyncio
 
 import pytest
 
-from forwarder import ratelimit
 from forwarder.ratelimit import MIN_RATE, Aimd, Cubic, RateLimiter, ScaledAimd, make_controller
 from tests.fakes import FakeClock
 
@@ -127,20 +126,14 @@ def test_rate_has_a_floor_so_probing_never_stops():
 
 
 @pytest.mark.parametrize(("rate", "cuts_again"), [(10.0, False), (1.0, True)])
-async def test_throttle_of_a_call_booked_before_a_decrease_is_news_only_if_it_waited_long(monkeypatch, rate,
+async def test_throttle_of_a_call_booked_before_a_decrease_is_news_only_if_it_waited_long(virtual_time, rate,
                                                                                           cuts_again):
     # At 10 calls/s the second call waits 0.1 s: it goes out at the old pace, part of the
     # episode already answered. At 1 call/s it waits 1 s, and a throttle that late is news.
-    clock = FakeClock(0.0)
-    limiter = RateLimiter(rate, 100.0, "scaled", clock=clock)
+    limiter = RateLimiter(rate, 100.0, "scaled", clock=virtual_time.time)
     first = await limiter.acquire()
-
-    async def sleep(seconds: float) -> None:
-        clock.advance(0.05)
-        limiter.on_throttle(first)  # the first call's throttle arrives while the second waits
-        clock.advance(seconds - 0.05)
-
-    monkeypatch.setattr(ratelimit, "asyncio", SimpleNamespace(sleep=sleep))
+    # the first call's throttle arrives while the second waits for its turn
+    asyncio.get_running_loop().call_later(0.05, limiter.on_throttle, first)
     second = await limiter.acquire()
     after_first = limiter.rate
     assert after_first == pytest.approx(max(MIN_RATE, rate * 0.6))
@@ -148,14 +141,111 @@ async def test_throttle_of_a_call_booked_before_a_decrease_is_news_only_if_it_wa
     assert (limiter.rate < after_first) is cuts_again
 
 
-async def test_acquire_paces_calls_at_the_allowed_rate():
-    import time
-    limiter = RateLimiter(200.0, 200.0)
-    start = time.monotonic()
+async def test_acquire_paces_calls_at_the_allowed_rate(virtual_time):
+    limiter = RateLimiter(200.0, 200.0, clock=virtual_time.time)
+    times = []
     for _ in range(21):
         await limiter.acquire()
-    # 20 intervals of 5 ms after the first token: paced, not a burst
-    assert time.monotonic() - start >= 20 / 200.0 * 0.9
+        times.append(virtual_time.time())
+    # one call every 5 ms after the first token: paced, not a burst
+    assert [round(b - a, 6) for a, b in zip(times, times[1:])] == [0.005] * 20
+
+
+class Quota:
+    """The account's quota as the service applies it: a token bucket of one second's worth."""
+
+    def __init__(self, rate: float, clock) -> None:
+        self.rate, self.clock = rate, clock
+        self.tokens, self.last = rate, clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+async def drain(limiter: RateLimiter, vt, seconds: float, quota: float | None = None) -> tuple[list[float], list[bool]]:
+    """Calls as fast as the limiter allows for ``seconds``, answered at once against ``quota``:
+    the rate at the end of each second, and per call whether it was throttled after the first 2 s."""
+    bucket = Quota(quota, vt.time) if quota else None
+    start = vt.time()
+    rates, throttled, next_mark = [], [], start + 1.0
+    while vt.time() < start + seconds:
+        sent_at = await limiter.acquire()
+        if bucket is not None and not bucket.take():
+            limiter.on_throttle(sent_at)
+            if vt.time() >= start + 2.0:
+                throttled.append(True)
+        else:
+            limiter.on_success()
+            if vt.time() >= start + 2.0:
+                throttled.append(False)
+        if vt.time() >= next_mark:
+            rates.append(limiter.rate)
+            next_mark += 1.0
+    return rates, throttled
+
+
+async def test_a_backlog_reaches_max_rate_within_a_second_by_slow_start(virtual_time):
+    limiter = RateLimiter(20.0, 200.0, clock=virtual_time.time)
+    rates, _ = await drain(limiter, virtual_time, 3.0)
+    assert rates[0] == 200.0 and not limiter.slow_start  # 20 -> 40 -> 80 -> 160 -> 200, 0.25 s apart
+
+
+@pytest.mark.parametrize("controller", ["cubic", "scaled"])
+async def test_slow_start_finds_a_quota_below_max_rate_and_the_controller_stays_near_it(virtual_time, controller):
+    limiter = RateLimiter(100.0, 1000.0, controller, clock=virtual_time.time)
+    rates, throttled = await drain(limiter, virtual_time, 20.0, quota=200.0)
+    assert not limiter.slow_start
+    assert all(100.0 <= r <= 300.0 for r in rates[2:]), rates
+    assert sum(throttled) / len(throttled) <= 0.10
+
+
+def test_slow_start_does_not_double_a_rate_no_call_is_waiting_for():
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(20.0, 200.0, clock=clock)
+    for _ in range(40):  # answers keep coming, but nothing queues behind the limiter
+        clock.advance(0.3)
+        limiter.on_success()
+    assert limiter.rate == 20.0
+
+
+async def test_after_an_idle_period_the_next_burst_starts_fast_again(virtual_time):
+    limiter = RateLimiter(20.0, 200.0, clock=virtual_time.time)
+    await drain(limiter, virtual_time, 2.0, quota=100.0)
+    assert not limiter.slow_start
+    await asyncio.sleep(60.0)  # idle
+    await limiter.acquire()
+    assert limiter.slow_start
+
+
+def test_reloading_the_rates_starts_over_from_initial_rate_and_unchanged_rates_change_nothing():
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(50.0, 100.0, "scaled", clock=clock)
+    limiter.reconfigure(0.5, 0.5)  # lowered...
+    assert limiter.rate == 0.5
+    limiter.reconfigure(30.0, 300.0)  # ...and raised again: not stuck at 0.5
+    assert (limiter.rate, limiter.max_rate, limiter.slow_start) == (30.0, 300.0, True)
+    limiter.on_throttle(clock())
+    rate = limiter.rate
+    limiter.reconfigure(30.0, 300.0)  # a SIGHUP that changed other keys
+    assert limiter.rate == rate
+
+
+def test_the_scaled_controller_grows_up_to_a_raised_max_rate():
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(10.0, 10.0, "scaled", clock=clock)
+    limiter.reconfigure(10.0, 100.0)
+    limiter.on_throttle(clock())  # out of slow start, into the controller
+    limiter.measured = 1000.0  # calls are queued: growth is not capped by what is sent
+    for _ in range(600):
+        clock.advance(0.1)
+        limiter.on_success()
+    assert limiter.rate == 100.0
 
 
 @pytest.mark.parametrize(("name", "kind"), [("cubic", Cubic), ("scaled", ScaledAimd)])

@@ -4,18 +4,26 @@ import random
 
 import pytest
 
-from forwarder.retry import (CallResult, DeadLetter, Done, OpenCircuit, Partial, Retry, Split, backoff,
-                             circuit_delay, classify, parse_retry_after, retry_delay)
+from forwarder.retry import (CallResult, DeadLetter, Done, OpenCircuit, Partial, Retry, RetryReason, Split,
+                             backoff, circuit_delay, classify, no_answer, parse_retry_after, probe_delay,
+                             retry_delay)
+
+R = RetryReason
 
 
 @pytest.mark.parametrize("result, size, decision", [
     (CallResult(200), 50, Done()),
-    (CallResult(429, "ThrottlingException", retry_after=2.0), 50, Retry("throttled", 2.0)),
-    (CallResult(400, "ThrottlingException"), 50, Retry("throttled")),
-    (CallResult(500, "InternalServerException"), 50, Retry("server_error", ambiguous=True)),
-    (CallResult(503, "ServiceUnavailableException"), 50, Retry("server_error")),
-    (CallResult(0, "timeout"), 50, Retry("timeout", ambiguous=True)),
-    (CallResult(0, "connection"), 50, Retry("connection")),
+    (CallResult(429, "ThrottlingException", retry_after=2.0), 50, Retry(R.THROTTLED, 2.0)),
+    (CallResult(400, "ThrottlingException"), 50, Retry(R.THROTTLED)),
+    (CallResult(500, "InternalServerException"), 50, Retry(R.SERVER_ERROR, ambiguous=True)),
+    (CallResult(503, "ServiceUnavailableException"), 50, Retry(R.SERVER_ERROR)),
+    (no_answer(R.TIMEOUT, "", maybe_delivered=True), 50, Retry(R.TIMEOUT, ambiguous=True)),
+    (no_answer(R.CONNECTION, "refused", maybe_delivered=False), 50, Retry(R.CONNECTION)),
+    (no_answer(R.CONNECTION, "reset mid-answer", maybe_delivered=True), 50, Retry(R.CONNECTION, ambiguous=True)),
+    (no_answer(R.PROTOCOL, "html", maybe_delivered=True), 50, Retry(R.PROTOCOL, ambiguous=True)),
+    # results that do not match the batch confirm nothing
+    (CallResult(200, failed=((10, "ValidationException", ""),)), 10, Retry(R.PROTOCOL, ambiguous=True)),
+    (CallResult(200, failed=((1, "X", ""), (1, "X", ""))), 10, Retry(R.PROTOCOL, ambiguous=True)),
     (CallResult(400, "ValidationException"), 50, Split()),
     (CallResult(400, "ValidationException"), 1, DeadLetter()),
     (CallResult(413, "PayloadTooLargeException"), 2, Split()),
@@ -61,6 +69,14 @@ def test_server_retry_after_wins_over_backoff_but_is_capped():
 ])
 def test_retry_after_headers(headers, seconds):
     assert parse_retry_after(headers) == seconds
+
+
+def test_only_unanswered_reasons_are_outage_signals_and_throttling_is_not():
+    assert {r for r in RetryReason if r.outage} == {R.SERVER_ERROR, R.TIMEOUT, R.CONNECTION, R.PROTOCOL}
+
+
+def test_probes_of_an_endpoint_in_outage_double_up_to_their_cap():
+    assert [probe_delay(n, 0.1, 1.0) for n in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 
 def test_circuit_backs_off_exponentially_up_to_max_backoff():
