@@ -18,7 +18,6 @@ import asyncio
 import os
 import re
 import resource
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -31,8 +30,8 @@ import orjson
 
 from benchmarks import stats, workload
 from benchmarks.context import Context
-from benchmarks.procs import (CPUS, DRIVER_CORE, ROOT, SERVER_CORE, Child, Emulator, Forwarder, child_env,
-                              forwarder_sections, pin_self, pinned_to, pinning)
+from benchmarks.procs import (CPUS, DRIVER_CORE, ROOT, SERVER_CORE, child_env, emulator, forwarder, forwarder_sections,
+                              pin_self, pinned_to, pinning)
 from benchmarks.report import Row, at_most
 from forwarder.server import ACCEPT_BATCH
 
@@ -51,25 +50,12 @@ def limited(nofile: int, core: int | None) -> Callable[[], None]:
     return apply
 
 
-class LimitedChild(Child):
-    """A child started with a lowered RLIMIT_NOFILE."""
-
-    def __init__(self, name: str, args: list[str], logdir: Path, core: int | None, nofile: int) -> None:
-        super().__init__(name, args, logdir, core)
-        self.nofile = nofile
-
-    def start(self) -> "LimitedChild":
-        self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=child_env(), cwd=ROOT, preexec_fn=limited(self.nofile, self.core))
-        return self
-
-    def peak_rss(self) -> int:
-        """VmHWM: the most resident memory the process has had, in bytes."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM")
+def peak_rss(pid: int) -> int:
+    """VmHWM: the most resident memory process ``pid`` has had, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for {pid}")
 
 
 def raise_own_file_limit(wanted: int) -> None:
@@ -169,16 +155,6 @@ async def normal_requests(url: str, n: int, timeout: float = 30.0, until: asynci
             "p99_ms": stats.percentile(latencies, 99), "max_ms": max(latencies)}
 
 
-async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with session.get(f"{url}/metrics") as r:
-        text = await r.text()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def log_counts(text: str) -> dict[str, int]:
     """What the forwarder printed: lines, tracebacks, EMFILE mentions, and lines per event name."""
     events: dict[str, int] = {}
@@ -215,13 +191,13 @@ async def flood(logdir: Path, session: aiohttp.ClientSession, nofile: int, idle:
     sections = forwarder_sections(logdir, "forwarder-flood", emulator_url or "http://127.0.0.1:9",
                                   intake={"header_timeout": header_timeout},
                                   log={"level": "info"}, shutdown={"drain_timeout": 1.0})
-    fwd = Forwarder(logdir, sections, name="forwarder-flood")
-    fwd.child = LimitedChild(fwd.child.name, fwd.child.args, logdir, SERVER_CORE, nofile)
+    fwd = forwarder(logdir, sections, name="forwarder-flood")
+    fwd.preexec_fn = limited(nofile, SERVER_CORE)
     try:
-        await fwd.start(session)
-        rss_before = fwd.child.rss()
+        await fwd.launch(session)
+        rss_before = fwd.rss()
         before = await normal_requests(fwd.url, requests)
-        log_start = len(fwd.child.log_path.read_text(errors="replace"))
+        log_start = len(fwd.logs())
         started = time.monotonic()
         attacker = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.connection_limits", "attack", "--port", str(sections["intake"]["port"]),
@@ -237,17 +213,17 @@ async def flood(logdir: Path, session: aiohttp.ClientSession, nofile: int, idle:
             counts = asyncio.create_task(attacker.stdout.readline())
             await asyncio.sleep(max(0.0, hold - (time.monotonic() - started) - 1.0))
             late = await normal_requests(fwd.url, requests)  # timeouts and the log's rate limit have had time
-            fwd.child.check_alive()
+            fwd.check_alive()
             result = {
                 "nofile": nofile, "idle": idle, "slowloris": slowloris, "head_bytes": head_bytes, **setup,
                 "before": before, "while_opening": while_opening, "during": during, "late": late,
-                "rss_before": rss_before, "peak_rss": fwd.child.peak_rss(),
-                "connection_limit": await metric(session, fwd.url, "forwarder_intake_connection_limit"),
-                "open_connections": await metric(session, fwd.url, "forwarder_intake_connections"),
-                "closed": {reason: await metric(session, fwd.url,
-                                                f'forwarder_intake_connections_closed_total{{reason="{reason}"}}')
+                "rss_before": rss_before, "peak_rss": peak_rss(fwd.pid),
+                "connection_limit": await fwd.metric(session, "forwarder_intake_connection_limit"),
+                "open_connections": await fwd.metric(session, "forwarder_intake_connections"),
+                "closed": {reason: await fwd.metric(session, "forwarder_intake_connections_closed_total",
+                                                    f'reason="{reason}"')
                            for reason in ("evicted", "refused", "header_timeout", "headers_too_large")},
-                "log": log_counts(fwd.child.log_path.read_text(errors="replace")[log_start:]),
+                "log": log_counts(fwd.logs()[log_start:]),
             }
             result.update(orjson.loads(await asyncio.wait_for(counts, hold + 60)))
             result["flood_seconds"] = round(time.monotonic() - started, 1)
@@ -276,11 +252,11 @@ async def connections(ctx: Context) -> list[Row]:
     """The suite's row: a normal client's latency under the flood against the same client before it."""
     nofile, idle, slowloris = 1024, ctx.pick(5000, 1000), ctx.pick(500, 100)
     with ExitStack() as stack:
-        emulator = Emulator(ctx.logdir, "--no-record", name="emulator-flood")
-        stack.callback(emulator.stop)
-        await emulator.start(ctx.session)
+        emu = emulator(ctx.logdir, "--no-record", name="emulator-flood")
+        stack.callback(emu.stop)
+        await emu.launch(ctx.session)
         r = await flood(ctx.logdir, ctx.session, nofile, idle, slowloris, requests=ctx.pick(100, 20),
-                        hold=ctx.pick(30.0, 3.0), emulator_url=emulator.url)
+                        hold=ctx.pick(30.0, 3.0), emulator_url=emu.url)
     phases = [r[k] for k in ("while_opening", "during", "late")]
     worst = max(p["p99_ms"] for p in phases)
     served = sum(p["served"] for p in phases)
@@ -326,11 +302,11 @@ def main() -> None:
     async def run() -> dict:
         async with aiohttp.ClientSession() as session:
             with ExitStack() as stack:
-                emulator = Emulator(args.logdir, "--no-record", name="emulator-flood")
-                stack.callback(emulator.stop)
-                await emulator.start(session)
+                emu = emulator(args.logdir, "--no-record", name="emulator-flood")
+                stack.callback(emu.stop)
+                await emu.launch(session)
                 result = await flood(args.logdir, session, args.nofile, args.idle, args.slowloris, args.requests,
-                                     args.hold, emulator_url=emulator.url, head_bytes=args.head_bytes)
+                                     args.hold, emulator_url=emu.url, head_bytes=args.head_bytes)
         result["rss_bound"] = bound_bytes(result)
         return result
 

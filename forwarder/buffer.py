@@ -15,7 +15,7 @@ from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .config import BufferConfig
 from .observability import Observer
@@ -123,7 +123,10 @@ class Buffer(Protocol):
     @property
     def full(self) -> bool: ...
 
-    async def open(self) -> int: ...
+    @property
+    def problem(self) -> str | None: ...
+
+    async def open(self, on_crash: Callable[[BaseException], None] | None = None) -> int: ...
 
     async def append(self, project: str, events: list[bytes], received_at: float) -> None: ...
 
@@ -168,6 +171,7 @@ class Bounded:
     """``depth``, ``nbytes`` and ``full`` of a buffer, read from its Bounds."""
 
     _bounds: Bounds
+    problem: str | None = None  # why the buffer cannot take events besides being full, for /readyz
 
     @property
     def depth(self) -> int:
@@ -215,8 +219,8 @@ class MemoryBuffer(Bounded):
         self._readable = Wakeup()
         self._closed = False
 
-    async def open(self) -> int:
-        return 0
+    async def open(self, on_crash: Callable[[BaseException], None] | None = None) -> int:
+        return 0  # nothing survives in memory, and no task of its own to crash
 
     async def append(self, project: str, events: list[bytes], received_at: float) -> None:
         """Take all the events or none (BufferFull)."""

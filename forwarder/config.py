@@ -7,6 +7,7 @@ Environment variables ``FORWARDER_<SECTION>__<KEY>`` override the file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import tomllib
@@ -37,6 +38,10 @@ class IntakeConfig:
     port: int = 8080
     max_body_bytes: int = 1_048_576
     max_events_per_request: int = 500
+    auth: str = "none"  # "none", "sigv4" (against credentials_file) or "token" (against token_file)
+    credentials_file: str = ""  # AWS shared-credentials file: one profile per accepted key pair
+    token_file: str = ""  # one bearer token per line
+    allow_unauthenticated: bool = False  # auth = "none" on a non-loopback host, on purpose
     # Listeners. port = -1: no TCP listener (the Unix socket only).
     unix_socket: str = ""  # path; "": none
     unix_socket_mode: str = "0660"  # octal permission bits of the socket file
@@ -215,7 +220,7 @@ def _env_values(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[Any, 
     return out
 
 
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string"}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
 def _parse_env(var: str, key: str, typ: Any, text: str) -> Any:
@@ -225,7 +230,9 @@ def _parse_env(var: str, key: str, typ: Any, text: str) -> Any:
             return int(text)
         if typ == "float":
             return float(text)
-    except ValueError:
+        if typ == "bool":
+            return {"true": True, "false": False}[text.lower()]
+    except (ValueError, KeyError):
         raise ConfigError(f"{key} must be {_TYPE_NAMES.get(typ, typ)}, got {text!r} (set by {var})") from None
     return text
 
@@ -247,7 +254,7 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
 
 def _is_type(value: Any, want: str) -> bool:
     if isinstance(value, bool):
-        return False
+        return want == "bool"
     return {"int": int, "float": float, "str": str}.get(want, object) is type(value) or (
         want == "float" and isinstance(value, float)
     )
@@ -274,6 +281,16 @@ def _rate(key: str, value: float) -> None:
            f"{key} must be 0 (the default) or at least {MIN_RATE} requests/s (the limiter's floor), got {value}")
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether intake.host only accepts connections from this machine (a name other than localhost might not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _validate(c: Config) -> None:
     _check(bool(c.intake.host.strip()),
            "intake.host must not be empty; name an address (0.0.0.0 listens on every IPv4 address)")
@@ -298,6 +315,15 @@ def _validate(c: Config) -> None:
     _range("intake.max_header_bytes", c.intake.max_header_bytes, 4096, 1_048_576)
     _range("intake.max_body_bytes", c.intake.max_body_bytes, 1024)
     _range("intake.max_events_per_request", c.intake.max_events_per_request, 1)
+    _choice("intake.auth", c.intake.auth, ("none", "sigv4", "token"))
+    _check(c.intake.auth != "sigv4" or bool(c.intake.credentials_file),
+           "intake.credentials_file must be set when intake.auth is 'sigv4'")
+    _check(c.intake.auth != "token" or bool(c.intake.token_file),
+           "intake.token_file must be set when intake.auth is 'token'")
+    _check(c.intake.auth != "none" or is_loopback_host(c.intake.host) or c.intake.allow_unauthenticated,
+           f"intake.host = {c.intake.host!r} is not a loopback address and intake.auth is 'none': anyone who reaches "
+           "it could write events into your Evidently projects; set intake.auth = 'sigv4' or 'token', or "
+           "intake.allow_unauthenticated = true to run it open on purpose")
     _range("metrics.port", c.metrics.port, 0, 65535)
     _choice("buffer.type", c.buffer.type, ("memory", "disk"))
     _range("buffer.max_events", c.buffer.max_events, 1)
@@ -320,7 +346,7 @@ def _validate(c: Config) -> None:
     _check(c.evidently.initial_rate <= c.evidently.effective_max_rate,
            f"evidently.initial_rate ({c.evidently.initial_rate}) must not exceed evidently.max_rate "
            f"({c.evidently.effective_max_rate})")
-    _choice("evidently.rate_controller", c.evidently.rate_controller, CONTROLLERS)
+    _choice("evidently.rate_controller", c.evidently.rate_controller, tuple(CONTROLLERS))  # registered ones included
     _check(c.evidently.request_timeout > 0, f"evidently.request_timeout must be above 0, got {c.evidently.request_timeout}")
     _check(c.retry.max_elapsed > 0, f"retry.max_elapsed must be above 0, got {c.retry.max_elapsed}")
     _check(c.retry.initial_backoff > 0, f"retry.initial_backoff must be above 0, got {c.retry.initial_backoff}")

@@ -3,10 +3,11 @@
 It answers as soon as the events are in the buffer (committed, for the disk
 buffer). Each request's events are taken all or none by the buffer; the 200
 reports per-event results in request order, so one bad event never costs the
-good ones beside it. SigV4 headers are accepted and not checked: a boto3
-``evidently`` client pointed here with ``inject_host_prefix=False`` just works.
-Every answer, 200s included, carries ``x-amzn-RequestId``; every error answer is
-AWS style and counted in ``forwarder_events_rejected_total{reason}``.
+good ones beside it. A boto3 ``evidently`` client pointed here with
+``inject_host_prefix=False`` just works; its SigV4 signature is checked when
+``intake.auth = "sigv4"`` (auth.py), and ignored otherwise. Every answer, 200s
+included, carries ``x-amzn-RequestId``; every error answer is AWS style and
+counted in ``forwarder_events_rejected_total{reason}``.
 
 Listeners (TCP, TLS, a Unix socket) are in listeners.py; connection limits,
 timeouts and header bounds in server.py; the header checks a POST passes before

@@ -9,7 +9,7 @@ import pytest
 
 from forwarder.emulator import Emulator
 from tests.fakes import VirtualTime
-from tests.harness import EmulatorProcess
+from forwarder.testing import EmulatorProcess
 
 
 @pytest.fixture

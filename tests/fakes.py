@@ -53,7 +53,10 @@ class VirtualTime:
             return self._select(None)  # no timer pending: only I/O can wake the loop
         ready = self._select(0)
         if not ready and timeout > 0:
-            self.now += timeout
+            # At least a microsecond: a waiter that re-checks "due <= now" after a
+            # timer fired within the loop's clock resolution must see time move,
+            # or float rounding can leave it a fraction of an ulp short forever.
+            self.now += max(timeout, 1e-6)
         return ready
 
     def restore(self) -> None:

@@ -16,7 +16,7 @@ from botocore.credentials import Credentials
 from forwarder.client import EvidentlyClient, ModelMissing, check_model, encode_body, read_answer
 from forwarder.config import EvidentlyConfig
 from forwarder.retry import CallResult, RetryReason
-from tests.harness import free_port
+from forwarder.testing import free_port
 
 
 def events(n):
@@ -169,7 +169,7 @@ async def recording_server(answer: bytes = b'{"eventResults":[{"eventId":"x"}],"
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", seen  # type: ignore[union-attr]
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
     finally:
         await runner.cleanup()
 

@@ -8,14 +8,12 @@ flood. Latency is benchmarks/connection_limits.py's to measure, not this test's.
 
 from __future__ import annotations
 
-import subprocess
-
 import aiohttp
 import pytest
 
 from benchmarks.connection_limits import Flood, limited, normal_requests, raise_own_file_limit
 from forwarder.server import ACCEPT_BATCH, FIXED_FILES
-from tests.harness import ForwarderProcess, wait_for
+from forwarder.testing import ForwarderProcess, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -23,23 +21,14 @@ NOFILE = 512
 CONCURRENCY = 4  # evidently.concurrency: the sender's connections come out of the same budget
 
 
-class LimitedForwarder(ForwarderProcess):
-    """``forwarder run`` under ``ulimit -n NOFILE``."""
-
-    def start(self) -> None:
-        self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                      stdin=subprocess.DEVNULL, preexec_fn=limited(NOFILE, None))
-
-
 @pytest.mark.timeout(180)
 async def test_a_flood_of_idle_and_slowloris_connections_leaves_a_normal_client_served(tmp_path, procs, session):
     raise_own_file_limit(2500)
-    fwd = procs(LimitedForwarder(tmp_path, {
+    fwd = procs(ForwarderProcess(tmp_path, {  # under ulimit -n NOFILE
         "intake": {"header_timeout": 2.0},
         "evidently": {"endpoint_url": "http://127.0.0.1:9", "concurrency": CONCURRENCY},
         "shutdown": {"drain_timeout": 0.5},
-    }))
+    }, preexec_fn=limited(NOFILE, None)))
     await fwd.ready(session)
     limit = await fwd.metric(session, "forwarder_intake_connection_limit")
     assert limit == NOFILE - FIXED_FILES - ACCEPT_BATCH - CONCURRENCY

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from forwarder.app import Forwarder
 from forwarder.server import (ACCEPT_BATCH, FIXED_FILES, IntakeProtocol, Limits, Phase, connection_limit, http_error,
                               overdue)
-from tests.harness import wait_for
+from forwarder.testing import wait_for
 from tests.test_intake import make_config
 from tests.test_intake_inputs import head_and_body
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from forwarder.buffer import READ_MAX_EVENTS, BufferFull
 from forwarder.config import BufferConfig
-from forwarder.diskbuffer import DB_NAME, DiskBuffer, _ranges
+from forwarder.diskbuffer import DB_NAME, BufferDisplaced, DiskBuffer, Progress
+from forwarder.diskstore import _ranges, connect
 from forwarder.observability import Metrics, Observer
-from tests.harness import wait_for
+from tests.fakes import FakeClock
+from forwarder.testing import wait_for
 
 
 def events(prefix: str, n: int, size: int = 20) -> list[bytes]:
@@ -40,10 +43,11 @@ class Buffers:
         self.path = path
         self.open_buffers: list[DiskBuffer] = []
 
-    async def open(self, path: Path | None = None, **config) -> tuple[DiskBuffer, Observer, int]:
+    async def open(self, path: Path | None = None, connect_to=connect, clock=time.monotonic,
+                   on_crash=None, **config) -> tuple[DiskBuffer, Observer, int]:
         observer = Observer(Metrics(process_collectors=False))
-        buf = DiskBuffer(BufferConfig(type="disk", path=str(path or self.path), **config), observer)
-        recovered = await buf.open()
+        buf = DiskBuffer(BufferConfig(type="disk", path=str(path or self.path), **config), observer, connect_to, clock)
+        recovered = await buf.open(on_crash)
         self.open_buffers.append(buf)
         return buf, observer, recovered
 
@@ -193,20 +197,28 @@ def test_acked_ids_are_deleted_in_runs_of_consecutive_ids(ids, ranges):
     assert _ranges(ids) == ranges
 
 
-async def test_a_failed_commit_fails_its_appends_but_keeps_its_acks(buffers, monkeypatch):
-    buf, _, _ = await buffers.open()
+class FailingOnce(sqlite3.Connection):
+    """A connection whose next INSERT fails once with ``error``, as a flaky disk would make it."""
+
+    error: sqlite3.Error | None = None
+
+    def executemany(self, sql, rows):
+        if sql.startswith("INSERT") and FailingOnce.error is not None:
+            error, FailingOnce.error = FailingOnce.error, None
+            raise error
+        return super().executemany(sql, rows)
+
+
+def failing_connect(file: str) -> sqlite3.Connection:
+    return sqlite3.connect(file, isolation_level=None, factory=FailingOnce)
+
+
+async def test_a_failed_commit_fails_its_appends_but_keeps_its_acks(buffers):
+    buf, _, _ = await buffers.open(connect_to=failing_connect)
     await buf.append("p1", events("a", 2), 100.0)
     [chunk] = await buf.read(0)
-    real_cycle = buf._store.cycle
-    failures = [sqlite3.OperationalError("disk I/O error")]
-
-    def failing_once(*args):
-        if failures:
-            raise failures.pop()
-        return real_cycle(*args)
-    monkeypatch.setattr(buf._store, "cycle", failing_once)
-
     await buf.ack(chunk.receipt())
+    FailingOnce.error = sqlite3.OperationalError("disk I/O error")
     with pytest.raises(sqlite3.OperationalError):
         await buf.append("p1", events("b", 1), 100.0)
     await buf.append("p1", events("c", 1), 100.0)
@@ -214,17 +226,64 @@ async def test_a_failed_commit_fails_its_appends_but_keeps_its_acks(buffers, mon
     assert [body for _, _, body in rows_on_disk(buffers.path)] == events("c", 1)
 
 
-async def test_a_full_disk_answers_buffer_full(buffers, monkeypatch):
-    buf, _, _ = await buffers.open()
-    error = sqlite3.OperationalError("database or disk is full")
-    error.sqlite_errorname = "SQLITE_FULL"
+def capped(pages: int):
+    """Connections whose database may not grow past ``pages`` pages: SQLite's own SQLITE_FULL."""
+    def connect_to(file: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(file, isolation_level=None)
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        return conn
+    return connect_to
 
-    def disk_full(*args):
-        raise error
-    monkeypatch.setattr(buf._store, "cycle", disk_full)
-    with pytest.raises(BufferFull):
-        await buf.append("p1", events("a", 1), 100.0)
+
+async def fill(buf: DiskBuffer) -> int:
+    """Append until the disk refuses; returns how many events went in."""
+    n = 0
+    while True:
+        try:
+            await buf.append("p1", events(f"f{n}", 50, size=200), 100.0)
+        except BufferFull as e:
+            assert e.retry_after > 1.0  # a full disk is not a full buffer: a longer wait
+            return n
+        n += 50
+
+
+async def test_a_full_disk_refuses_appends_but_still_commits_acks_and_reads(buffers):
+    clock = FakeClock(0.0)
+    buf, observer, _ = await buffers.open(connect_to=capped(40), clock=clock, max_events=1_000_000)
+    stored = await fill(buf)
+    assert stored > 0 and buf.problem == "the disk buffer's disk is full"
+    assert buf.depth == stored  # the refused events were never counted
+    chunks = await read_all(buf)  # reading works on a full disk...
+    assert sum(len(c.events) for c in chunks) == stored
+    for chunk in chunks:
+        await buf.ack(chunk.receipt())  # ...and so does deleting
+
+    async def deleted() -> bool:
+        return rows_on_disk(buffers.path) == []
+    await wait_for(deleted, 5, "the acknowledged rows to be deleted on a full disk")
     assert buf.depth == 0
+
+
+async def test_appends_resume_by_themselves_once_the_disk_has_room_again(buffers):
+    clock = FakeClock(0.0)
+    buf, _, _ = await buffers.open(connect_to=capped(40), clock=clock, max_events=1_000_000)
+    await fill(buf)
+    for chunk in await read_all(buf):
+        await buf.ack(chunk.receipt())
+    with pytest.raises(BufferFull):  # refused at once while the disk counts as full
+        await buf.append("p1", events("x", 1), 100.0)
+    clock.advance(1.5)  # past DISK_FULL_RETRY: the next append tries the disk again
+
+    async def accepted() -> bool:
+        try:
+            await buf.append("p1", events("after", 10), 101.0)
+            return True
+        except BufferFull:
+            clock.advance(1.5)  # the deletes may not have reached the file yet
+            return False
+    await wait_for(accepted, 10, "an append to succeed once the acknowledged rows freed their pages")
+    assert buf.problem is None
+    assert [e for c in await buf.read(0) for e in c.events] == events("after", 10)
 
 
 # bounds
@@ -388,13 +447,87 @@ async def test_a_damaged_database_is_moved_aside_reported_and_replaced_by_an_emp
     assert [e for c in await buf.read(0) for e in c.events] == events("a", 2)
 
 
-async def test_a_second_forwarder_cannot_open_a_buffer_in_use(buffers):
+async def test_a_second_forwarder_cannot_open_a_buffer_in_use_whatever_files_were_deleted(buffers):
     await buffers.open()
+    for leftover in buffers.path.iterdir():  # a cleanup script that deletes what it does not know
+        if leftover.name != DB_NAME:
+            leftover.unlink()
     second = DiskBuffer(BufferConfig(type="disk", path=str(buffers.path)),
                         Observer(Metrics(process_collectors=False)))
     with pytest.raises(OSError, match="in use by another forwarder"):
         await second.open()
     await second.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_database_displaced_under_a_running_buffer_stops_new_appends_and_drains_the_old_file(buffers, how):
+    crashes: list[BaseException] = []
+    buf, _, _ = await buffers.open(on_crash=crashes.append)
+    await buf.append("p1", events("kept", 3), 100.0)
+    (buffers.path / DB_NAME).unlink()
+    if how == "replaced":
+        sqlite3.connect(buffers.path / DB_NAME).close()  # e.g. a restored backup
+    with pytest.raises(BufferDisplaced):  # never acknowledged into a file nobody will find
+        await buf.append("p1", events("new", 1), 100.0)
+    assert buf.problem and [type(e) for e in crashes] == [BufferDisplaced]
+    chunks = await buf.read(0)  # what the old file holds can still be delivered
+    assert [e for c in chunks for e in c.events] == events("kept", 3)
+    with pytest.raises(BufferDisplaced):
+        await buf.append("p1", events("later", 1), 100.0)
+
+
+def copy_files(src: Path, dst: Path) -> None:
+    """The files as they are now, without close: what kill -9 leaves."""
+    dst.mkdir()
+    for name in (DB_NAME, DB_NAME + "-wal", "buffer.ledger"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+
+
+@pytest.mark.parametrize("damage", ["database truncated to 0 bytes", "WAL deleted", "WAL overwritten"])
+async def test_rows_lost_between_runs_are_reported_as_a_corruption(buffers, tmp_path, damage):
+    buf, _, _ = await buffers.open()
+    for i in range(10):
+        await buf.append("p1", events(f"r{i}", 100), 100.0)
+    crashed = tmp_path / "crashed"
+    copy_files(buffers.path, crashed)
+    if damage == "database truncated to 0 bytes":
+        (crashed / DB_NAME).write_bytes(b"")
+        (crashed / (DB_NAME + "-wal")).unlink()
+    elif damage == "WAL deleted":
+        (crashed / (DB_NAME + "-wal")).unlink()
+    else:
+        wal = crashed / (DB_NAME + "-wal")
+        wal.write_bytes(b"\0" * wal.stat().st_size)
+    after, observer, recovered = await buffers.open(crashed)
+    assert recovered < 1000
+    assert sample(observer, "forwarder_buffer_corruptions_total") == 1
+    await after.append("p1", events("new", 1), 101.0)  # new ids continue above what was lost
+    [chunk] = await after.read(0)
+    assert chunk.lease.ids[-1] > 1000
+
+
+async def test_a_backlog_reaches_the_database_file_by_the_next_checkpoint_not_only_the_wal(buffers, tmp_path):
+    clock = FakeClock(0.0)
+    buf, _, _ = await buffers.open(clock=clock)
+    await buf.append("p1", events("a", 100), 100.0)
+    clock.advance(1.5)  # past CHECKPOINT_INTERVAL: the next cycle checkpoints
+    await buf.append("p1", events("b", 1), 100.0)
+    crashed = tmp_path / "crashed"
+    copy_files(buffers.path, crashed)
+    (crashed / (DB_NAME + "-wal")).unlink()  # the worst case: the WAL is gone
+    after, _, recovered = await buffers.open(crashed)
+    assert recovered >= 100
+
+
+def test_the_progress_invariants_refuse_a_cursor_past_what_was_committed():
+    progress = Progress(committed=10, cursor=10, resent_upto=5)
+    progress.check()
+    progress.cursor = 11
+    with pytest.raises(AssertionError, match="cursor 11 past committed 10"):
+        progress.check()
+    with pytest.raises(AssertionError, match="resent_upto 12 past 10"):
+        Progress(committed=10, resent_upto=12).check()
 
 
 # closing

@@ -16,7 +16,7 @@ import pytest
 
 from forwarder.config import ConfigError, from_dict
 from forwarder.listeners import ListenerError, TlsCertificates, bind_unix
-from tests.harness import ForwarderProcess, wait_for
+from forwarder.testing import ForwarderProcess, wait_for
 from tests.tools import require_tool
 
 pytestmark = pytest.mark.e2e

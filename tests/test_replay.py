@@ -41,7 +41,7 @@ async def intake(answers: list[tuple[int, dict[str, str]]]):
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", got  # type: ignore[union-attr]
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", got
     finally:
         await runner.cleanup()
 
