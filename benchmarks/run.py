@@ -15,8 +15,8 @@ if __package__ in (None, ""):  # run as a script: benchmarks/run.py
 
 import aiohttp
 
-from benchmarks import (auth_bench, codec_bench, direct_bench, drain_bench, intake_bench, latency_bench, machine,
-                        memory_bench, report, sender_bench, wrk)
+from benchmarks import (auth_bench, codec_bench, connection_limits, direct_bench, drain_bench, intake_bench,
+                        latency_bench, machine, memory_bench, report, sender_bench, wrk)
 from benchmarks.context import Context
 from benchmarks.procs import DRIVER_CORE, ROOT, SERVER_CORE, pin_self, pinning
 
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Bench] = {
     "codec": codec_bench.codec,
     "drain": drain_bench.drain,
     "auth": auth_bench.auth,
+    "connections": connection_limits.connections,
 }
 
 

@@ -65,7 +65,7 @@ class Forwarder:
                              self.limiter, self.observer, config.retry, ev.concurrency, Clock(monotonic=clock))
         self.flush_loop = FlushLoop(self.buffer, Batcher(config.batch, clock), self.sender, self.observer, clock)
         self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self.alive,
-                             self.not_ready, self.metrics.registry)
+                             self.not_ready, self.metrics.registry, upstream_connections=ev.concurrency)
         try:
             self.auth = self.intake.authenticate = make_authenticator(config.intake, ev.region, self.observer)
         except CredentialsError as e:
@@ -206,6 +206,7 @@ class Forwarder:
 
     def reload(self) -> None:
         """Re-read the configuration file; apply live keys, report the others."""
+        self.intake.reload_tls()  # certificate rotation needs no configuration change
         if self.auth is not None:  # intake.credentials_file / token_file: key and token rotation
             self.auth.reload()
         if self._config_path is None:

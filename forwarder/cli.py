@@ -84,7 +84,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         await emulator.start("127.0.0.1", args.emulator_port)
         print(f"emulator: {emulator.url} (what it received: {emulator.url}/_emulator/events)", flush=True)
         print(f"forwarder: http://127.0.0.1:{args.port}  try:\n  curl -s -XPOST "
-              f"http://127.0.0.1:{args.port}/events/projects/demo "
+              f"http://127.0.0.1:{args.port}/events/projects/demo -H 'Content-Type: application/json' "
               "-d '{\"events\":[{\"data\":{\"hello\":\"world\"}}]}'", flush=True)
         try:
             return await serve(config, None, credentials=("local", "local"))

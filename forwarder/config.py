@@ -42,6 +42,17 @@ class IntakeConfig:
     credentials_file: str = ""  # AWS shared-credentials file: one profile per accepted key pair
     token_file: str = ""  # one bearer token per line
     allow_unauthenticated: bool = False  # auth = "none" on a non-loopback host, on purpose
+    # Listeners. port = -1: no TCP listener (the Unix socket only).
+    unix_socket: str = ""  # path; "": none
+    unix_socket_mode: str = "0660"  # octal permission bits of the socket file
+    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the TCP listener speaks TLS 1.2+
+    tls_key_file: str = ""
+    # Connections (forwarder/server.py).
+    max_connections: int = 4096  # lowered at start to fit RLIMIT_NOFILE
+    idle_timeout: float = 60.0  # seconds a connection may wait for its next request's headers to complete
+    header_timeout: float = 10.0  # seconds from a request's first byte to the end of its headers
+    body_timeout: float = 30.0  # seconds from the end of the headers to the end of the body
+    max_header_bytes: int = 32_768  # request line and headers of one request, in total
 
 
 @dataclass(frozen=True)
@@ -283,7 +294,25 @@ def is_loopback_host(host: str) -> bool:
 def _validate(c: Config) -> None:
     _check(bool(c.intake.host.strip()),
            "intake.host must not be empty; name an address (0.0.0.0 listens on every IPv4 address)")
-    _range("intake.port", c.intake.port, 0, 65535)
+    _range("intake.port", c.intake.port, -1, 65535)
+    _check(c.intake.port != -1 or bool(c.intake.unix_socket),
+           "intake.port = -1 (no TCP listener) needs intake.unix_socket")
+    _check(len(os.fsencode(c.intake.unix_socket)) < 108,
+           f"intake.unix_socket must be shorter than 108 bytes, got {len(os.fsencode(c.intake.unix_socket))}")
+    _check(_octal_mode(c.intake.unix_socket_mode) is not None,
+           f"intake.unix_socket_mode must be octal permission bits like \"0660\", got {c.intake.unix_socket_mode!r}")
+    _check(bool(c.intake.tls_cert_file) == bool(c.intake.tls_key_file),
+           "intake.tls_cert_file and intake.tls_key_file must be set together")
+    _check(not c.intake.tls_cert_file or c.intake.port != -1,
+           "intake.tls_cert_file applies to the TCP listener, and intake.port is -1")
+    _range("intake.max_connections", c.intake.max_connections, 1)
+    _check(0 < c.intake.idle_timeout <= 3600,
+           f"intake.idle_timeout must be between 0 (exclusive) and 3600 seconds, got {c.intake.idle_timeout}")
+    _check(0 < c.intake.header_timeout <= 3600,
+           f"intake.header_timeout must be between 0 (exclusive) and 3600 seconds, got {c.intake.header_timeout}")
+    _check(0 < c.intake.body_timeout <= 3600,
+           f"intake.body_timeout must be between 0 (exclusive) and 3600 seconds, got {c.intake.body_timeout}")
+    _range("intake.max_header_bytes", c.intake.max_header_bytes, 4096, 1_048_576)
     _range("intake.max_body_bytes", c.intake.max_body_bytes, 1024)
     _range("intake.max_events_per_request", c.intake.max_events_per_request, 1)
     _choice("intake.auth", c.intake.auth, ("none", "sigv4", "token"))
@@ -338,6 +367,14 @@ def merge_live(old: Config, new: Config) -> Config:
         changes.setdefault(section, {})[name] = getattr(getattr(new, section), name)
     return dataclasses.replace(old, **{section: dataclasses.replace(getattr(old, section), **values)
                                        for section, values in changes.items()})
+
+
+def _octal_mode(text: str) -> int | None:
+    """``"0660"`` -> 0o660; None unless 3 or 4 octal digits within 0o777."""
+    if not 3 <= len(text) <= 4 or any(ch not in "01234567" for ch in text):
+        return None
+    mode = int(text, 8)
+    return mode if mode <= 0o777 else None
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

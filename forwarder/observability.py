@@ -43,6 +43,12 @@ AUTH_REFUSAL_REASONS = ("missing", "malformed", "presigned", "wrong_scope", "exp
 # client sending random project names cannot blow up the series count.
 MAX_PROJECT_LABELS = 50
 WARNING_INTERVAL = 10.0  # seconds between two lines of the same repeated warning
+# Whole requests the intake refuses before reading their events (events_rejected reasons).
+INTAKE_REJECTIONS = ("malformed_http", "headers_too_large", "header_timeout", "body_timeout", "connection_limit",
+                     "unsupported_media_type", "bad_encoding", "forbidden", "unknown_operation", "internal_error")
+# Why the intake closed a connection (intake_connections_closed reasons).
+CONNECTION_CLOSES = ("evicted", "refused", "header_timeout", "body_timeout", "write_timeout", "headers_too_large",
+                     "tls_handshake_failed")
 
 
 class LoopCounter:
@@ -130,6 +136,15 @@ class Metrics:
         self.buffer_write_errors = Counter("forwarder_buffer_write_errors_total",
                                            "Disk buffer transactions that failed (their requests got an error).",
                                            registry=r)
+        self.intake_connections = Gauge("forwarder_intake_connections",
+                                        "Open intake connections, every listener (TCP, TLS, Unix socket).", registry=r)
+        self.intake_connection_limit = Gauge("forwarder_intake_connection_limit",
+                                             "intake.max_connections as applied (lowered to fit RLIMIT_NOFILE).",
+                                             registry=r)
+        self.intake_connections_closed = Counter(
+            "forwarder_intake_connections_closed_total",
+            "Intake connections the forwarder closed: evicted or refused at the connection limit, timed out, "
+            "or over intake.max_header_bytes.", ["reason"], registry=r)
         self.auth_refusals = Counter("forwarder_intake_auth_refusals_total",
                                      "Requests the intake refused for their authentication (intake.auth), by reason.",
                                      ["reason"], registry=r)
@@ -145,6 +160,10 @@ class Metrics:
         # Known label values exist from the start at 0, so increase() sees the first burst.
         for reason in ("validation", "body_too_large", "buffer_full", "buffer_error", "draining"):
             self.events_rejected.labels(reason)
+        for reason in INTAKE_REJECTIONS:
+            self.events_rejected.labels(reason)
+        for reason in CONNECTION_CLOSES:
+            self.intake_connections_closed.labels(reason)
         for reason in ("buffer_full", "shutdown"):
             self.events_dropped.labels(reason)
         for reason in ("size", "deadline", "drain"):
@@ -193,6 +212,7 @@ class Observer:
         self.metrics = metrics
         self.log = log or structlog.get_logger("forwarder")
         self.limited = RateLimitedLog(self.log)
+        self._connections_closed: dict[str, Any] = {}
 
     # intake
     def events_received(self, n: int) -> None:
@@ -202,6 +222,22 @@ class Observer:
         self.metrics.events_rejected.labels(reason).inc(n)
         if reason in ("buffer_full", "draining"):
             self.limited("warning", "intake_rejected", reason=reason, events=n)
+
+    def connection_closed(self, reason: str, connections: int, limit: int) -> None:
+        # labels() costs more than the rest of an eviction: a flood evicts thousands a second.
+        counter = self._connections_closed.get(reason)
+        if counter is None:
+            counter = self._connections_closed[reason] = self.metrics.intake_connections_closed.labels(reason)
+        counter.inc()
+        event = "connection_limit_reached" if reason in ("evicted", "refused") else "connection_closed"
+        self.limited("warning", event, reason=reason, connections=connections, limit=limit)
+
+    def accept_failed(self, error: OSError, connections: int, limit: int) -> None:
+        self.limited("error", "accept_failed", error=str(error), connections=connections, limit=limit)
+
+    def tls_handshake_failed(self, error: BaseException) -> None:
+        self.metrics.intake_connections_closed.labels("tls_handshake_failed").inc()
+        self.limited("info", "tls_handshake_failed", error=str(error)[:200])
 
     def auth_refused(self, reason: str, scheme: str, key: str, remote: str | None) -> None:
         """A request refused for its credentials: nothing of it was read into the buffer."""

@@ -33,6 +33,7 @@ EXPECTED_ROWS = (
     "memory held per encoded event",
     "intake, 1 event/POST, intake.auth = sigv4",
     "intake, 1 event/POST, intake.auth = token",
+    "connection flood:",
 )
 
 

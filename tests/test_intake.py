@@ -21,6 +21,9 @@ from forwarder.testing import ForwarderProcess, delivered, wait_for
 from tests.tools import require_tool
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def make_config(tmp_path: Path, emulator_url: str, **sections):
     raw = {
         "intake": {"port": 0, "max_body_bytes": 4096, "max_events_per_request": 20},
@@ -88,7 +91,7 @@ async def test_a_wire_form_body_with_one_bad_event_keeps_the_others_and_names_th
     events[7]["data"] = '{"n": 7'  # truncated JSON
     body = json.dumps({"events": events}).encode()
     assert len(body) > 1024  # the size that tries the msgspec fast path first
-    async with session.post(f"{forwarder.url}/events/projects/p", data=body) as r:
+    async with session.post(f"{forwarder.url}/events/projects/p", data=body, headers=JSON) as r:
         answer = await r.json()
     assert r.status == 200 and answer["failedEventCount"] == 1
     assert answer["eventResults"][7]["errorCode"] == "ValidationException"
@@ -113,7 +116,7 @@ async def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length
         for _ in range(10):
             yield b"x" * 1000  # 10,000 bytes, chunked: the limit is 4096
 
-    async with session.post(f"{forwarder.url}/events/projects/p", data=chunks()) as r:
+    async with session.post(f"{forwarder.url}/events/projects/p", data=chunks(), headers=JSON) as r:
         assert r.status == 413 and "intake.max_body_bytes (4096)" in (await r.json())["message"]
     assert forwarder.buffer.depth == 0
 
