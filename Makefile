@@ -8,4 +8,4 @@ bench:
 bench-smoke:
 	.venv/bin/python -m benchmarks --quick
 
-fleet: ; .venv/bin/python benchmarks/fleet.py
+fleet: ; .venv/bin/python -m benchmarks.fleet

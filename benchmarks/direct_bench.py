@@ -9,7 +9,7 @@ import sys
 
 from benchmarks import stats
 from benchmarks.context import Context
-from benchmarks.procs import DRIVER_CORE, Emulator, Forwarder, forwarder_sections, run_json
+from benchmarks.procs import DRIVER_CORE, emulator, forwarder, forwarder_sections, run_json
 from benchmarks.report import Row, at_most
 
 ROUND_TRIP = 0.03
@@ -22,19 +22,19 @@ def describe(waits: list[float]) -> str:
 
 async def direct(ctx: Context) -> list[Row]:
     rounds, direct_calls, post_calls = ctx.pick(3, 1), ctx.pick(100, 10), ctx.pick(1000, 50)
-    emulator = await Emulator(ctx.logdir, "--no-record", "--latency", str(ROUND_TRIP),
-                              name="emulator-direct").start(ctx.session)
-    fwd = Forwarder(ctx.logdir, forwarder_sections(ctx.logdir, "forwarder-direct", emulator.url),
+    emu = await emulator(ctx.logdir, "--no-record", "--latency", str(ROUND_TRIP),
+                         name="emulator-direct").launch(ctx.session)
+    fwd = forwarder(ctx.logdir, forwarder_sections(ctx.logdir, "forwarder-direct", emu.url),
                     name="forwarder-direct")
     try:
-        await fwd.start(ctx.session)
-        waits = await run_json([sys.executable, "-m", "benchmarks.direct_worker", "--emulator", emulator.url,
+        await fwd.launch(ctx.session)
+        waits = await run_json([sys.executable, "-m", "benchmarks.direct_worker", "--emulator", emu.url,
                                 "--forwarder", fwd.url, "--rounds", str(rounds), "--direct-calls",
                                 str(direct_calls), "--post-calls", str(post_calls)], DRIVER_CORE, timeout=300)
         await fwd.wait_drained(ctx.session, 60)
     finally:
         fwd.stop()
-        emulator.stop()
+        emu.stop()
     d, p, s = waits["direct"], waits["post"], waits["sdk_post"]
     r = stats.ratio(stats.median(p), stats.median(d))
     p99 = stats.ratio(stats.percentile(p, 99), stats.percentile(d, 99))

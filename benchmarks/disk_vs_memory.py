@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -28,14 +27,8 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.harness import EmulatorProcess, ForwarderProcess  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+from benchmarks.procs import cpu_seconds  # noqa: E402
+from forwarder.testing import EmulatorProcess, ForwarderProcess  # noqa: E402
 
 
 async def load(url: str, clients: int, seconds: float, per_request: int) -> int:
@@ -72,11 +65,11 @@ async def one_run(tmp: Path, emulator: EmulatorProcess, mode: str, n: int, args:
     try:
         await fwd.ready(session)
         await load(fwd.url, args.clients, 0.5, args.events)  # warm up connections and code paths
-        cpu0 = cpu_seconds(fwd.popen.pid)  # type: ignore[union-attr]
+        cpu0 = cpu_seconds(fwd.pid)
         started = time.monotonic()
         accepted = await load(fwd.url, args.clients, args.seconds, args.events)
         elapsed = time.monotonic() - started
-        cpu = cpu_seconds(fwd.popen.pid) - cpu0  # type: ignore[union-attr]
+        cpu = cpu_seconds(fwd.pid) - cpu0
     finally:
         fwd.stop()
     return accepted / elapsed, cpu / accepted * 1000

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import sys
 from contextlib import ExitStack
+from functools import partial
 from typing import Awaitable, Callable
 
 from benchmarks import stats, workload, wrk
 from benchmarks.context import Context
-from benchmarks.procs import DRIVER_CORE, BareServer, Emulator, Forwarder, forwarder_sections, run_json
+from benchmarks.procs import DRIVER_CORE, BareServer, emulator, forwarder, forwarder_sections, proc_counters, run_json
 from benchmarks.report import Row, at_least
+from forwarder.testing import EmulatorProcess
 
 CONNECTIONS = 32
 PATH = f"/events/projects/{workload.PROJECT}"
@@ -86,17 +88,18 @@ def describe(m: dict[str, float], events: int) -> str:
     return text + f", p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms"
 
 
-async def forwarder_pair(ctx: Context, stack: ExitStack, emulator: Emulator, name: str,
+async def forwarder_pair(ctx: Context, stack: ExitStack, emu: EmulatorProcess, name: str,
                          loop: str | None, deliver: bool = True) -> Subject:
-    sections = forwarder_sections(ctx.logdir, name, emulator.url,
+    sections = forwarder_sections(ctx.logdir, name, emu.url,
                                   **({} if deliver else {"buffer": {"max_events": 20_000_000, "max_bytes": 16 * 2**30}}))
-    fwd = Forwarder(ctx.logdir, sections, name=name, loop=loop)
+    fwd = forwarder(ctx.logdir, sections, name=name, loop=loop)
     stack.callback(fwd.stop)
-    await fwd.start(ctx.session)
+    await fwd.launch(ctx.session)
+    counters = partial(proc_counters, fwd.pid)
     drain_timeout = ctx.pick(300.0, 60.0)
     if not deliver:  # Evidently is down: nothing to drain, the sender idles at its floor rate
-        return Subject(name, fwd.url, None, fwd.child.counters)
-    return Subject(name, fwd.url, lambda: fwd.wait_drained(ctx.session, drain_timeout), fwd.child.counters)
+        return Subject(name, fwd.url, None, counters)
+    return Subject(name, fwd.url, lambda: fwd.wait_drained(ctx.session, drain_timeout), counters)
 
 
 async def intake(ctx: Context, events_per_request: int, target: float, key: str, deliver: bool = True) -> list[Row]:
@@ -106,18 +109,18 @@ async def intake(ctx: Context, events_per_request: int, target: float, key: str,
     rounds, duration = ctx.pick(5, 1), ctx.pick(4.0, 1.0)
     body = workload.body(workload.events(0, events_per_request))
     with ExitStack() as stack:
-        emulator = Emulator(ctx.logdir, "--no-record", *(() if deliver else ("--down",)), name=f"emulator-{key}")
-        stack.callback(emulator.stop)
-        await emulator.start(ctx.session)
-        fwd = await forwarder_pair(ctx, stack, emulator, f"forwarder-{key}", loop=None, deliver=deliver)
+        emu = emulator(ctx.logdir, "--no-record", *(() if deliver else ("--down",)), name=f"emulator-{key}")
+        stack.callback(emu.stop)
+        await emu.launch(ctx.session)
+        fwd = await forwarder_pair(ctx, stack, emu, f"forwarder-{key}", loop=None, deliver=deliver)
         bare = BareServer(ctx.logdir)
         stack.callback(bare.stop)
-        await bare.start(ctx.session)
-        bare_s = Subject("bare", bare.url, counters=bare.child.counters)
+        await bare.launch(ctx.session)
+        bare_s = Subject("bare", bare.url, counters=partial(proc_counters, bare.pid))
         low = BareServer(ctx.logdir, server="lowlevel")
         stack.callback(low.stop)
-        await low.start(ctx.session)
-        low_s = Subject("bare-lowlevel", low.url, counters=low.child.counters)
+        await low.launch(ctx.session)
+        low_s = Subject("bare-lowlevel", low.url, counters=partial(proc_counters, low.pid))
         await alternate(ctx, [fwd, bare_s, low_s], body, rounds, duration)
     f, b, lo = summary(fwd), summary(bare_s), summary(low_s)
     r = stats.ratio(f["rps"], b["rps"])
@@ -179,11 +182,11 @@ async def uvloop_intake(ctx: Context) -> list[Row]:
     rounds, duration = ctx.pick(5, 1), ctx.pick(3.0, 1.0)
     body = workload.body(workload.events(0, 1))
     with ExitStack() as stack:
-        emulator = Emulator(ctx.logdir, "--no-record", name="emulator-uvloop")
-        stack.callback(emulator.stop)
-        await emulator.start(ctx.session)
-        fast = await forwarder_pair(ctx, stack, emulator, "forwarder-uvloop", loop=None)
-        plain = await forwarder_pair(ctx, stack, emulator, "forwarder-asyncio", loop="asyncio")
+        emu = emulator(ctx.logdir, "--no-record", name="emulator-uvloop")
+        stack.callback(emu.stop)
+        await emu.launch(ctx.session)
+        fast = await forwarder_pair(ctx, stack, emu, "forwarder-uvloop", loop=None)
+        plain = await forwarder_pair(ctx, stack, emu, "forwarder-asyncio", loop="asyncio")
         await alternate(ctx, [fast, plain], body, rounds, duration)
     f, p = summary(fast), summary(plain)
     r = stats.ratio(f["rps"], p["rps"])

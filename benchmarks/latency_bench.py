@@ -14,9 +14,9 @@ import orjson
 
 from benchmarks import stats
 from benchmarks.context import Context
-from benchmarks.procs import DRIVER_CORE, Emulator, Forwarder, forwarder_sections, run_json
+from benchmarks.procs import DRIVER_CORE, emulator, forwarder, forwarder_sections, run_json
 from benchmarks.report import Row
-from tests.harness import wait_for
+from forwarder.testing import EmulatorProcess, ForwarderProcess, emulator_events, wait_for
 
 FLUSH_INTERVAL = 1.0
 TARGET = FLUSH_INTERVAL + 0.100
@@ -28,9 +28,9 @@ SHAPES = (
 )
 
 
-async def measure(ctx: Context, emulator: Emulator, fwd: Forwarder, tag: str, rate: float, per_post: int,
+async def measure(ctx: Context, emu: EmulatorProcess, fwd: ForwarderProcess, tag: str, rate: float, per_post: int,
                   projects: int, duration: float) -> dict:
-    await emulator.reset(ctx.session)
+    await emu.reset(ctx.session)
     acks_file = ctx.logdir / f"acks-{tag}.json"
     sent = await run_json([sys.executable, "-m", "benchmarks.loadgen", "paced", "--url", fwd.url, "--rate",
                            str(rate), "--events", str(per_post), "--projects", str(projects), "--duration",
@@ -40,11 +40,10 @@ async def measure(ctx: Context, emulator: Emulator, fwd: Forwarder, tag: str, ra
         raise RuntimeError(f"latency {tag}: {sent['requests'] - sent['ok']} POSTs failed: {sent['statuses']}")
 
     async def all_arrived() -> bool:
-        return await emulator.accepted(ctx.session) >= sent["events"]
+        return await emu.accepted(ctx.session) >= sent["events"]
     await wait_for(all_arrived, FLUSH_INTERVAL + 30, f"{sent['events']} events at the emulator")
     acks = {int(k): t for k, t in orjson.loads(acks_file.read_bytes()).items()}
-    async with ctx.session.get(f"{emulator.url}/_emulator/events") as r:
-        delivered = orjson.loads(await r.read())["events"]
+    delivered = await emulator_events(ctx.session, emu.url)
     latencies = []
     for e in delivered:
         run, _, position = orjson.loads(e["data"])["bench"].partition("/")
@@ -59,15 +58,15 @@ async def measure(ctx: Context, emulator: Emulator, fwd: Forwarder, tag: str, ra
 
 async def latency(ctx: Context) -> list[Row]:
     duration = ctx.pick(10.0, 1.0)
-    emulator = await Emulator(ctx.logdir, name="emulator-latency").start(ctx.session)
-    sections = forwarder_sections(ctx.logdir, "forwarder-latency", emulator.url,
+    emu = await emulator(ctx.logdir, name="emulator-latency").launch(ctx.session)
+    sections = forwarder_sections(ctx.logdir, "forwarder-latency", emu.url,
                                   batch={"flush_interval": FLUSH_INTERVAL})
-    fwd = Forwarder(ctx.logdir, sections, name="forwarder-latency")
+    fwd = forwarder(ctx.logdir, sections, name="forwarder-latency")
     rows = []
     try:
-        await fwd.start(ctx.session)
+        await fwd.launch(ctx.session)
         for tag, description, rate, per_post, projects in SHAPES:
-            m = await measure(ctx, emulator, fwd, tag, rate, per_post, projects, duration)
+            m = await measure(ctx, emu, fwd, tag, rate, per_post, projects, duration)
             rows.append(Row(
                 "latency", f"delivery latency, 5k ev/s: {description}",
                 f"p50 {m['p50'] * 1e3:,.0f} ms, p99 {m['p99'] * 1e3:,.0f} ms, max {m['max'] * 1e3:,.0f} ms",
@@ -77,5 +76,5 @@ async def latency(ctx: Context) -> list[Row]:
                  f"{m['late_ms']:.1f} ms behind schedule; ratio is p99 / flush_interval"]))
     finally:
         fwd.stop()
-        emulator.stop()
+        emu.stop()
     return rows

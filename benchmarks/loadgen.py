@@ -25,7 +25,9 @@ from benchmarks.bare_server import loop_factory
 HEADERS = {"Content-Type": "application/json"}
 
 
-async def closed(url: str, body: bytes, connections: int, duration: float) -> dict:
+async def closed(url: str, body: bytes, connections: int, duration: float,
+                 extra_headers: dict[str, str] | None = None) -> dict:
+    headers = {**HEADERS, **(extra_headers or {})}
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     connector = aiohttp.TCPConnector(limit=connections, force_close=False)
@@ -36,7 +38,7 @@ async def closed(url: str, body: bytes, connections: int, duration: float) -> di
         async def worker() -> None:
             while time.perf_counter() < end:
                 t = time.perf_counter()
-                async with session.post(url, data=body, headers=HEADERS) as r:
+                async with session.post(url, data=body, headers=headers) as r:
                     await r.read()
                 latencies.append(time.perf_counter() - t)
                 statuses[r.status] = statuses.get(r.status, 0) + 1
@@ -95,6 +97,8 @@ def main() -> None:
     c.add_argument("--body-file", required=True)
     c.add_argument("--connections", type=int, default=32)
     c.add_argument("--duration", type=float, required=True)
+    c.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                   help="sent with every request (repeatable), e.g. a pre-signed Authorization")
     p = sub.add_parser("paced")
     p.add_argument("--url", required=True)
     p.add_argument("--rate", type=float, required=True)
@@ -108,7 +112,8 @@ def main() -> None:
     with asyncio.Runner(loop_factory=loop_factory("uvloop")) as runner:
         if args.mode == "closed":
             with open(args.body_file, "rb") as f:
-                result = runner.run(closed(args.url, f.read(), args.connections, args.duration))
+                headers = dict(h.split(":", 1) for h in args.header)
+                result = runner.run(closed(args.url, f.read(), args.connections, args.duration, headers))
         else:
             result = runner.run(paced(args.url, args.rate, args.events, args.projects, args.duration,
                                       args.connections, args.out, args.tag))

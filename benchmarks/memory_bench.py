@@ -12,7 +12,7 @@ import asyncio
 
 from benchmarks import workload
 from benchmarks.context import Context
-from benchmarks.procs import Emulator, Forwarder, forwarder_sections
+from benchmarks.procs import emulator, forwarder, forwarder_sections
 from benchmarks.report import Row, at_most
 
 TARGET = 2.0
@@ -42,25 +42,25 @@ async def fill(ctx: Context, url: str, start: int, n: int) -> float:
 
 async def memory(ctx: Context) -> list[Row]:
     n, warmup = ctx.pick(200_000, 2_000), ctx.pick(WARMUP_EVENTS, 100)
-    emulator = await Emulator(ctx.logdir, "--down", "--no-record", name="emulator-down").start(ctx.session)
-    sections = forwarder_sections(ctx.logdir, "forwarder-memory", emulator.url,
+    emu = await emulator(ctx.logdir, "--down", "--no-record", name="emulator-down").launch(ctx.session)
+    sections = forwarder_sections(ctx.logdir, "forwarder-memory", emu.url,
                                   buffer={"max_events": n + warmup + 1000},
                                   evidently={"max_rate": 0.0, "initial_rate": 0.0},  # region defaults
                                   log={"level": "error"})
-    fwd = Forwarder(ctx.logdir, sections, name="forwarder-memory")
+    fwd = forwarder(ctx.logdir, sections, name="forwarder-memory")
     try:
-        await fwd.start(ctx.session)
+        await fwd.launch(ctx.session)
         await fill(ctx, fwd.url, 0, warmup)  # code paths warmed: their allocations are not per event
         await asyncio.sleep(ctx.pick(1.0, 0.2))
-        before = fwd.child.rss()
+        before = fwd.rss()
         raw = await fill(ctx, fwd.url, warmup, n) / n
         depth = await fwd.metric(ctx.session, "forwarder_queue_depth")
         encoded = await fwd.metric(ctx.session, "forwarder_queue_bytes") / depth
         await asyncio.sleep(ctx.pick(2.0, 0.2))  # let the sender move batches into its retry schedule
-        after = fwd.child.rss()
+        after = fwd.rss()
     finally:
         fwd.stop()
-        emulator.stop()
+        emu.stop()
     if depth != n + warmup:
         raise RuntimeError(f"memory: {depth:.0f} events buffered, expected {n + warmup}")
     per_event = (after - before) / n

@@ -15,8 +15,8 @@ if __package__ in (None, ""):  # run as a script: benchmarks/run.py
 
 import aiohttp
 
-from benchmarks import (codec_bench, datagram_bench, direct_bench, drain_bench, intake_bench, latency_bench, machine,
-                        memory_bench, report, sender_bench, wrk)
+from benchmarks import (auth_bench, codec_bench, connection_limits, datagram_bench, direct_bench, drain_bench,
+                        intake_bench, latency_bench, machine, memory_bench, report, sender_bench, wrk)
 from benchmarks.context import Context
 from benchmarks.procs import DRIVER_CORE, ROOT, SERVER_CORE, pin_self, pinning
 
@@ -34,6 +34,8 @@ BENCHMARKS: dict[str, Bench] = {
     "uvloop": lambda ctx: _both(ctx, intake_bench.uvloop_intake, sender_bench.uvloop_sender),
     "codec": codec_bench.codec,
     "drain": drain_bench.drain,
+    "auth": auth_bench.auth,
+    "connections": connection_limits.connections,
     "datagram": datagram_bench.datagram,
 }
 
@@ -78,6 +80,8 @@ def method(use_wrk: bool) -> list[str]:
         "Backlog drain: `forwarder run` (default concurrency and initial_rate) and `forwarder emulator --quota 200`; "
         "40,000 events posted while the emulator answers 503 for 15 s (or to a forwarder that is then stopped "
         "and restarted on its disk buffer); timed from recovery (or restart) until the emulator holds every event.",
+        "intake.auth: three `forwarder run` (auth none, sigv4, token) with the emulator `--down`, alternated; "
+        "sigv4 load is one request pre-signed by botocore before each window and replayed (valid for 5 minutes).",
         f"Logs and configurations of the last run: {LOGS.relative_to(ROOT)}/.",
     ]
 

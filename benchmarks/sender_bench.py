@@ -10,7 +10,8 @@ import sys
 
 from benchmarks import stats
 from benchmarks.context import Context
-from benchmarks.procs import SERVER_CORE, Emulator, run_json
+from benchmarks.procs import SERVER_CORE, emulator, run_json
+from forwarder.testing import EmulatorProcess
 from benchmarks.report import Row, at_least
 
 CONCURRENCY = 8
@@ -18,12 +19,12 @@ TARGET = 0.5
 STRETCH_CALLS = 1000.0
 
 
-async def one(ctx: Context, emulator: Emulator, mode: str, events: int, loop: str = "uvloop") -> dict:
-    before = await emulator.accepted(ctx.session)
-    result = await run_json([sys.executable, "-m", "benchmarks.sender_worker", mode, "--url", emulator.url,
+async def one(ctx: Context, emu: EmulatorProcess, mode: str, events: int, loop: str = "uvloop") -> dict:
+    before = await emu.accepted(ctx.session)
+    result = await run_json([sys.executable, "-m", "benchmarks.sender_worker", mode, "--url", emu.url,
                              "--events", str(events), "--concurrency", str(CONCURRENCY), "--loop", loop],
                             SERVER_CORE, timeout=300)
-    delivered = await emulator.accepted(ctx.session) - before
+    delivered = await emu.accepted(ctx.session) - before
     if delivered != result["events"]:
         raise RuntimeError(f"sender {mode}: the emulator accepted {delivered} events, expected {result['events']}")
     return result
@@ -46,14 +47,14 @@ async def sender(ctx: Context) -> list[Row]:
     rounds, events = ctx.pick(5, 1), ctx.pick(50_000, 2_000)
     modes = ("forwarder", "raw", "sdk")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
-    emulator = await Emulator(ctx.logdir, "--no-record", name="emulator-sender").start(ctx.session)
+    emu = await emulator(ctx.logdir, "--no-record", name="emulator-sender").launch(ctx.session)
     try:
         for mode in modes if not ctx.quick else ():  # warm-up: first-run costs out of the figures
-            await one(ctx, emulator, mode, min(events, 2_000))
+            await one(ctx, emu, mode, min(events, 2_000))
         for _, mode in stats.alternate(modes, rounds):
-            runs[mode].append(await one(ctx, emulator, mode, events))
+            runs[mode].append(await one(ctx, emu, mode, events))
     finally:
-        emulator.stop()
+        emu.stop()
     fwd, raw, sdk = runs["forwarder"], runs["raw"], runs["sdk"]
     r = stats.ratio(med(fwd, "events_per_s"), med(raw, "events_per_s"))
     calls = med(fwd, "calls_per_s")
@@ -86,12 +87,12 @@ async def uvloop_sender(ctx: Context) -> list[Row]:
         return [Row("uvloop", "uvloop vs asyncio, sender", "uvloop not installed", "", None)]
     rounds, events = ctx.pick(3, 1), ctx.pick(50_000, 2_000)
     runs: dict[str, list[dict]] = {"uvloop": [], "asyncio": []}
-    emulator = await Emulator(ctx.logdir, "--no-record", name="emulator-uvloop-sender").start(ctx.session)
+    emu = await emulator(ctx.logdir, "--no-record", name="emulator-uvloop-sender").launch(ctx.session)
     try:
         for _, loop in stats.alternate(list(runs), rounds):
-            runs[loop].append(await one(ctx, emulator, "forwarder", events, loop))
+            runs[loop].append(await one(ctx, emu, "forwarder", events, loop))
     finally:
-        emulator.stop()
+        emu.stop()
     r = stats.ratio(med(runs["uvloop"], "events_per_s"), med(runs["asyncio"], "events_per_s"))
     return [Row("uvloop", "uvloop vs asyncio, sender", "uvloop " + describe(runs["uvloop"]),
                 "asyncio " + describe(runs["asyncio"]), r, notes=["ratio is uvloop / asyncio events/s"])]

@@ -6,6 +6,7 @@ so nothing is scraped from its human-readable report.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from benchmarks.procs import run_json
 SCRIPT = """\
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[%(body)s]==]
+%(headers)swrk.body = [==[%(body)s]==]
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -30,11 +31,13 @@ def available() -> str | None:
     return shutil.which("wrk")
 
 
-def write_script(path: Path, body: bytes) -> Path:
+def write_script(path: Path, body: bytes, headers: dict[str, str] | None = None) -> Path:
+    """A script posting ``body`` with ``headers`` (e.g. a pre-signed Authorization) on every request."""
     text = body.decode()
     if "]==]" in text:
         raise ValueError("body cannot be embedded in a Lua long string")
-    path.write_text(SCRIPT % {"body": text})
+    lines = "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in (headers or {}).items())
+    path.write_text(SCRIPT % {"body": text, "headers": lines})
     return path
 
 

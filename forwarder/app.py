@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from . import config as config_mod
 from . import systemd
+from .auth import CredentialsError, make_authenticator
 from .batcher import Batcher, FlushLoop
 from .buffer import Buffer, MemoryBuffer
 from .client import EvidentlyClient, Transport
@@ -45,7 +46,7 @@ class Forwarder:
     def __init__(self, config: Config, config_path: str | None = None, *,
                  transport: Transport | None = None, credentials: tuple[str, str] | None = None,
                  registry: CollectorRegistry | None = None, process_metrics: bool = True,
-                 rate_controller: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._config_path = config_path
         self.log = structlog.get_logger("forwarder")
@@ -58,14 +59,18 @@ class Forwarder:
             transport = self.client
         ev = config.evidently
         self.limiter = RateLimiter(ev.effective_initial_rate, ev.effective_max_rate,
-                                   rate_controller or ev.rate_controller, clock,
+                                   ev.rate_controller, clock,
                                    on_change=self.observer.rate_changed)
         self.sender = Sender(transport, self.buffer,
                              DeadLetterWriter(config.dead_letter.path, config.dead_letter.max_bytes),
                              self.limiter, self.observer, config.retry, ev.concurrency, Clock(monotonic=clock))
         self.flush_loop = FlushLoop(self.buffer, Batcher(config.batch, clock), self.sender, self.observer, clock)
         self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self.alive,
-                             self.not_ready, self.metrics.registry)
+                             self.not_ready, self.metrics.registry, upstream_connections=ev.concurrency)
+        try:
+            self.auth = self.intake.authenticate = make_authenticator(config.intake, ev.region, self.observer)
+        except CredentialsError as e:
+            raise StartupError(str(e)) from None
         self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer)
         self._metrics_runner: web.AppRunner | None = None
         self._signals = Signals(self.log)
@@ -206,6 +211,9 @@ class Forwarder:
 
     def reload(self) -> None:
         """Re-read the configuration file; apply live keys, report the others."""
+        self.intake.reload_tls()  # certificate rotation needs no configuration change
+        if self.auth is not None:  # intake.credentials_file / token_file: key and token rotation
+            self.auth.reload()
         if self._config_path is None:
             self.log.warning("reload_ignored", reason="no configuration file")
             return

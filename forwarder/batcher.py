@@ -18,6 +18,7 @@ from .buffer import Chunk, Receipt
 from .config import BatchConfig
 from .observability import Observer
 from .retry import RetryReason
+from .wakeup import EARLY
 
 
 class FlushReason(str, enum.Enum):
@@ -111,7 +112,7 @@ class Batcher:
         return min((o.deadline for o in self._open.values()), default=None)
 
     def expired(self) -> list[Batch]:
-        now = self._clock()
+        now = self._clock() + EARLY
         due = [p for p, o in self._open.items() if o.deadline <= now]
         return [self._seal(p, FlushReason.DEADLINE) for p in due]
 

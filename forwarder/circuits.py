@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .retry import circuit_delay, probe_delay
-from .wakeup import Wakeup
+from .wakeup import EARLY, Wakeup
 
 PROBE_WAIT = 0.25  # seconds a batch waits while its project's probe is in flight
 
@@ -45,7 +45,7 @@ class ProjectCircuits:
         circuit = self._circuits.get(project)
         if circuit is None:
             return None
-        now = self._clock()
+        now = self._clock() + EARLY
         if circuit.open_until > now or circuit.probing:
             circuit.held.add(batch_id)
             due = circuit.open_until if circuit.open_until > now else now + PROBE_WAIT
@@ -128,7 +128,7 @@ class Endpoint:
         if self._probing:
             return self._max_interval  # woken early when the probe's answer comes
         wait = self._next_probe - self._clock()
-        if wait > 0:
+        if wait > EARLY:
             return wait
         self._probing = True
         self._probes += 1

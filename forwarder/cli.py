@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from . import config as config_mod
@@ -57,9 +57,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from .emulator import faults_from_args, run_emulator
+    from .emulator.cli import credentials_from_args, faults_from_args, run_emulator
 
-    run_emulator(args.host, args.port, faults_from_args(args))
+    run_emulator(args.host, args.port, faults_from_args(args), credentials_from_args(args), args.region)
     return 0
 
 
@@ -84,7 +84,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         await emulator.start("127.0.0.1", args.emulator_port)
         print(f"emulator: {emulator.url} (what it received: {emulator.url}/_emulator/events)", flush=True)
         print(f"forwarder: http://127.0.0.1:{args.port}  try:\n  curl -s -XPOST "
-              f"http://127.0.0.1:{args.port}/events/projects/demo "
+              f"http://127.0.0.1:{args.port}/events/projects/demo -H 'Content-Type: application/json' "
               "-d '{\"events\":[{\"data\":{\"hello\":\"world\"}}]}'", flush=True)
         try:
             return await serve(config, None, credentials=("local", "local"))
@@ -108,10 +108,40 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if report.rejected == 0 and report.unreadable_lines == 0 else 1
 
 
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand whose flags may be added only when it is used (``flags``).
+
+    So that ``forwarder run`` never imports the emulator for the emulator's flags.
+    """
+
+    def __init__(self, *args: Any, flags: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._flags = flags
+
+    def _add_flags(self) -> None:
+        flags, self._flags = self._flags, None
+        if flags is not None:
+            flags(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._add_flags()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._add_flags()
+        return super().format_help()
+
+
+def _emulator_flags(parser: argparse.ArgumentParser) -> None:
+    from .emulator.cli import add_cli_arguments
+    add_cli_arguments(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forwarder", description=__doc__)
     parser.add_argument("--version", action="version", version=f"forwarder {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Subcommand)
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--config", help="TOML file (defaults and FORWARDER_* variables without it)")
@@ -121,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="TOML file")
     check.set_defaults(func=cmd_check_config)
 
-    from .emulator import add_cli_arguments
-    emulator = sub.add_parser("emulator", help="a local Evidently PutProjectEvents server")
-    add_cli_arguments(emulator)
+    emulator = sub.add_parser("emulator", help="a local Evidently PutProjectEvents server", flags=_emulator_flags)
     emulator.set_defaults(func=cmd_emulator)
 
     dev = sub.add_parser("dev", help="the daemon on local defaults with an in-process emulator")

@@ -195,7 +195,7 @@ class EvidentlyClient:
         request = create_request_object(params)
         await request_signer.sign(model.name, request)
         # Sent as signed; AWSRequest.prepare() would only copy the headers again
-        # and add the Content-Length aiohttp sets anyway (~6% of a call).
+        # and add the Content-Length aiohttp sets anyway (docs/architecture.md, "The client").
         url = yarl.URL(request.url, encoded=True)
         async with self._http.post(url, data=body, headers=dict(request.headers.items()),  # type: ignore[union-attr]
                                    proxy=self._proxy(url)) as resp:
@@ -210,7 +210,7 @@ class EvidentlyClient:
 
     def _proxy(self, url: yarl.URL) -> str | None:
         # HTTPS_PROXY / NO_PROXY as botocore honours them, looked up once per host:
-        # aiohttp's trust_env does it per request in a thread (~20% of a call's CPU).
+        # aiohttp's trust_env does it per request in a thread (docs/architecture.md, "The client").
         key = (url.scheme, url.host or "")
         if key not in self._proxies:
             bypass = urllib.request.proxy_bypass_environment(key[1])

@@ -38,6 +38,21 @@ class IntakeConfig:
     port: int = 8080
     max_body_bytes: int = 1_048_576
     max_events_per_request: int = 500
+    auth: str = "none"  # "none", "sigv4" (against credentials_file) or "token" (against token_file)
+    credentials_file: str = ""  # AWS shared-credentials file: one profile per accepted key pair
+    token_file: str = ""  # one bearer token per line
+    allow_unauthenticated: bool = False  # auth = "none" on a non-loopback host, on purpose
+    # Listeners. port = -1: no TCP listener (the Unix socket only).
+    unix_socket: str = ""  # path; "": none
+    unix_socket_mode: str = "0660"  # octal permission bits of the socket file
+    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the TCP listener speaks TLS 1.2+
+    tls_key_file: str = ""
+    # Connections (forwarder/server.py).
+    max_connections: int = 4096  # lowered at start to fit RLIMIT_NOFILE
+    idle_timeout: float = 60.0  # seconds a connection may wait for its next request's headers to complete
+    header_timeout: float = 10.0  # seconds from a request's first byte to the end of its headers
+    body_timeout: float = 30.0  # seconds from the end of the headers to the end of the body
+    max_header_bytes: int = 32_768  # request line and headers of one request, in total
     # The datagram intake (forwarder/datagram.py): one sendto per event, no answer.
     datagram_socket: str = ""  # path of a Unix datagram socket; "": none
     datagram_socket_mode: str = "0660"  # octal permission bits of the socket file
@@ -212,7 +227,7 @@ def _env_values(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[Any, 
     return out
 
 
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string"}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
 def _parse_env(var: str, key: str, typ: Any, text: str) -> Any:
@@ -222,7 +237,9 @@ def _parse_env(var: str, key: str, typ: Any, text: str) -> Any:
             return int(text)
         if typ == "float":
             return float(text)
-    except ValueError:
+        if typ == "bool":
+            return {"true": True, "false": False}[text.lower()]
+    except (ValueError, KeyError):
         raise ConfigError(f"{key} must be {_TYPE_NAMES.get(typ, typ)}, got {text!r} (set by {var})") from None
     return text
 
@@ -244,7 +261,7 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
 
 def _is_type(value: Any, want: str) -> bool:
     if isinstance(value, bool):
-        return False
+        return want == "bool"
     return {"int": int, "float": float, "str": str}.get(want, object) is type(value) or (
         want == "float" and isinstance(value, float)
     )
@@ -271,12 +288,49 @@ def _rate(key: str, value: float) -> None:
            f"{key} must be 0 (the default) or at least {MIN_RATE} requests/s (the limiter's floor), got {value}")
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether intake.host only accepts connections from this machine (a name other than localhost might not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _validate(c: Config) -> None:
     _check(bool(c.intake.host.strip()),
            "intake.host must not be empty; name an address (0.0.0.0 listens on every IPv4 address)")
-    _range("intake.port", c.intake.port, 0, 65535)
+    _range("intake.port", c.intake.port, -1, 65535)
+    _check(c.intake.port != -1 or bool(c.intake.unix_socket),
+           "intake.port = -1 (no TCP listener) needs intake.unix_socket")
+    _check(len(os.fsencode(c.intake.unix_socket)) < 108,
+           f"intake.unix_socket must be shorter than 108 bytes, got {len(os.fsencode(c.intake.unix_socket))}")
+    _check(_octal_mode(c.intake.unix_socket_mode) is not None,
+           f"intake.unix_socket_mode must be octal permission bits like \"0660\", got {c.intake.unix_socket_mode!r}")
+    _check(bool(c.intake.tls_cert_file) == bool(c.intake.tls_key_file),
+           "intake.tls_cert_file and intake.tls_key_file must be set together")
+    _check(not c.intake.tls_cert_file or c.intake.port != -1,
+           "intake.tls_cert_file applies to the TCP listener, and intake.port is -1")
+    _range("intake.max_connections", c.intake.max_connections, 1)
+    _check(0 < c.intake.idle_timeout <= 3600,
+           f"intake.idle_timeout must be between 0 (exclusive) and 3600 seconds, got {c.intake.idle_timeout}")
+    _check(0 < c.intake.header_timeout <= 3600,
+           f"intake.header_timeout must be between 0 (exclusive) and 3600 seconds, got {c.intake.header_timeout}")
+    _check(0 < c.intake.body_timeout <= 3600,
+           f"intake.body_timeout must be between 0 (exclusive) and 3600 seconds, got {c.intake.body_timeout}")
+    _range("intake.max_header_bytes", c.intake.max_header_bytes, 4096, 1_048_576)
     _range("intake.max_body_bytes", c.intake.max_body_bytes, 1024)
     _range("intake.max_events_per_request", c.intake.max_events_per_request, 1)
+    _choice("intake.auth", c.intake.auth, ("none", "sigv4", "token"))
+    _check(c.intake.auth != "sigv4" or bool(c.intake.credentials_file),
+           "intake.credentials_file must be set when intake.auth is 'sigv4'")
+    _check(c.intake.auth != "token" or bool(c.intake.token_file),
+           "intake.token_file must be set when intake.auth is 'token'")
+    _check(c.intake.auth != "none" or is_loopback_host(c.intake.host) or c.intake.allow_unauthenticated,
+           f"intake.host = {c.intake.host!r} is not a loopback address and intake.auth is 'none': anyone who reaches "
+           "it could write events into your Evidently projects; set intake.auth = 'sigv4' or 'token', or "
+           "intake.allow_unauthenticated = true to run it open on purpose")
     _validate_datagram(c.intake)
     _range("metrics.port", c.metrics.port, 0, 65535)
     _choice("buffer.type", c.buffer.type, ("memory", "disk"))
@@ -300,7 +354,7 @@ def _validate(c: Config) -> None:
     _check(c.evidently.initial_rate <= c.evidently.effective_max_rate,
            f"evidently.initial_rate ({c.evidently.initial_rate}) must not exceed evidently.max_rate "
            f"({c.evidently.effective_max_rate})")
-    _choice("evidently.rate_controller", c.evidently.rate_controller, CONTROLLERS)
+    _choice("evidently.rate_controller", c.evidently.rate_controller, tuple(CONTROLLERS))  # registered ones included
     _check(c.evidently.request_timeout > 0, f"evidently.request_timeout must be above 0, got {c.evidently.request_timeout}")
     _check(c.retry.max_elapsed > 0, f"retry.max_elapsed must be above 0, got {c.retry.max_elapsed}")
     _check(c.retry.initial_backoff > 0, f"retry.initial_backoff must be above 0, got {c.retry.initial_backoff}")
@@ -350,6 +404,14 @@ def merge_live(old: Config, new: Config) -> Config:
         changes.setdefault(section, {})[name] = getattr(getattr(new, section), name)
     return dataclasses.replace(old, **{section: dataclasses.replace(getattr(old, section), **values)
                                        for section, values in changes.items()})
+
+
+def _octal_mode(text: str) -> int | None:
+    """``"0660"`` -> 0o660; None unless 3 or 4 octal digits within 0o777."""
+    if not 3 <= len(text) <= 4 or any(ch not in "01234567" for ch in text):
+        return None
+    mode = int(text, 8)
+    return mode if mode <= 0o777 else None
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from .buffer import Bounded, Bounds, BufferFull, Chunk, Receipt, resolve
 from .config import BufferConfig
-from .diskstore import DB_NAME, Append, Connect, Cycled, Store, connect
+from .diskstore import DB_NAME, Append, Connect, Cycled, DiskFull, Store, connect
 from .observability import Observer
 from .wakeup import Wakeup
 
@@ -284,13 +284,19 @@ class DiskBuffer(Bounded):
     def _cycle_failed(self, error: Exception, work: _Queue) -> None:
         self._in_cycle = None
         self._observer.buffer_write_failed(self.file, repr(error), len(work.appends), len(work.acks))
+        full = isinstance(error, DiskFull)
+        if full:
+            self.progress.disk_full_until = self._clock() + DISK_FULL_RETRY
         for p in work.appends:
             self._bounds.remove(len(p.append.events), p.size)
-            _resolve(p.done, error)
+            _resolve(p.done, BufferFull(DISK_FULL_RETRY_AFTER) if full else error)
         if not self._closing:
             self._queue.acks.extend(work.acks)  # an ack must not be lost because of a transient error
         if work.reader is not None:
-            _resolve(work.reader, error)  # the flush loop stops loudly; a restart re-checks the file
+            if full and not self._closing and self._queue.reader is None:
+                self._queue.reader = work.reader  # read again once deleting fits
+            else:
+                _resolve(work.reader, error)  # the flush loop stops loudly; a restart re-checks the file
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

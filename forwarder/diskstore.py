@@ -23,6 +23,7 @@ LEDGER_NAME = "buffer.ledger"  # the highest id ever committed, rewritten after 
 RESERVE_NAME = "buffer.reserve"  # space given back to SQLite when the disk fills, so that acks still commit
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is truncated to after a checkpoint
 CHECKPOINT_INTERVAL = 1.0  # seconds: the backlog reaches the database file, not only the WAL
+FULL_DISK_ACKS = 500  # ids deleted per transaction on a full disk, so that each fits in what the reserve left
 # Error names that mean the file is damaged; anything else (locked, cannot
 # open, I/O error) is the environment's problem and must not cost the data.
 _DAMAGE = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
@@ -40,6 +41,10 @@ Connect = Callable[[str], sqlite3.Connection]
 
 def connect(file: str) -> sqlite3.Connection:
     return sqlite3.connect(file, isolation_level=None)
+
+
+class DiskFull(OSError):
+    """Not even deleting rows fits on the disk; the cycle is tried again later."""
 
 
 class Damaged(Exception):
@@ -93,6 +98,7 @@ class Store:
         self._cursor = 0
         self._persisted_read = 0  # meta.max_read
         self._disk_full = False
+        self._reserve_size = 0  # bytes; chosen at open from the file system's size
         self._displaced = ""
         self._commits = 0
         self._checkpointed = clock()
@@ -102,6 +108,8 @@ class Store:
     def open(self) -> Opened:
         os.makedirs(self.directory, exist_ok=True)
         self._take_lock()
+        stat = os.statvfs(self.directory)
+        self._reserve_size = min(8 << 20, max(1 << 20, stat.f_blocks * stat.f_frsize // 16))
         lost = _read_ledger(os.path.join(self.directory, LEDGER_NAME))
         try:
             opened = self._connect()
@@ -152,7 +160,13 @@ class Store:
             raise OSError(f"{self.file}: SQLite cannot use WAL mode on this file system")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        # The pages a checkpoint may add to the file stay well inside the reserve,
+        # so a checkpoint after the disk filled always has room to complete.
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, self._reserve_size // page_size // 4)}")
         if fresh:
+            # Incremental vacuum lets a full disk get back the pages of delivered rows.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             with transaction(conn):
                 for statement in _SCHEMA:
                     conn.execute(statement)
@@ -160,6 +174,9 @@ class Store:
         self._identity = (stat.st_dev, stat.st_ino)
         rows, nbytes, max_id = conn.execute(
             "SELECT count(*), coalesce(sum(length(body)), 0), coalesce(max(id), 0) FROM events").fetchone()
+        if rows == 0 and conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # a file from an older version, empty: cheap to convert
+            conn.execute("VACUUM")
         max_read = conn.execute("SELECT value FROM meta WHERE key = 'max_read'").fetchone()[0]
         # Ids keep growing past max_read even if every row was deleted, so a
         # new row is never mistaken for one the previous run had sent.
@@ -202,22 +219,26 @@ class Store:
         assert conn is not None
         if not self._displaced:
             self._displaced = self._check_identity()
-        insert = appends and not self._displaced
-        try:
-            chunks = self._transaction(appends if insert else [], acks, read)
-            appended = bool(insert)
-            if insert:
-                self._disk_full = False
-                self._reserve()
-        except sqlite3.OperationalError as e:
-            if getattr(e, "sqlite_errorname", "") != "SQLITE_FULL":
-                raise
-            # Deleting must work when inserting cannot: give SQLite the reserved
-            # space back and commit the acks and the read without the appends.
-            self._disk_full, appended = True, False
-            self._release_reserve()
-            chunks = self._transaction([], acks, read)
-            self._checkpoint("TRUNCATE")
+        insert = bool(appends) and not self._displaced
+        if insert and not self._reserve():
+            # Without the reserve a failed insert would leave no room to delete rows:
+            # refuse appends until delivered rows give their space back.
+            insert, self._disk_full = False, True
+        if self._disk_full and not insert:
+            chunks, appended = self._on_full_disk(acks, read), False
+        else:
+            try:
+                chunks = self._transaction(appends if insert else [], acks, read)
+                appended = insert
+                self._disk_full = self._disk_full and not insert
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorname", "") != "SQLITE_FULL":
+                    raise
+                # Deleting must work when inserting cannot: give SQLite the reserved
+                # space back and commit the acks and the read without the appends.
+                self._disk_full, appended = True, False
+                self._release_reserve()
+                chunks = self._on_full_disk(acks, read)
         if self._clock() - self._checkpointed >= CHECKPOINT_INTERVAL:
             self._checkpoint("PASSIVE")
         return Cycled(self._max_id, self._cursor, chunks, self._oldest_unread(), appended, self._disk_full,
@@ -249,6 +270,20 @@ class Store:
         if appends:
             self._write_ledger()
         return chunks
+
+    def _on_full_disk(self, acks: list[int], read: bool) -> list[Chunk]:
+        """Acks and the read with no room to spare: small transactions, the WAL emptied between them."""
+        try:
+            self._checkpoint("TRUNCATE")
+            for i in range(0, len(acks), FULL_DISK_ACKS):
+                self._transaction([], acks[i:i + FULL_DISK_ACKS], False)
+                self._checkpoint("TRUNCATE")
+            return self._transaction([], [], read)
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorname", "") != "SQLITE_FULL":
+                raise
+            # Deleting an id twice is harmless: the caller tries every ack again later.
+            raise DiskFull(f"{self.file}: the disk is full even for deleting delivered rows") from e
 
     def _check_identity(self) -> str:
         """Why the file at buffer.path is no longer the one this run holds, or ""."""
@@ -302,20 +337,32 @@ class Store:
         if self._ledger_fd is not None:
             os.pwrite(self._ledger_fd, b"%020d\n" % self._max_id, 0)
 
-    def _reserve(self) -> None:
+    def _reserve(self) -> bool:
+        """Make sure ``buffer.reserve`` holds its space; False when the disk has no room for it."""
         path = os.path.join(self.directory, RESERVE_NAME)
         if os.path.exists(path):
-            return
-        stat = os.statvfs(self.directory)
-        size = min(8 << 20, max(256 << 10, stat.f_blocks * stat.f_frsize // 16))
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            return True
+        for attempt in range(2):
             try:
-                os.posix_fallocate(fd, 0, size)
-            finally:
-                os.close(fd)
-        except OSError:
-            self._release_reserve()  # no room for it yet: retried after the next successful append
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, self._reserve_size)
+                finally:
+                    os.close(fd)
+                return True
+            except OSError:
+                self._release_reserve()
+                if attempt == 0:
+                    self._reclaim()
+        return False
+
+    def _reclaim(self) -> None:
+        """Give the pages of deleted rows back to the file system."""
+        try:
+            self._conn.execute("PRAGMA incremental_vacuum")  # type: ignore[union-attr]
+        except sqlite3.OperationalError:
+            return  # no room even for that yet; tried again at the next insert
+        self._checkpoint("TRUNCATE")
 
     def _release_reserve(self) -> None:
         try:

@@ -10,7 +10,8 @@ Raw JSON bytes cost about 264 B per ~220 B event where json.loads dicts cost
 from __future__ import annotations
 
 import math
-from datetime import datetime
+import re
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
 import msgspec
@@ -19,9 +20,16 @@ import orjson
 from .protocol import DEFAULT_EVENT_TYPE, EVENT_TYPES
 
 _FIELDS = frozenset(("data", "timestamp", "type"))
-_EVENT_TYPES = frozenset(EVENT_TYPES)
+# A tuple, not a set: membership compares, so an unhashable value (a list) is just not a type.
+_EVENT_TYPES = tuple(EVENT_TYPES)
 # Epoch seconds beyond this are almost surely milliseconds (year 5138).
 _MAX_TIMESTAMP = 1e11
+_RANGE = "between 0 (1970-01-01T00:00:00Z) and 1e11 (5138-11-16T09:46:40Z)"
+# RFC 3339 section 5.6 date-time, nothing else ISO 8601 allows (week dates,
+# basic format, a missing offset): fromisoformat alone takes all of those.
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:([Zz])|([+-])(\d{2}):(\d{2}))", re.ASCII)
+_UTC = timezone.utc
 
 
 class _WireEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -67,7 +75,10 @@ def encode_event(event: object, index: int, now: float) -> bytes:
 
 def _data(data: object, index: int) -> str:
     if type(data) is dict:
-        return orjson.dumps(data).decode()
+        try:
+            return orjson.dumps(data).decode()
+        except orjson.JSONEncodeError:  # orjson writes at most 255 levels of nesting
+            raise EventError(f"events[{index}].data nests too deeply (at most 255 levels)") from None
     if type(data) is str:
         try:
             parsed = orjson.loads(data)
@@ -86,7 +97,7 @@ def _timestamp(ts: object, index: int, now: float) -> float | int:
     kind = type(ts)
     if kind is int or kind is float:
         if not (0 <= ts < _MAX_TIMESTAMP) or (kind is float and not math.isfinite(ts)):  # type: ignore[operator]
-            raise EventError(f"events[{index}].timestamp must be epoch seconds between 0 and 1e11, got {ts!r}")
+            raise EventError(f"events[{index}].timestamp must be epoch seconds {_RANGE}, got {ts!r}")
         return ts  # type: ignore[return-value]
     if kind is str:
         return _rfc3339(ts, index)  # type: ignore[arg-type]
@@ -94,16 +105,37 @@ def _timestamp(ts: object, index: int, now: float) -> float | int:
 
 
 def _rfc3339(text: str, index: int) -> float:
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None or "T" not in text.upper():
+    """Epoch seconds of an RFC 3339 date-time, under the same range rule as numbers."""
+    seconds = rfc3339_seconds(text)
+    if seconds is None:
         raise EventError(
             f"events[{index}].timestamp {text[:40]!r} is not an RFC 3339 date-time with an offset "
             "(e.g. 2026-11-26T12:00:00Z)"
         )
-    return parsed.timestamp()
+    if not 0 <= seconds < _MAX_TIMESTAMP:
+        raise EventError(f"events[{index}].timestamp {text[:40]!r} is not {_RANGE}")
+    return seconds
+
+
+def rfc3339_seconds(text: str) -> float | None:
+    """Epoch seconds of an RFC 3339 date-time (leap second included), or None if it is not one."""
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+    offset = 0
+    if not m.group(8):
+        offset_hours, offset_minutes = int(m.group(10)), int(m.group(11))
+        if offset_hours > 23 or offset_minutes > 59:
+            return None
+        offset = (offset_hours * 60 + offset_minutes) * (60 if m.group(9) == "+" else -60)
+    leap = second == 60  # 23:59:60 exists in RFC 3339; datetime has no such second
+    try:
+        moment = datetime(year, month, day, hour, minute, 59 if leap else second, tzinfo=_UTC)
+    except ValueError:  # month 13, February 30, year 0, hour 24, ...
+        return None
+    fraction = float(m.group(7)) if m.group(7) else 0.0
+    return moment.timestamp() - offset + leap + fraction
 
 
 def _type(value: object, index: int) -> str:
@@ -131,7 +163,9 @@ def encode_wire_body(body: bytes, now: float) -> list[bytes] | None:
     """
     try:
         events = _decode_wire_body(body).events
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # msgspec raises UnicodeDecodeError on invalid UTF-8 inside a string and
+        # RecursionError on deep nesting: both are the general path's to name.
         return None
     if not _data_are_objects([e.data for e in events]):
         return None
@@ -163,7 +197,7 @@ def _data_are_objects(datas: list[str]) -> bool:
         return False
     try:
         raws = _decode_raw_values(f"[{joined}]")
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # deep nesting: the general path names the event
         return False
     return len(raws) == len(datas) and all(
         len(raw) == len(data) and data[:1] == "{" for raw, data in zip(raws, datas))

@@ -3,31 +3,53 @@
 It answers as soon as the events are in the buffer (committed, for the disk
 buffer). Each request's events are taken all or none by the buffer; the 200
 reports per-event results in request order, so one bad event never costs the
-good ones beside it. SigV4 headers are accepted and not checked: a boto3
-``evidently`` client pointed here with ``inject_host_prefix=False`` just works.
+good ones beside it. A boto3 ``evidently`` client pointed here with
+``inject_host_prefix=False`` just works; its SigV4 signature is checked when
+``intake.auth = "sigv4"`` (auth.py), and ignored otherwise. Every answer, 200s
+included, carries ``x-amzn-RequestId``; every error answer is AWS style and
+counted in ``forwarder_events_rejected_total{reason}``.
+
+Listeners (TCP, TLS, a Unix socket) are in listeners.py; connection limits,
+timeouts and header bounds in server.py; the header checks a POST passes before
+its body is read in intake_checks.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import resource
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Protocol
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
+from multidict import istr
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .intake_checks import ContentTypes, HostCheck, Refusal, browser_refusal, decode_body
 from .buffer import Buffer, BufferFull
 from .config import IntakeConfig
 from .events import (WIRE_FAST_PATH_MIN_BYTES, EventError, encode_all, encode_wire_body, ndjson_events,
                      request_events)
+from .listeners import ListenerError, TlsCertificates, UnixSocket, bind_tcp, bind_unix, is_loopback
 from .observability import Observer
-from .protocol import PUT_PATH_PREFIX, ProtocolError, error_response, project_error, project_from_raw_path
+from .protocol import PUT_PATH_PREFIX, ProtocolError, error_response, project_error, project_from_raw_path, request_id
+from .server import MIN_CONNECTIONS, BodyTimeout, Connections, Limits, connection_limit
 
-NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines"})
+REQUEST_ID = istr("x-amzn-RequestId")  # istr: multidict skips case-folding it on every answer
 PROJECT_CACHE_SIZE = 1024  # validated request paths kept (parsing one is ~1.5 us)
+CLOSE_TIMEOUT = 5.0  # seconds requests in progress get to finish when the listeners close
+
+
+class Authenticator(Protocol):
+    """What intake.auth plugs in: None to let a request through, or the answer refusing it."""
+
+    def __call__(self, request: web.BaseRequest, body: bytes) -> web.Response | None: ...
 
 
 class _EventIds:
@@ -66,15 +88,17 @@ class _EventIds:
 def metrics_response(registry: CollectorRegistry) -> web.Response:
     resp = web.Response(body=generate_latest(registry))
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    resp.headers[REQUEST_ID] = request_id()
     return resp
 
 
 class Intake:
-    """The HTTP server on ``intake.host:intake.port`` and its routes."""
+    """The HTTP server on the configured listeners and its routes."""
 
     def __init__(self, config: IntakeConfig, default_project: str, buffer: Buffer, observer: Observer,
                  alive: Callable[[], bool], not_ready: Callable[[], str | None],
-                 registry: CollectorRegistry | None, wall: Callable[[], float] = time.time) -> None:
+                 registry: CollectorRegistry | None, wall: Callable[[], float] = time.time,
+                 upstream_connections: int = 0) -> None:
         self._config = config
         self._default_project = default_project
         self._buffer = buffer
@@ -83,71 +107,161 @@ class Intake:
         self._not_ready = not_ready
         self._registry = registry
         self._wall = wall
+        self._upstream = upstream_connections
         self._ids = _EventIds()
         self._projects: dict[str, str] = {}  # raw path -> validated project
+        self._content_types = ContentTypes()
+        self._hosts = HostCheck(config.host)
         self.accepting = True
+        # Authentication (intake.auth) plugs in here: called with the raw body
+        # (SigV4 signs its hash) after the header checks and before anything is
+        # decoded or buffered.
+        self.authenticate: Authenticator | None = None
         self._gets = {"/healthz": self._healthz, "/readyz": self._readyz}
         if registry is not None:
             self._gets["/metrics"] = self._metrics
-        self._runner: web.ServerRunner | None = None
+        self._connections: Connections | None = None
+        self._unix: UnixSocket | None = None
+        self._tls: TlsCertificates | None = None
         self.port = 0
 
     async def start(self) -> int:
-        """Listen; returns the bound port (useful with port 0)."""
+        """Listen; returns the bound TCP port (useful with port 0), 0 without a TCP listener."""
         # aiohttp's low-level server with our own routing: a bare web.Application
         # handler costs ~42 us of CPU per single-event request on our 2-core
         # machine, the same handler on web.Server ~32 us (no router, middleware
         # chain or per-request web.Request with match info). Six fixed routes need
         # none of that.
         self._loop = asyncio.get_running_loop()
-        server = web.Server(self._route, request_factory=self._make_request)
-        self._runner = web.ServerRunner(server, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._config.host, self._config.port, reuse_address=True)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        c = self._config
+        limits = Limits(self._connection_limit(), c.idle_timeout, c.header_timeout, c.body_timeout,
+                        c.max_header_bytes)
+        self._connections = connections = Connections(limits, self._observer)
+        metrics = self._observer.metrics
+        metrics.intake_connections.set_function(lambda: connections.count)
+        metrics.intake_connection_limit.set(limits.max_connections)
+        try:
+            if c.port != -1:
+                self._tls = TlsCertificates(c.tls_cert_file, c.tls_key_file) if c.tls_cert_file else None
+                sockets = bind_tcp(c.host, c.port)
+                self.port = sockets[0].getsockname()[1]
+                server = self._server(check_host=is_loopback(sockets))
+                for sock in sockets:
+                    connections.listen(sock, server, self._tls.context if self._tls else None)
+            if c.unix_socket:
+                self._unix = bind_unix(c.unix_socket, int(c.unix_socket_mode, 8))
+                connections.listen(self._unix.sock, self._server(check_host=False), None)
+        except BaseException:
+            await self.close()
+            raise
+        connections.start()
+        self._observer.log.info("intake_listening", host=c.host if c.port != -1 else None, port=self.port or None,
+                                tls=self._tls is not None, unix_socket=c.unix_socket or None,
+                                max_connections=limits.max_connections)
         return self.port
 
-    def _make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:  # type: ignore[no-untyped-def]
+    @property
+    def connections(self) -> Connections | None:
+        """The open connections (None before start and after close)."""
+        return self._connections
+
+    def _connection_limit(self) -> int:
+        configured = self._config.max_connections
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            return configured
+        limit = connection_limit(configured, nofile, self._upstream)
+        if limit < min(configured, MIN_CONNECTIONS):
+            raise ListenerError(f"intake.max_connections: the open-file limit (RLIMIT_NOFILE {nofile}) leaves room "
+                                f"for {limit} connections; raise it (ulimit -n, LimitNOFILE=)")
+        if limit < configured:
+            self._observer.log.warning("connection_limit_lowered", configured=configured, applied=limit,
+                                       rlimit_nofile=nofile)
+        return limit
+
+    def _server(self, check_host: bool) -> web.Server:
+        return web.Server(functools.partial(self._route, check_host), request_factory=self._make_request)
+
+    def _make_request(self, message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
+        self._connections.touch(protocol)  # type: ignore[union-attr]
         return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
                                client_max_size=self._config.max_body_bytes)
 
-    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
-        method, path = request.method, request.path
+    def reload_tls(self) -> bool:
+        """Re-read intake.tls_cert_file and intake.tls_key_file (SIGHUP); keeps the old pair on error."""
+        if self._tls is None:
+            return False
+        try:
+            self._tls.reload()
+        except ListenerError as e:
+            self._observer.log.error("reload_failed", error=str(e))
+            return False
+        self._observer.log.info("tls_reloaded", cert_file=self._tls.cert_file, key_file=self._tls.key_file)
+        return True
+
+    async def _route(self, check_host: bool, request: web.BaseRequest) -> web.StreamResponse:
         # One coroutine per request from here on: each nested handler coroutine
         # cost ~0.4 us of a ~50 us single-event request.
-        if path.startswith(PUT_PATH_PREFIX) or path == "/events/projects":
-            if method == "POST":
-                project = self._project(request.raw_path)
-                if type(project) is not str:
-                    return project  # type: ignore[return-value]
-                return await self._accept(request, project, ndjson=False)  # type: ignore[arg-type]
-        elif path == "/events":
-            if method == "POST":
-                if project_error(self._default_project) is not None:
-                    self._observer.events_rejected("validation", 1)
-                    return error_response(400, "ValidationException",
-                                          "project is required: POST /events/projects/{project}, or set "
-                                          "evidently.default_project to use POST /events")
-                return await self._accept(request, self._default_project,
-                                          ndjson=request.content_type in NDJSON_TYPES)
-        elif path in self._gets:
-            if method in ("GET", "HEAD"):
-                return await self._gets[path](request)
-            return error_response(405, "MethodNotAllowedException", f"{method} {path}: use GET", {"Allow": "GET, HEAD"})
-        else:
-            return error_response(404, "UnknownOperationException", f"no operation at {path}")
-        return error_response(405, "MethodNotAllowedException", f"{method} {path}: use POST", {"Allow": "POST"})
+        try:
+            if check_host:
+                self._hosts.check(request.headers.get(hdrs.HOST))
+            method, path = request.method, request.path
+            if request.raw_path[:1] != "/":
+                self._observer.events_rejected("validation", 1)
+                return error_response(400, "ValidationException",
+                                      f"the request target must be a path such as {PUT_PATH_PREFIX}{{project}}, "
+                                      f"got {request.raw_path[:100]!r} (absolute-form targets are for proxies)")
+            if path.startswith(PUT_PATH_PREFIX) or path == "/events/projects":
+                if method == "POST":
+                    project = self._project(request.raw_path)
+                    if type(project) is not str:
+                        return project  # type: ignore[return-value]
+                    return await self._accept(request, project)  # type: ignore[arg-type]
+            elif path == "/events":
+                if method == "POST":
+                    if project_error(self._default_project) is not None:
+                        self._observer.events_rejected("validation", 1)
+                        return error_response(400, "ValidationException",
+                                              "project is required: POST /events/projects/{project}, or set "
+                                              "evidently.default_project to use POST /events")
+                    return await self._accept(request, self._default_project)
+            elif path in self._gets:
+                if method in ("GET", "HEAD"):
+                    return await self._gets[path](request)
+                self._observer.events_rejected("unknown_operation", 1)
+                return error_response(405, "MethodNotAllowedException", f"{method} {path}: use GET",
+                                      {"Allow": "GET, HEAD"})
+            else:
+                self._observer.events_rejected("unknown_operation", 1)
+                return error_response(404, "UnknownOperationException", f"no operation at {path}")
+            self._observer.events_rejected("unknown_operation", 1)
+            return error_response(405, "MethodNotAllowedException", f"{method} {path}: use POST", {"Allow": "POST"})
+        except Refusal as e:
+            self._observer.events_rejected(e.reason, 1)
+            response = error_response(e.status, e.error_type, e.message)
+            if e.status == 408:  # the rest of that body is not awaited
+                response.force_close()
+            return response
+        except ConnectionError:  # the client left: aiohttp drops the connection quietly
+            raise
+        except Exception as e:  # a bug: still an AWS-style answer, and a (rate-limited) traceback
+            self._observer.events_rejected("internal_error", 1)
+            self._observer.limited("error", "intake_internal_error", error=repr(e), exc_info=e)
+            return error_response(500, "InternalServerException",
+                                  f"the forwarder failed on this request ({type(e).__name__}); see its log")
 
     def stop_accepting(self) -> None:
         """New events get 503 from now on; health and metrics keep answering."""
         self.accepting = False
 
     async def close(self) -> None:
-        """Stop listening (idempotent)."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        """Stop listening, let requests in progress finish, remove the Unix socket (idempotent)."""
+        connections, self._connections = self._connections, None
+        if connections is not None:
+            await connections.close(CLOSE_TIMEOUT)
+        unix, self._unix = self._unix, None
+        if unix is not None:
+            unix.remove()
 
     # handlers
 
@@ -165,23 +279,41 @@ class Intake:
             self._projects[raw_path] = project
         return project
 
-    async def _accept(self, request: web.BaseRequest, project: str, ndjson: bool) -> web.Response:
+    async def _accept(self, request: web.BaseRequest, project: str) -> web.Response:
         if not self.accepting:
             self._observer.events_rejected("draining", 1)
             return error_response(503, "ServiceUnavailableException", "the forwarder is shutting down",
                                   {"Retry-After": "5"})
+        headers = request.headers
+        origin = headers.get(hdrs.ORIGIN)
+        if origin is not None:
+            raise browser_refusal(origin)
+        content_type = headers.get(hdrs.CONTENT_TYPE)
+        kind = self._content_types.known.get(content_type) or self._content_types.kind(content_type)
+        ndjson = kind == "ndjson"
         limit = self._config.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
             self._observer.events_rejected("body_too_large", 1)
             return error_response(413, "PayloadTooLargeException",
                                   f"the request body is {length} bytes; intake.max_body_bytes is {limit}")
-        try:
+        try:  # inline, not a helper coroutine: each nested coroutine costs ~0.4 us per request
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:  # no Content-Length: read() enforces client_max_size
-            self._observer.events_rejected("body_too_large", 1)
-            return error_response(413, "PayloadTooLargeException",
-                                  f"the request body exceeds intake.max_body_bytes ({limit})")
+            raise Refusal(413, "PayloadTooLargeException", f"the request body exceeds intake.max_body_bytes ({limit})",
+                          "body_too_large") from None
+        except BodyTimeout as e:  # set by the connection sweep (server.py), which then closes the connection
+            raise Refusal(408, "RequestTimeoutException", str(e), "body_timeout") from None
+        except (RequestPayloadError, HttpProcessingError) as e:  # e.g. a malformed chunked encoding
+            raise Refusal(400, "BadRequestException", f"the request body could not be read: {e}",
+                          "malformed_http") from None
+        if self.authenticate is not None:
+            denied = self.authenticate(request, body)
+            if denied is not None:
+                return denied
+        encoding = headers.get(hdrs.CONTENT_ENCODING)
+        if encoding is not None:
+            body = decode_body(body, encoding, limit)
         now = self._wall()
         fast = not ndjson and len(body) >= WIRE_FAST_PATH_MIN_BYTES
         encoded = encode_wire_body(body, now) if fast else None
@@ -220,7 +352,9 @@ class Intake:
             self._observer.events_received(len(encoded))
         if errors:
             self._observer.events_rejected("validation", len(errors))
-        return web.Response(body=self._results(n, errors), content_type="application/json")
+        response = web.Response(body=self._results(n, errors), content_type="application/json")
+        response.headers[REQUEST_ID] = request_id()
+        return response
 
     def _results(self, n: int, errors: list[tuple[int, str]]) -> bytes:
         if not errors:
@@ -235,15 +369,23 @@ class Intake:
         return orjson.dumps({"eventResults": results, "failedEventCount": len(errors)})
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
-        if self._alive():
-            return web.json_response({"status": "ok"})
-        return web.json_response({"status": "a pipeline task has stopped"}, status=503)
+        if not self._alive():
+            return _json({"status": "a pipeline task has stopped"}, 503)
+        if self._connections is not None and not self._connections.alive:
+            return _json({"status": "the intake's connection sweep has stopped"}, 503)
+        return _json({"status": "ok"})
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
         reason = "draining" if not self.accepting else self._not_ready()
         if reason is None:
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+            return _json({"status": "ready"})
+        return _json({"status": "not ready", "reason": reason}, 503)
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         return metrics_response(self._registry)  # type: ignore[arg-type]
+
+
+def _json(value: dict, status: int = 200) -> web.Response:
+    response = web.Response(body=orjson.dumps(value), status=status, content_type="application/json")
+    response.headers[REQUEST_ID] = request_id()
+    return response

@@ -34,19 +34,30 @@ from .retry import RetryReason
 # The `_created` series double every counter for no use on a dashboard.
 prometheus_client.disable_created_metrics()
 
+# Why the intake refused a request's authentication (intake.auth): the label
+# values of forwarder_intake_auth_refusals_total, all present from the start.
+AUTH_REFUSAL_REASONS = ("missing", "malformed", "presigned", "wrong_scope", "expired", "unknown_key",
+                        "body_mismatch", "bad_signature", "wrong_token")
+
 # Beyond this many distinct projects a `project` label reads "other", so a
 # client sending random project names cannot blow up the series count.
 MAX_PROJECT_LABELS = 50
 WARNING_INTERVAL = 10.0  # seconds between two lines of the same repeated warning
 DATAGRAM_REJECT_REASONS = ("not_json", "truncated", "oversized", "invalid_event", "missing_project",
                            "invalid_project")
+# Whole requests the intake refuses before reading their events (events_rejected reasons).
+INTAKE_REJECTIONS = ("malformed_http", "headers_too_large", "header_timeout", "body_timeout", "connection_limit",
+                     "unsupported_media_type", "bad_encoding", "forbidden", "unknown_operation", "internal_error")
+# Why the intake closed a connection (intake_connections_closed reasons).
+CONNECTION_CLOSES = ("evicted", "refused", "header_timeout", "body_timeout", "write_timeout", "headers_too_large",
+                     "tls_handshake_failed")
 
 
 class LoopCounter:
     """A counter only the event loop's thread updates: a plain int, read at scrape.
 
-    prometheus_client's Counter takes a lock on every ``inc``, ~0.6 us of a
-    ~50 us single-event intake request; the intake counts on every request.
+    prometheus_client's Counter takes a lock on every ``inc``, a visible share of
+    a single-event intake request, and the intake counts on every request.
     """
 
     def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
@@ -162,10 +173,34 @@ class Metrics:
         self.datagram_kernel_drops = FunctionCounter(
             "forwarder_datagram_kernel_drops_total",
             "UDP datagrams the kernel dropped because the intake's socket buffer was full (/proc/net/udp).", r)
+        self.intake_connections = Gauge("forwarder_intake_connections",
+                                        "Open intake connections, every listener (TCP, TLS, Unix socket).", registry=r)
+        self.intake_connection_limit = Gauge("forwarder_intake_connection_limit",
+                                             "intake.max_connections as applied (lowered to fit RLIMIT_NOFILE).",
+                                             registry=r)
+        self.intake_connections_closed = Counter(
+            "forwarder_intake_connections_closed_total",
+            "Intake connections the forwarder closed: evicted or refused at the connection limit, timed out, "
+            "or over intake.max_header_bytes.", ["reason"], registry=r)
+        self.auth_refusals = Counter("forwarder_intake_auth_refusals_total",
+                                     "Requests the intake refused for their authentication (intake.auth), by reason.",
+                                     ["reason"], registry=r)
+        self.auth_credentials = Gauge("forwarder_intake_auth_credentials",
+                                      "Access keys (intake.auth = sigv4) or tokens (token) the intake accepts.",
+                                      registry=r)
+        self.auth_reload_errors = Counter("forwarder_intake_auth_reload_errors_total",
+                                          "SIGHUPs whose credentials or token file could not be read (the previous "
+                                          "set stays in force).", registry=r)
+        for reason in AUTH_REFUSAL_REASONS:
+            self.auth_refusals.labels(reason)
         self._projects: set[str] = set()
         # Known label values exist from the start at 0, so increase() sees the first burst.
         for reason in ("validation", "body_too_large", "buffer_full", "buffer_error", "draining"):
             self.events_rejected.labels(reason)
+        for reason in INTAKE_REJECTIONS:
+            self.events_rejected.labels(reason)
+        for reason in CONNECTION_CLOSES:
+            self.intake_connections_closed.labels(reason)
         for reason in ("buffer_full", "shutdown"):
             self.events_dropped.labels(reason)
         for reason in DATAGRAM_REJECT_REASONS:
@@ -216,6 +251,7 @@ class Observer:
         self.metrics = metrics
         self.log = log or structlog.get_logger("forwarder")
         self.limited = RateLimitedLog(self.log)
+        self._connections_closed: dict[str, Any] = {}
 
     # intake
     def events_received(self, n: int) -> None:
@@ -241,6 +277,35 @@ class Observer:
     def datagram_append_failed(self, n: int, error: BaseException) -> None:
         """The buffer refused a datagram batch with an error (not full): kept, tried again."""
         self.limited("error", "datagram_append_failed", events=n, error=repr(error))
+    def connection_closed(self, reason: str, connections: int, limit: int) -> None:
+        # labels() costs more than the rest of an eviction: a flood evicts thousands a second.
+        counter = self._connections_closed.get(reason)
+        if counter is None:
+            counter = self._connections_closed[reason] = self.metrics.intake_connections_closed.labels(reason)
+        counter.inc()
+        event = "connection_limit_reached" if reason in ("evicted", "refused") else "connection_closed"
+        self.limited("warning", event, reason=reason, connections=connections, limit=limit)
+
+    def accept_failed(self, error: OSError, connections: int, limit: int) -> None:
+        self.limited("error", "accept_failed", error=str(error), connections=connections, limit=limit)
+
+    def tls_handshake_failed(self, error: BaseException) -> None:
+        self.metrics.intake_connections_closed.labels("tls_handshake_failed").inc()
+        self.limited("info", "tls_handshake_failed", error=str(error)[:200])
+
+    def auth_refused(self, reason: str, scheme: str, key: str, remote: str | None) -> None:
+        """A request refused for its credentials: nothing of it was read into the buffer."""
+        self.metrics.auth_refusals.labels(reason).inc()
+        self.metrics.events_rejected.labels("unauthenticated").inc()
+        self.limited("warning", "auth_refused", reason=reason, auth=scheme, key=key or None, remote=remote)
+
+    def auth_loaded(self, path: str, count: int, reload: bool) -> None:
+        self.metrics.auth_credentials.set(count)
+        self.log.info("auth_reloaded" if reload else "auth_loaded", path=path, credentials=count)
+
+    def auth_reload_failed(self, path: str, error: str) -> None:
+        self.metrics.auth_reload_errors.inc()
+        self.log.error("reload_failed", path=path, error=error, kept="the previous credentials")
 
     # buffer
     def events_dropped(self, reason: str, n: int) -> None:

@@ -171,6 +171,11 @@ class RateLimiter:
         self._grown_at = now
         self._waited = False  # a call waited for its turn since the last doubling
 
+    @property
+    def controller(self) -> Controller:
+        """The controller that owns the rate after slow start."""
+        return self._controller
+
     def reconfigure(self, initial_rate: float, max_rate: float) -> None:
         """New rates (live): a change starts over from ``initial_rate`` in slow start; none changes nothing."""
         if (initial_rate, max_rate) != (self.initial_rate, self.max_rate):
@@ -251,14 +256,31 @@ class RateLimiter:
             self._on_change(self.rate, reason)
 
 
-CONTROLLERS = ("cubic", "aimd", "scaled")
+# A controller for a limiter: factory(initial_rate, max_rate, now).
+ControllerFactory = Callable[[float, float, float], Controller]
+
+# The names evidently.rate_controller accepts, in registration order.
+CONTROLLERS: dict[str, ControllerFactory] = {}
+
+
+def register_controller(name: str, factory: ControllerFactory) -> None:
+    """Make ``name`` a valid ``evidently.rate_controller``, built by ``factory(initial_rate, max_rate, now)``.
+
+    The injection point for experiments (benchmarks/fleet registers its own);
+    the configuration must be loaded after the registration.
+    """
+    if name in CONTROLLERS:
+        raise ValueError(f"rate controller {name!r} is already registered")
+    CONTROLLERS[name] = factory
+
+
+register_controller("cubic", lambda rate, max_rate, now: Cubic(rate, now))
+register_controller("aimd", lambda rate, max_rate, now: Aimd(rate, now, increase=max(1.0, max_rate / 100)))
+register_controller("scaled", lambda rate, max_rate, now: ScaledAimd(rate, now, max_rate))
 
 
 def make_controller(name: str, rate: float, max_rate: float, now: float) -> Controller:
-    if name == "cubic":
-        return Cubic(rate, now)
-    if name == "aimd":
-        return Aimd(rate, now, increase=max(1.0, max_rate / 100))
-    if name == "scaled":
-        return ScaledAimd(rate, now, max_rate)
-    raise ValueError(f"rate controller must be one of {', '.join(CONTROLLERS)}, got {name!r}")
+    factory = CONTROLLERS.get(name)
+    if factory is None:
+        raise ValueError(f"rate controller must be one of {', '.join(CONTROLLERS)}, got {name!r}")
+    return factory(rate, max_rate, now)

@@ -8,7 +8,7 @@ import itertools
 from typing import Callable
 
 from .batcher import Batch
-from .wakeup import Wakeup
+from .wakeup import EARLY, Wakeup
 
 
 class Schedule:
@@ -46,7 +46,7 @@ class Schedule:
     async def get(self) -> Batch:
         """The next batch once it is due."""
         while True:
-            if self._heap and self._heap[0][0] <= self._clock():
+            if self._heap and self._heap[0][0] <= self._clock() + EARLY:
                 _, _, batch, fresh = heapq.heappop(self._heap)
                 if fresh:
                     self._fresh -= 1

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
+# Seconds: timers fire up to the loop clock's resolution early, and a deadline
+# re-armed for less than that fires again at once. What is due this soon is due.
+EARLY = 1e-6
+
 
 class Wakeup:
     """``set()`` wakes the waiter; ``wait(timeout)`` returns early or on time."""
@@ -30,6 +34,11 @@ class Wakeup:
 
     def is_set(self) -> bool:
         return self._flag
+
+    @property
+    def waiting(self) -> int:
+        """How many waits are pending."""
+        return len(self._waiters)
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until set or ``timeout`` seconds; True when set."""

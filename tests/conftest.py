@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -9,7 +10,7 @@ import pytest
 
 from forwarder.emulator import Emulator
 from tests.fakes import VirtualTime
-from tests.harness import EmulatorProcess
+from forwarder.testing import EmulatorProcess
 
 
 @pytest.fixture
@@ -59,3 +60,15 @@ async def emulator_process(tmp_path: Path, procs, session) -> EmulatorProcess:
     emu = procs(EmulatorProcess(tmp_path))
     await emu.ready(session)
     return emu
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs mounted for the test; skipped where mounting is not permitted."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from aiohttp import web
+
 from forwarder.batcher import Batch
 
 
@@ -53,9 +58,24 @@ class VirtualTime:
             return self._select(None)  # no timer pending: only I/O can wake the loop
         ready = self._select(0)
         if not ready and timeout > 0:
-            self.now += timeout
+            # At least a microsecond: a waiter that re-checks "due <= now" after a
+            # timer fired within the loop's clock resolution must see time move,
+            # or float rounding can leave it a fraction of an ulp short forever.
+            self.now += max(timeout, 1e-6)
         return ready
 
     def restore(self) -> None:
         del self._loop.time
         self._loop._selector.select = self._select
+
+
+@asynccontextmanager
+async def local_server(app: web.Application) -> AsyncIterator[str]:
+    """``app`` served on a free 127.0.0.1 port for the duration; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

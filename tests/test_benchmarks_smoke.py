@@ -31,6 +31,9 @@ EXPECTED_ROWS = (
     "orjson vs json: parse+encode, 1 event/POST",
     "orjson vs json: parse+encode, 50 events/POST",
     "memory held per encoded event",
+    "intake, 1 event/POST, intake.auth = sigv4",
+    "intake, 1 event/POST, intake.auth = token",
+    "connection flood:",
 )
 
 

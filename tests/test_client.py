@@ -16,7 +16,8 @@ from botocore.credentials import Credentials
 from forwarder.client import EvidentlyClient, ModelMissing, check_model, encode_body, read_answer
 from forwarder.config import EvidentlyConfig
 from forwarder.retry import CallResult, RetryReason
-from tests.harness import free_port
+from forwarder.testing import free_port
+from tests.fakes import local_server
 
 
 def events(n):
@@ -164,14 +165,8 @@ async def recording_server(answer: bytes = b'{"eventResults":[{"eventId":"x"}],"
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", seen  # type: ignore[union-attr]
-    finally:
-        await runner.cleanup()
+    async with local_server(app) as url:
+        yield url, seen
 
 
 async def test_the_request_as_sent_carries_a_valid_sigv4_signature():

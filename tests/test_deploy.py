@@ -31,6 +31,8 @@ DOCKERFILE = DEPLOY / "container" / "Dockerfile"
 KUBERNETES = DEPLOY / "kubernetes"
 SIDECAR = KUBERNETES / "sidecar"
 CENTRAL = KUBERNETES / "central"
+SIDECAR_CHAINED = KUBERNETES / "sidecar-chained"  # a sidecar sending to the central tier
+TIERS, TIER_IDS = [SIDECAR, CENTRAL, SIDECAR_CHAINED], ["sidecar", "central", "sidecar-chained"]
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 SCRAPE = DEPLOY / "prometheus" / "scrape.yml"
@@ -53,7 +55,9 @@ FORWARDER_SERIES = frozenset({
     "forwarder_request_duration_seconds_bucket", "forwarder_request_duration_seconds_sum",
     "forwarder_request_duration_seconds_count",
     "forwarder_inflight_requests", "forwarder_send_rate", "forwarder_circuit_open", "forwarder_duplicates_total",
-    "forwarder_buffer_corruptions_total", "forwarder_build_info",
+    "forwarder_buffer_corruptions_total", "forwarder_build_info", "forwarder_buffer_write_errors_total",
+    "forwarder_outage", "forwarder_outage_seconds_total", "forwarder_outage_probes_total",
+    "forwarder_dead_letter_write_errors_total", "forwarder_internal_errors_total",
 })
 DEFAULT_COLLECTOR_SERIES = frozenset({
     "process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
@@ -270,11 +274,14 @@ def test_dockerfile_copies_only_paths_present_in_the_build_context() -> None:
             assert (ROOT / source).exists(), f"COPY source {source} is missing from the repository root"
 
 
-def test_dockerfile_default_config_and_environment_load_and_listen_beyond_loopback() -> None:
+def test_dockerfile_default_config_listens_beyond_loopback_and_will_not_run_open() -> None:
     stage = final_stage(dockerfile_instructions(DOCKERFILE.read_text()))
     env = {k: v for k, v in dockerfile_env(stage).items() if k.startswith("FORWARDER_")}
     (copy,) = [args for ins, args in stage if ins == "COPY" and args.endswith("/etc/forwarder/forwarder.toml")]
-    config = forwarder_config.load(ROOT / copy.split()[0], environ=env)
+    with pytest.raises(forwarder_config.ConfigError, match="intake.auth"):
+        forwarder_config.load(ROOT / copy.split()[0], environ=env)
+    chosen = {**env, "FORWARDER_INTAKE__AUTH": "token", "FORWARDER_INTAKE__TOKEN_FILE": "/run/secrets/tokens"}
+    config = forwarder_config.load(ROOT / copy.split()[0], environ=chosen)
     assert config.intake.host == "0.0.0.0"
     (volume,) = [json.loads(args) for ins, args in stage if ins == "VOLUME"]
     assert Path(config.buffer.path).as_posix() in volume
@@ -361,7 +368,7 @@ def test_custom_resources_have_api_version_kind_and_metadata() -> None:
         assert doc["metadata"]["name"] and doc["spec"]["podMetricsEndpoints"]
 
 
-@pytest.mark.parametrize("tier", [SIDECAR, CENTRAL], ids=["sidecar", "central"])
+@pytest.mark.parametrize("tier", TIERS, ids=TIER_IDS)
 def test_podmonitor_selects_the_forwarder_pods_on_a_declared_port(tier: Path) -> None:
     (monitor,) = find(tier_documents(tier), "PodMonitor")
     template = workload(tier)["spec"]["template"]
@@ -373,13 +380,13 @@ def test_podmonitor_selects_the_forwarder_pods_on_a_declared_port(tier: Path) ->
         assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
 
 
-@pytest.mark.parametrize("tier", [SIDECAR, CENTRAL], ids=["sidecar", "central"])
+@pytest.mark.parametrize("tier", TIERS, ids=TIER_IDS)
 def test_configmap_config_and_container_env_are_accepted_by_the_daemon(tier: Path, tmp_path: Path) -> None:
     config = tier_config(tier, tmp_path)
     assert config.buffer.type == "disk"
 
 
-@pytest.mark.parametrize("tier", [SIDECAR, CENTRAL], ids=["sidecar", "central"])
+@pytest.mark.parametrize("tier", TIERS, ids=TIER_IDS)
 def test_termination_grace_period_exceeds_the_configured_drain_timeout(tier: Path, tmp_path: Path) -> None:
     drain = tier_config(tier, tmp_path).shutdown.drain_timeout
     spec = workload(tier)["spec"]["template"]["spec"]
@@ -388,7 +395,7 @@ def test_termination_grace_period_exceeds_the_configured_drain_timeout(tier: Pat
     assert spec["terminationGracePeriodSeconds"] > pre_stop_sleep + drain
 
 
-@pytest.mark.parametrize("tier", [SIDECAR, CENTRAL], ids=["sidecar", "central"])
+@pytest.mark.parametrize("tier", TIERS, ids=TIER_IDS)
 def test_forwarder_container_is_bounded_and_locked_down(tier: Path) -> None:
     spec = workload(tier)["spec"]["template"]["spec"]
     container = forwarder_container(spec)
@@ -402,7 +409,7 @@ def test_forwarder_container_is_bounded_and_locked_down(tier: Path) -> None:
     assert spec["securityContext"]["runAsNonRoot"] is True
 
 
-@pytest.mark.parametrize("tier", [SIDECAR, CENTRAL], ids=["sidecar", "central"])
+@pytest.mark.parametrize("tier", TIERS, ids=TIER_IDS)
 def test_buffer_volume_holds_the_buffer_and_dead_letters(tier: Path, tmp_path: Path) -> None:
     config = tier_config(tier, tmp_path)
     spec = workload(tier)
@@ -420,7 +427,7 @@ def test_buffer_volume_holds_the_buffer_and_dead_letters(tier: Path, tmp_path: P
     assert quantity_bytes(size) > 1.5 * config.buffer.max_bytes + 6 * config.dead_letter.max_bytes
 
 
-@pytest.mark.parametrize("tier", [SIDECAR, CENTRAL], ids=["sidecar", "central"])
+@pytest.mark.parametrize("tier", TIERS, ids=TIER_IDS)
 def test_scrape_annotations_point_at_the_metrics_port(tier: Path, tmp_path: Path) -> None:
     config = tier_config(tier, tmp_path)
     template = workload(tier)["spec"]["template"]

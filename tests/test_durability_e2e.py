@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import random
 import signal
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 from forwarder.config import BufferConfig
 from forwarder.diskbuffer import DB_NAME, DiskBuffer
 from forwarder.observability import Metrics, Observer
-from tests.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
+from forwarder.testing import EmulatorProcess, ForwarderProcess, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -65,15 +66,15 @@ async def post_all(fwd: ForwarderProcess, session, total: int, per_request: int 
     return acked
 
 
-async def delivered(emulator: EmulatorProcess, session) -> Counter:
+async def delivered_ids(emulator: EmulatorProcess, session) -> Counter:
     return Counter(orjson.loads(e["data"])["i"] for e in await emulator.events(session))
 
 
 async def wait_delivered(emulator: EmulatorProcess, session, acked: set[int], timeout: float = 30.0) -> Counter:
     async def all_there() -> bool:
-        return acked <= set(await delivered(emulator, session))
+        return acked <= set(await delivered_ids(emulator, session))
     await wait_for(all_there, timeout, f"{len(acked)} acknowledged events at the emulator")
-    return await delivered(emulator, session)
+    return await delivered_ids(emulator, session)
 
 
 def log_events(fwd: ForwarderProcess, name: str) -> list[dict]:
@@ -146,7 +147,8 @@ class Client:
 
 
 async def test_ten_kill_9_at_random_moments_lose_no_acknowledged_event(tmp_path, procs, session):
-    seed = random.randrange(1 << 30)
+    # FORWARDER_TEST_SEED=<n> replays a failed run (its seed is in the test's output).
+    seed = int(os.environ.get("FORWARDER_TEST_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     # Latency keeps batches in flight, so kills land between "Evidently has them" and the ack.
     emulator = procs(EmulatorProcess(tmp_path, "--latency", "0.05"))
@@ -189,14 +191,14 @@ async def test_sigterm_in_memory_mode_drains_every_acknowledged_event_within_dra
     await emulator.ready(session)
     fwd = await start(procs, session, tmp_path, settings(emulator.url, "memory"))
     acked = await post_all(fwd, session, 3000)
-    at_sigterm = len(await delivered(emulator, session))
+    at_sigterm = len(await delivered_ids(emulator, session))
 
     stopping = time.monotonic()
     fwd.terminate()
     assert await fwd.wait(DRAIN_TIMEOUT + EXIT_MARGIN) == 0
     print(f"{at_sigterm} of 3000 delivered at SIGTERM; exited after {time.monotonic() - stopping:.2f}s")
 
-    assert set(await delivered(emulator, session)) >= acked
+    assert set(await delivered_ids(emulator, session)) >= acked
     assert log_events(fwd, "stopped")[0]["undelivered"] == 0
 
 
@@ -291,18 +293,6 @@ async def test_sigterm_in_disk_mode_with_evidently_down_exits_in_time_and_keeps_
 # a disk that fills up (issue 16, item 8): a real small file system
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 16 MiB tmpfs mounted for the test; skipped where mounting is not permitted."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 async def test_a_full_disk_refuses_new_events_keeps_delivering_and_recovers_by_itself(
         tmp_path, procs, session, small_disk):
     emulator = procs(EmulatorProcess(tmp_path, "--down"))
@@ -339,5 +329,5 @@ async def test_a_full_disk_refuses_new_events_keeps_delivering_and_recovers_by_i
     fwd.terminate()
     assert await fwd.wait(DRAIN_TIMEOUT + EXIT_MARGIN) == 0
     assert "Traceback" not in fwd.logs()
-    delivered_ids = await delivered(emulator, session)
-    assert acked | set(range(10**6, 10**6 + 50)) <= set(delivered_ids)
+    arrived = await delivered_ids(emulator, session)
+    assert acked | set(range(10**6, 10**6 + 50)) <= set(arrived)

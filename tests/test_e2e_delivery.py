@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from forwarder.emulator import stable_fraction
-from tests.harness import EmulatorProcess, ForwarderProcess, wait_for
+from forwarder.testing import EmulatorProcess, ForwarderProcess, wait_for
 
 pytestmark = pytest.mark.e2e
 

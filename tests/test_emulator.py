@@ -5,22 +5,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import sys
+import time
+from urllib.parse import quote
 
 import aiohttp
 import boto3
 import botocore.config
 import orjson
 import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
+from prometheus_client import CollectorRegistry
 
-from forwarder.emulator import (
-    Emulator,
-    FaultConfig,
-    add_cli_arguments,
-    faults_from_args,
-)
+from forwarder.app import Forwarder
+from forwarder.config import from_dict
+from forwarder.emulator import Emulator, FaultConfig
+from forwarder.emulator.cli import add_cli_arguments, credentials_from_args, faults_from_args
+from forwarder.emulator.decisions import MAX_BODY_BYTES
+from forwarder.testing import ForwarderProcess, delivered
 
 ARN = "arn:aws:evidently:us-east-1:123456789012:project/shop"
 SIGNED = {
@@ -174,6 +181,8 @@ async def test_an_empty_batch_is_accepted_with_no_results(emulator):
         ({"events": [{"data": "{oops", "timestamp": 1, "type": "aws.evidently.custom"}]}, "events[0].data"),
         ({"events": [{"data": "{}", "timestamp": True, "type": "aws.evidently.custom"}]}, "events[0].timestamp"),
         ({"events": [{"data": "{}", "timestamp": "1", "type": "aws.evidently.custom"}]}, "events[0].timestamp"),
+        ({"events": [*events(2), {"data": "{}", "timestamp": -1, "type": "aws.evidently.custom"}]},
+         "events[2].timestamp must not be before 1970"),
         ({"events": [{"data": "{}", "type": "aws.evidently.custom"}]}, "events[0].timestamp"),
         ({"events": [{"data": "{}", "timestamp": 1.5, "type": "custom"}]}, "events[0].type"),
         ({"events": [{"data": "{}", "timestamp": 1}]}, "events[0].type"),
@@ -213,6 +222,107 @@ async def test_boto3_parses_validation_errors_as_validation_exception_naming_the
     assert too_many.response["ResponseMetadata"]["HTTPStatusCode"] == 400
 
 
+# --- what the model leaves open, every answer's request id ---
+
+
+def padded_body(size: int) -> bytes:
+    """A valid one-event PutProjectEvents body of exactly ``size`` bytes."""
+    def body(pad: int) -> bytes:
+        return orjson.dumps({"events": [{"data": json.dumps({"p": "x" * pad}), "timestamp": 1,
+                                         "type": "aws.evidently.custom"}]})
+    built = body(size - len(body(0)))
+    assert len(built) == size
+    return built
+
+
+async def test_a_body_at_the_size_limit_is_accepted_and_one_byte_more_gets_413(emulator, http):
+    at_limit = await post_raw(http, emulator, padded_body(MAX_BODY_BYTES))
+    over = await post_raw(http, emulator, padded_body(MAX_BODY_BYTES + 1))
+
+    assert at_limit[0] == 200
+    assert over[:2] == (413, "PayloadTooLargeException")
+    assert f"at most {MAX_BODY_BYTES} bytes" in over[2]["message"]
+    assert len(emulator.accepted) == 1
+    assert emulator.stats_dict()["requests_by_status"] == {"200": 1, "413": 1}
+
+
+async def test_a_chunked_body_over_the_size_limit_gets_413_without_a_content_length(emulator, http):
+    body = padded_body(MAX_BODY_BYTES + 1)
+
+    async def chunks():
+        for start in range(0, len(body), 65536):
+            yield body[start:start + 65536]
+
+    async with http.post(f"{emulator.url}/events/projects/shop", data=chunks(), headers=SIGNED) as resp:
+        assert "Content-Length" not in resp.request_info.headers
+        status, error_type = resp.status, resp.headers.get("x-amzn-ErrorType")
+
+    assert (status, error_type) == (413, "PayloadTooLargeException")
+    assert emulator.accepted == []
+
+
+async def test_event_ids_match_the_uuid_shape_of_the_api_model(emulator):
+    shape = _SESSION._session.get_service_model("evidently").shape_for("Uuid")
+    pattern = re.compile(shape.metadata["pattern"])
+
+    answer = await put(client(emulator), "shop", events(50))
+
+    ids = [r["eventId"] for r in answer["eventResults"]]
+    assert all(pattern.fullmatch(i) and len(i) == shape.metadata["max"] for i in ids), ids[:3]
+    assert len(set(ids)) == 50
+
+
+async def test_boto3_reads_the_request_id_of_an_accepted_call(emulator):
+    answer = await put(client(emulator), "shop", events(1))
+
+    assert re.fullmatch(r"[0-9a-f-]{36}", answer["ResponseMetadata"]["RequestId"])
+
+
+async def test_every_answer_carries_a_request_id_and_errors_are_aws_style(make_emulator, http):
+    emulator = await make_emulator(FaultConfig(quota=1))
+    put_url = f"{emulator.url}/events/projects/shop"
+    valid = orjson.dumps({"events": events(1)})
+    calls = [
+        ("POST", put_url, valid, SIGNED, 200),
+        ("POST", put_url, valid, SIGNED, 429),
+        ("POST", put_url, b"{}", {}, 403),
+        ("GET", f"{emulator.url}/_emulator/events", None, {}, 200),
+        ("GET", f"{emulator.url}/_emulator/stats", None, {}, 200),
+        ("GET", f"{emulator.url}/_emulator/config", None, {}, 200),
+        ("POST", f"{emulator.url}/_emulator/config", b"[1]", {}, 400),
+        ("POST", f"{emulator.url}/_emulator/reset", None, {}, 200),
+        ("GET", f"{emulator.url}/healthz", None, {}, 200),
+        ("GET", f"{emulator.url}/nowhere", None, {}, 404),
+        ("GET", put_url, None, {}, 405),
+    ]
+    request_ids = []
+    for method, url, body, headers, expected in calls:
+        async with http.request(method, url, data=body, headers=headers) as resp:
+            assert resp.status == expected, (method, url, await resp.text())
+            request_ids.append(resp.headers.get("x-amzn-RequestId"))
+            if resp.status >= 400:
+                assert resp.headers.get("x-amzn-ErrorType"), (method, url)
+                assert "message" in await resp.json(), (method, url)
+
+    assert all(rid and re.fullmatch(r"[0-9a-f-]{36}", rid) for rid in request_ids), request_ids
+    assert len(set(request_ids)) == len(calls)
+
+
+async def test_forwarder_run_never_imports_the_emulator_or_the_test_harness(tmp_path, procs, http):
+    """A real ``forwarder run`` up to ready and a clean stop, with every import it made logged."""
+    fwd = procs(ForwarderProcess(tmp_path, {"evidently": {"endpoint_url": "http://127.0.0.1:9"}},
+                                 env={"PYTHONPROFILEIMPORTTIME": "1"}))
+    await fwd.ready(http)
+    fwd.terminate()
+    assert await fwd.wait(30) == 0
+
+    imported = {line.rsplit("|", 1)[1].strip() for line in fwd.logs().splitlines()
+                if line.startswith("import time:") and "|" in line}
+    ours = {name for name in imported if name.startswith("forwarder")}
+    assert {"forwarder.app", "forwarder.intake", "forwarder.sender"} <= ours  # the log is the daemon's
+    assert [n for n in ours if n.startswith(("forwarder.emulator", "forwarder.testing"))] == []
+
+
 # --- authentication ---
 
 
@@ -239,6 +349,100 @@ async def test_the_raw_signed_request_records_the_access_key_from_the_credential
 
     assert status == 200
     assert emulator.accepted[0].access_key == "AKIDRAW"
+
+
+# --- SigV4 verification (--credentials) ---
+
+
+def signed_headers(url: str, body: bytes, key: str = "AKIDGOOD", secret: str = "good-secret",
+                   region: str = "us-east-1") -> dict[str, str]:
+    """The headers botocore's SigV4 signer gives a POST of ``body`` to ``url``."""
+    request = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": "application/json"})
+    SigV4Auth(Credentials(key, secret), "evidently", region).add_auth(request)
+    return dict(request.headers.items())
+
+
+@pytest.fixture
+async def verifying():
+    emulator = Emulator(FaultConfig(), credentials={"AKIDGOOD": "good-secret", "AKIDOTHER": "other-secret"})
+    await emulator.start()
+    yield emulator
+    await emulator.close()
+
+
+async def test_with_credentials_a_correctly_signed_boto3_call_is_accepted_under_its_key(verifying):
+    evidently = _SESSION.client(
+        "evidently", region_name="us-east-1", endpoint_url=verifying.url, aws_access_key_id="AKIDOTHER",
+        aws_secret_access_key="other-secret",
+        config=botocore.config.Config(inject_host_prefix=False, retries={"total_max_attempts": 1}))
+
+    answer = await put(evidently, ARN, events(2))
+
+    assert answer["failedEventCount"] == 0
+    assert [(e.project, e.access_key) for e in verifying.accepted] == [(ARN, "AKIDOTHER")] * 2
+
+
+@pytest.mark.parametrize(("signer", "error_type", "named"), [
+    ({"secret": "wrong-secret"}, "InvalidSignatureException", "does not match the signature you provided"),
+    ({"key": "AKIDUNKNOWN"}, "UnrecognizedClientException", "not one of --credentials"),
+    ({"region": "eu-west-1"}, "InvalidSignatureException", "this emulator verifies 'us-east-1' (--region)"),
+])
+async def test_with_credentials_a_bad_signature_gets_403_naming_what_is_wrong(verifying, http, signer, error_type,
+                                                                               named):
+    url = f"{verifying.url}/events/projects/shop"
+    body = orjson.dumps({"events": events(1)})
+
+    status, got_type, answer = await post_raw(http, verifying, body, signed_headers(url, body, **signer))
+
+    assert (status, got_type) == (403, error_type)
+    assert named in answer["message"]
+    assert verifying.accepted == []
+
+
+async def test_with_credentials_a_body_changed_after_signing_is_refused(verifying, http):
+    url = f"{verifying.url}/events/projects/shop"
+    headers = signed_headers(url, orjson.dumps({"events": events(1)}))
+
+    status, got_type, _ = await post_raw(http, verifying, orjson.dumps({"events": events(1, start=1)}), headers)
+    good = await post_raw(http, verifying, orjson.dumps({"events": events(1)}), headers)
+
+    assert (status, got_type) == (403, "InvalidSignatureException")
+    assert good[0] == 200
+    assert [json.loads(e.data)["i"] for e in verifying.accepted] == [0]
+
+
+async def test_with_credentials_a_signature_from_an_hour_ago_has_expired(http):
+    emulator = Emulator(credentials={"AKIDGOOD": "good-secret"}, wall_clock=lambda: time.time() + 3600)
+    await emulator.start()
+    try:
+        url = f"{emulator.url}/events/projects/shop"
+        body = orjson.dumps({"events": events(1)})
+        status, got_type, answer = await post_raw(http, emulator, body, signed_headers(url, body))
+    finally:
+        await emulator.close()
+
+    assert (status, got_type) == (403, "InvalidSignatureException")
+    assert "Signature expired" in answer["message"]
+
+
+async def test_the_forwarders_own_calls_verify_against_a_strict_emulator(tmp_path, verifying, http):
+    config = from_dict({"intake": {"port": 0}, "batch": {"flush_interval": 0.05},
+                        "evidently": {"endpoint_url": verifying.url},
+                        "dead_letter": {"path": str(tmp_path / "dl.ndjson")}}, {})
+    fwd = Forwarder(config, credentials=("AKIDGOOD", "good-secret"), registry=CollectorRegistry(),
+                    process_metrics=False)
+    await fwd.start()
+    try:
+        url = f"http://127.0.0.1:{fwd.intake.port}/events/projects/{quote(ARN, safe='')}"
+        async with http.post(url, json={"events": [{"data": {"i": i}} for i in range(120)]}) as resp:
+            assert resp.status == 200, await resp.text()
+        arrived = await delivered(http, verifying.url, 120, timeout=10)
+    finally:
+        await fwd.shutdown()
+
+    assert sorted(json.loads(e["data"])["i"] for e in arrived) == list(range(120))
+    assert {(e["project"], e["access_key"]) for e in arrived} == {(ARN, "AKIDGOOD")}
+    assert verifying.stats_dict()["requests_by_status"] == {"200": 3}  # 50 + 50 + 20, none refused
 
 
 # --- request quota ---
@@ -433,9 +637,10 @@ async def test_config_round_trips_and_applies_at_once(emulator, http):
     ],
 )
 async def test_the_control_api_rejects_a_bad_field_naming_it(emulator, http, body, named):
-    status, answer = await post_json(http, emulator, "/_emulator/config", body)
+    async with http.post(emulator.url + "/_emulator/config", data=orjson.dumps(body)) as resp:
+        status, error_type, answer = resp.status, resp.headers.get("x-amzn-ErrorType"), await resp.json()
 
-    assert status == 400
+    assert (status, error_type) == (400, "ValidationException")
     assert named in answer["message"]
     assert emulator.faults == FaultConfig(seed=7)
 
@@ -467,6 +672,20 @@ def test_cli_flags_build_the_fault_config():
     assert faults_from_args(parser.parse_args([])) == FaultConfig()
 
 
+def test_cli_credentials_are_key_secret_pairs_and_none_means_format_checks_only():
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+
+    args = parser.parse_args(["--credentials", "AKID1:s/e+c", "--credentials", "AKID2:x:y", "--region", "eu-west-1"])
+
+    assert credentials_from_args(args) == {"AKID1": "s/e+c", "AKID2": "x:y"}
+    assert args.region == "eu-west-1"
+    assert credentials_from_args(parser.parse_args([])) is None
+    for bad in ("AKID1", ":secret", "AKID1:"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--credentials", bad])
+
+
 def test_cli_rejects_a_rate_above_one():
     parser = argparse.ArgumentParser()
     add_cli_arguments(parser)
@@ -477,7 +696,7 @@ def test_cli_rejects_a_rate_above_one():
 
 async def test_run_emulator_announces_its_url_serves_and_exits_cleanly_on_sigterm(http):
     code = (
-        "from forwarder.emulator import FaultConfig, run_emulator;"
+        "from forwarder.emulator import FaultConfig; from forwarder.emulator.cli import run_emulator;"
         "run_emulator('127.0.0.1', 0, FaultConfig())"
     )
     process = await asyncio.create_subprocess_exec(

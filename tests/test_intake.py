@@ -17,8 +17,11 @@ from prometheus_client import CollectorRegistry
 
 from forwarder.app import Forwarder
 from forwarder.config import from_dict
-from tests.harness import ForwarderProcess, wait_for
+from forwarder.testing import ForwarderProcess, delivered, wait_for
 from tests.tools import require_tool
+
+
+JSON = {"Content-Type": "application/json"}
 
 
 def make_config(tmp_path: Path, emulator_url: str, **sections):
@@ -45,25 +48,19 @@ async def forwarder(tmp_path, emulator):
     await fwd.shutdown()
 
 
-async def delivered(emulator, n, timeout=5.0):
-    async def enough():
-        return len(emulator.accepted) >= n
-    await wait_for(enough, timeout, f"{n} events at the emulator")
-
-
 def boto_client(url):
     return boto3.client("evidently", region_name="us-east-1", endpoint_url=url,
                         aws_access_key_id="k", aws_secret_access_key="s",
                         config=botocore.config.Config(inject_host_prefix=False, retries={"total_max_attempts": 1}))
 
 
-async def test_a_real_boto3_client_works_unchanged_against_the_intake(forwarder, emulator):
+async def test_a_real_boto3_client_works_unchanged_against_the_intake(forwarder, emulator, session):
     arn = "arn:aws:evidently:us-east-1:123456789012:project/checkout"
     client = boto_client(forwarder.url)
     answer = await asyncio.to_thread(client.put_project_events, project=arn, events=[
         {"data": json.dumps({"k": 1}), "timestamp": 1_790_000_000, "type": "aws.evidently.evaluation"}])
     assert answer["failedEventCount"] == 0 and answer["eventResults"][0]["eventId"]
-    await delivered(emulator, 1)
+    await delivered(session, emulator.url, 1, 5.0)
     assert emulator.accepted[0].project == arn  # the %2F-encoded ARN reached its own project
     assert emulator.accepted[0].type == "aws.evidently.evaluation"
     with pytest.raises(botocore.exceptions.ClientError) as err:
@@ -94,12 +91,12 @@ async def test_a_wire_form_body_with_one_bad_event_keeps_the_others_and_names_th
     events[7]["data"] = '{"n": 7'  # truncated JSON
     body = json.dumps({"events": events}).encode()
     assert len(body) > 1024  # the size that tries the msgspec fast path first
-    async with session.post(f"{forwarder.url}/events/projects/p", data=body) as r:
+    async with session.post(f"{forwarder.url}/events/projects/p", data=body, headers=JSON) as r:
         answer = await r.json()
     assert r.status == 200 and answer["failedEventCount"] == 1
     assert answer["eventResults"][7]["errorCode"] == "ValidationException"
     assert "events[7].data" in answer["eventResults"][7]["errorMessage"]
-    await delivered(emulator, 19)
+    await delivered(session, emulator.url, 19, 5.0)
     assert sorted(json.loads(e.data)["n"] for e in emulator.accepted) == [i for i in range(20) if i != 7]
 
 
@@ -119,7 +116,7 @@ async def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length
         for _ in range(10):
             yield b"x" * 1000  # 10,000 bytes, chunked: the limit is 4096
 
-    async with session.post(f"{forwarder.url}/events/projects/p", data=chunks()) as r:
+    async with session.post(f"{forwarder.url}/events/projects/p", data=chunks(), headers=JSON) as r:
         assert r.status == 413 and "intake.max_body_bytes (4096)" in (await r.json())["message"]
     assert forwarder.buffer.depth == 0
 
@@ -129,7 +126,7 @@ async def test_post_events_uses_the_default_project_with_ndjson(forwarder, emula
     async with session.post(f"{forwarder.url}/events", data=body,
                             headers={"Content-Type": "application/x-ndjson"}) as r:
         assert (await r.json())["failedEventCount"] == 0
-    await delivered(emulator, 2)
+    await delivered(session, emulator.url, 2, 5.0)
     assert {e.project for e in emulator.accepted} == {"dflt"}
 
 
@@ -149,7 +146,7 @@ async def test_full_buffer_answers_429_with_retry_after_and_not_ready_until_ther
         async with session.get(f"{url}/readyz") as r:
             assert r.status == 503 and (await r.json())["reason"] == "buffer full"
         emulator.configure(down=False)
-        await delivered(emulator, 10)
+        await delivered(session, emulator.url, 10, 5.0)
 
         async def ready():
             async with session.get(f"{url}/readyz") as r:

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from forwarder.app import Forwarder
 from forwarder.observability import MAX_PROJECT_LABELS, Metrics, RateLimitedLog, configure_logging
 from tests.fakes import FakeClock
-from tests.harness import free_port
+from forwarder.testing import free_port
 from tests.test_intake import make_config
 
 

@@ -4,7 +4,17 @@ import asyncio
 
 import pytest
 
-from forwarder.ratelimit import MIN_RATE, Aimd, Cubic, RateLimiter, ScaledAimd, make_controller
+from forwarder.config import ConfigError, from_dict
+from forwarder.ratelimit import (
+    CONTROLLERS,
+    MIN_RATE,
+    Aimd,
+    Cubic,
+    RateLimiter,
+    ScaledAimd,
+    make_controller,
+    register_controller,
+)
 from tests.fakes import FakeClock
 
 
@@ -258,4 +268,27 @@ def test_the_forwarder_paces_with_the_configured_controller(tmp_path, name, kind
     config = from_dict({"evidently": {"rate_controller": name},
                         "dead_letter": {"path": str(tmp_path / "dl.ndjson")}}, {})
     fwd = Forwarder(config, registry=CollectorRegistry(), process_metrics=False)
-    assert type(fwd.limiter._controller) is kind
+    assert type(fwd.limiter.controller) is kind
+
+
+def test_a_registered_controller_is_a_valid_rate_controller_and_paces_the_limiter(request):
+    built = []
+
+    def factory(rate: float, max_rate: float, now: float) -> Aimd:
+        built.append((rate, max_rate, now))
+        return Aimd(rate, now, beta=0.5)
+
+    register_controller("halving-for-test", factory)
+    request.addfinalizer(lambda: CONTROLLERS.pop("halving-for-test"))
+    config = from_dict({"evidently": {"rate_controller": "halving-for-test", "initial_rate": 8.0,
+                                      "max_rate": 40.0}}, {})
+    limiter = RateLimiter(config.evidently.initial_rate, config.evidently.max_rate,
+                          config.evidently.rate_controller, clock=FakeClock(3.0))
+    limiter.on_throttle(sent_at=3.0)
+
+    assert built == [(8.0, 40.0, 3.0)]
+    assert limiter.rate == 4.0
+    with pytest.raises(ValueError, match="'cubic' is already registered"):
+        register_controller("cubic", factory)
+    with pytest.raises(ConfigError, match="evidently.rate_controller must be one of 'cubic', 'aimd', 'scaled'"):
+        from_dict({"evidently": {"rate_controller": "halving"}}, {})

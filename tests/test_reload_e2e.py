@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from forwarder.config import to_toml
-from tests.harness import EmulatorProcess, ForwarderProcess, wait_for
+from forwarder.testing import EmulatorProcess, ForwarderProcess, wait_for
 from tests.test_faults_e2e import post, queue_empty, sections
 
 pytestmark = pytest.mark.e2e

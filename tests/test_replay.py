@@ -10,6 +10,7 @@ from aiohttp import web
 
 from forwarder.deadletter import lines
 from forwarder.replay import MAX_ATTEMPTS, ReplayError, replay
+from tests.fakes import local_server
 
 
 def dead_letter_file(tmp_path, projects: list[str], extra: bytes = b""):
@@ -36,14 +37,8 @@ async def intake(answers: list[tuple[int, dict[str, str]]]):
 
     app = web.Application()
     app.router.add_post("/events/projects/{project}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", got  # type: ignore[union-attr]
-    finally:
-        await runner.cleanup()
+    async with local_server(app) as url:
+        yield url, got
 
 
 class Sleeps:

@@ -92,9 +92,9 @@ class Rig:
     """A sender on virtual time with its buffer, dead-letter file and metrics."""
 
     def __init__(self, vt: VirtualTime, answer, retry=FAST, concurrency=4, rate=100_000.0, dead_failures=0,
-                 seed=1) -> None:
+                 seed=1, transport=None) -> None:
         self.vt = vt
-        self.transport = Scripted(answer, vt.time)
+        self.transport = transport or Scripted(answer, vt.time)
         self.ledger = Ledger(vt.wall)
         self.dead = DeadLetters(dead_failures)
         observer = Observer(Metrics(CollectorRegistry(), process_collectors=False))
@@ -216,8 +216,7 @@ async def test_close_returns_batches_that_could_not_be_delivered(virtual_time):
             await gate.wait()
             return OK
 
-    rig = Rig(virtual_time, None, concurrency=1)
-    rig.sender._transport = Stuck()
+    rig = Rig(virtual_time, None, concurrency=1, transport=Stuck())
     await rig.sender.start(rig.crashes.append)
     await rig.sender.send(rig.ledger.batch("p", events(2)))
     await rig.sender.send(rig.ledger.batch("q", events(3)))

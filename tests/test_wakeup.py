@@ -21,5 +21,5 @@ async def test_a_cancelled_waiter_leaves_nothing_behind():
     await asyncio.sleep(0)
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
-    assert w._waiters == []
+    assert w.waiting == 0
     w.set()

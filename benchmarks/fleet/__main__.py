@@ -1,0 +1,3 @@
+from benchmarks.fleet.runner import cli
+
+raise SystemExit(cli())
