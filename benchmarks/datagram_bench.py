@@ -29,7 +29,7 @@ from benchmarks import intake_bench, sender_bench, stats, workload
 from benchmarks.context import Context
 from benchmarks.procs import DRIVER_CORE, SERVER_CORE, Emulator, Forwarder, forwarder_sections, run_json
 from benchmarks.report import Row, at_least, at_most
-from tests.harness import free_port, wait_for
+from forwarder.testing import free_port, wait_for
 
 RATE = 50_000.0  # events/s: the quota of one account
 QUOTA = 1000.0  # calls/s at the emulator

@@ -21,7 +21,7 @@ from forwarder.datagram import DatagramIntake
 from forwarder.datagram_socket import SocketError, udp_drops
 from forwarder.diskbuffer import DiskBuffer
 from forwarder.observability import Metrics, Observer
-from tests.harness import free_port, wait_for
+from forwarder.testing import free_port, wait_for
 
 REASONS = ("not_json", "truncated", "oversized", "invalid_event", "missing_project", "invalid_project")
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from forwarder.app import Forwarder
 from forwarder.config import from_dict
 from forwarder.datagram_socket import SocketError
-from tests.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
+from forwarder.testing import EmulatorProcess, ForwarderProcess, free_port, wait_for
 
 
 @pytest.fixture
