@@ -27,7 +27,9 @@ from typing import Iterator
 
 from benchmarks import intake_bench, sender_bench, stats, workload
 from benchmarks.context import Context
-from benchmarks.procs import DRIVER_CORE, SERVER_CORE, Emulator, Forwarder, forwarder_sections, run_json
+from benchmarks import procs
+from benchmarks.procs import DRIVER_CORE, SERVER_CORE, forwarder_sections, run_json
+from forwarder.testing import EmulatorProcess as Emulator, ForwarderProcess as Forwarder
 from benchmarks.report import Row, at_least, at_most
 from forwarder.testing import free_port, wait_for
 
@@ -96,15 +98,19 @@ async def throughput(ctx: Context, emulator: Emulator, fwd: Forwarder, to: str, 
     """One paced window; CPU and delivery counted until the emulator has every event the forwarder read."""
     before = await emulator.accepted(ctx.session)
     read_before = await fwd.metric(ctx.session, "forwarder_datagrams_received_total")
-    drops_before = await fwd.metric(ctx.session, "forwarder_datagram_kernel_drops_total")
-    c0, t0 = fwd.child.counters(), time.perf_counter()
+    udp = to.startswith("udp:")  # kernel drops are a UDP series; a Unix socket never drops
+
+    async def kernel_drops() -> float:
+        return await fwd.metric(ctx.session, "forwarder_datagram_kernel_drops_total") if udp else 0.0
+    drops_before = await kernel_drops()
+    c0, t0 = procs.proc_counters(fwd.pid), time.perf_counter()
     sent = await send(to, rate, duration, *flags)
     window_end = time.perf_counter()
     delivered_in_window = await emulator.accepted(ctx.session) - before
-    drops = await fwd.metric(ctx.session, "forwarder_datagram_kernel_drops_total") - drops_before
+    drops = await kernel_drops() - drops_before
     read = await fwd.metric(ctx.session, "forwarder_datagrams_received_total") - read_before
     done = await wait_delivered(ctx, emulator, before + read, 120)
-    c1 = fwd.child.counters()
+    c1 = procs.proc_counters(fwd.pid)
     cpu = (c1[0] + c1[1]) - (c0[0] + c0[1])
     return {"sent": sent["sent"], "read": read, "kernel_drops": drops, "seconds": sent["seconds"],
             "sent_per_s": sent["rate"], "behind_p99_ms": sent["behind_p99_ms"],
@@ -117,10 +123,10 @@ async def http_single(ctx: Context, emulator: Emulator, fwd: Forwarder, duration
     """The same process taking single-event POSTs (closed loop), CPU counted until delivered."""
     before = await emulator.accepted(ctx.session)
     body = workload.body(workload.events(0, 1))
-    c0 = fwd.child.counters()
+    c0 = procs.proc_counters(fwd.pid)
     run = await intake_bench.load(ctx, fwd.url + intake_bench.PATH, body, duration)
     await wait_delivered(ctx, emulator, before + run["ok"], 120)
-    c1 = fwd.child.counters()
+    c1 = procs.proc_counters(fwd.pid)
     return {"rps": run["rps"], "cpu_us_per_event": ((c1[0] + c1[1]) - (c0[0] + c0[1])) / max(1, run["ok"]) * 1e6}
 
 
@@ -150,8 +156,8 @@ async def start(ctx: Context, emulator: Emulator, name: str, **overrides: dict) 
     intake = {"datagram_socket": path, **overrides.pop("intake", {})}
     evidently = {"max_rate": QUOTA, "initial_rate": QUOTA, **overrides.pop("evidently", {})}
     sections = forwarder_sections(ctx.logdir, name, emulator.url, intake=intake, evidently=evidently, **overrides)
-    fwd = Forwarder(ctx.logdir, sections, name=name)
-    await fwd.start(ctx.session)
+    fwd = procs.forwarder(ctx.logdir, sections, name=name)
+    await fwd.launch(ctx.session)
     return fwd, path
 
 
@@ -174,8 +180,8 @@ async def main_rows(ctx: Context, duration: float, rounds: int) -> tuple[list[Ro
     """The throughput rows, the HTTP comparison and the application's cost, on one emulator."""
     rows: list[Row] = []
     host_qlen = queue_length()
-    emulator = await Emulator(ctx.logdir, "--no-record", "--quota", str(QUOTA),
-                              name="emulator-datagram").start(ctx.session)
+    emulator = await procs.emulator(ctx.logdir, "--no-record", "--quota", str(QUOTA),
+                              name="emulator-datagram").launch(ctx.session)
     try:
         fwd, path = await start(ctx, emulator, "forwarder-datagram")
         try:
@@ -209,8 +215,8 @@ async def main_rows(ctx: Context, duration: float, rounds: int) -> tuple[list[Ro
 
 async def overload(ctx: Context, when_full: str, duration: float) -> dict:
     """OVERLOAD x what the emulator's quota lets through, from a non-blocking sender (EAGAIN: not taken)."""
-    emulator = await Emulator(ctx.logdir, "--no-record", "--quota", str(OVERLOAD_QUOTA),
-                              name=f"emulator-overload-{when_full}").start(ctx.session)
+    emulator = await procs.emulator(ctx.logdir, "--no-record", "--quota", str(OVERLOAD_QUOTA),
+                              name=f"emulator-overload-{when_full}").launch(ctx.session)
     try:
         fwd, path = await start(ctx, emulator, f"forwarder-overload-{when_full}",
                                 buffer={"max_events": OVERLOAD_BUFFER, "when_full": when_full},
@@ -237,7 +243,7 @@ async def overload(ctx: Context, when_full: str, duration: float) -> dict:
 
 async def udp_buffer_drops(ctx: Context, duration: float) -> dict[int, dict]:
     """Kernel drops at RATE over UDP for each SO_RCVBUF, the two forwarders alternated."""
-    emulator = await Emulator(ctx.logdir, "--no-record", name="emulator-udp").start(ctx.session)
+    emulator = await procs.emulator(ctx.logdir, "--no-record", name="emulator-udp").launch(ctx.session)
     out: dict[int, dict] = {}
     forwarders = []
     try:
@@ -266,7 +272,8 @@ async def datagram(ctx: Context) -> list[Row]:
     duration, rounds = ctx.pick(30.0, 2.0), ctx.pick(3, 1)
     rows, measured, cost = await main_rows(ctx, duration, rounds)
     dgram, http = measured["dgram"], measured["http"]
-    floor_emulator = await Emulator(ctx.logdir, "--no-record", name="emulator-datagram-floor").start(ctx.session)
+    floor_emulator = await procs.emulator(ctx.logdir, "--no-record",
+                                          name="emulator-datagram-floor").launch(ctx.session)
     try:
         raw = [await sender_bench.one(ctx, floor_emulator, "raw", ctx.pick(50_000, 2_000)) for _ in range(rounds)]
     finally:

@@ -264,8 +264,8 @@ class DiskBuffer(Bounded):
     def _cycle_done(self, cycled: Cycled, work: _Queue) -> None:
         displaced_now = cycled.displaced and not self.progress.displaced
         self.progress.advance(cycled, self._clock())
-        for p in work.appends:
-            if cycled.appended:
+        for i, p in enumerate(work.appends):
+            if i < cycled.appended:
                 _resolve(p.done, None)
                 continue
             self._bounds.remove(len(p.append.events), p.size)
@@ -275,8 +275,8 @@ class DiskBuffer(Bounded):
             _resolve(work.reader, cycled)
         if self.progress.committed > self.progress.cursor:
             self._readable.set()
-        if not cycled.appended and work.appends and not cycled.displaced:
-            self._observer.buffer_write_failed(self.file, "disk full", len(work.appends), 0)
+        if cycled.appended < len(work.appends) and not cycled.displaced:
+            self._observer.buffer_write_failed(self.file, "disk full", len(work.appends) - cycled.appended, 0)
         if displaced_now:
             self._observer.log.error("buffer_displaced", path=self.file, reason=cycled.displaced)
             self._on_crash(BufferDisplaced(cycled.displaced))

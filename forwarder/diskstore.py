@@ -23,7 +23,10 @@ LEDGER_NAME = "buffer.ledger"  # the highest id ever committed, rewritten after 
 RESERVE_NAME = "buffer.reserve"  # space given back to SQLite when the disk fills, so that acks still commit
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is truncated to after a checkpoint
 CHECKPOINT_INTERVAL = 1.0  # seconds: the backlog reaches the database file, not only the WAL
-FULL_DISK_ACKS = 500  # ids deleted per transaction on a full disk, so that each fits in what the reserve left
+ROW_OVERHEAD = 64  # bytes a row costs beyond its body: id, project, received_at, cell and page headers
+FULL_DISK_ACKS = 500
+RECLAIM_STEPS = 1000  # bounds one reclaim; each step frees up to a quarter of what is free
+RECLAIM_MIN_STEP = 16  # pages  # ids deleted per transaction on a full disk, so that each fits in what the reserve left
 # Error names that mean the file is damaged; anything else (locked, cannot
 # open, I/O error) is the environment's problem and must not cost the data.
 _DAMAGE = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
@@ -74,7 +77,8 @@ class Cycled:
     cursor: int  # highest id handed to the reader
     chunks: list[Chunk]
     oldest: float | None  # received_at of the oldest unread row
-    appended: bool  # False: this cycle's appends were refused (disk full, or the file was displaced)
+    appended: int  # how many of this cycle's appends, from the first, were committed; the rest were
+    # refused (disk full, or the file was displaced)
     disk_full: bool
     displaced: str  # why the file at buffer.path is no longer ours, "" while it is
     commits: int
@@ -219,24 +223,24 @@ class Store:
         assert conn is not None
         if not self._displaced:
             self._displaced = self._check_identity()
-        insert = bool(appends) and not self._displaced
-        if insert and not self._reserve():
-            # Without the reserve a failed insert would leave no room to delete rows:
-            # refuse appends until delivered rows give their space back.
-            insert, self._disk_full = False, True
-        if self._disk_full and not insert:
-            chunks, appended = self._on_full_disk(acks, read), False
+        fitting = 0 if self._displaced else self._fitting(appends)
+        if fitting < len(appends) and not self._displaced:
+            # Inserting more could leave no room to checkpoint or to delete rows:
+            # the rest is refused until delivered rows give their space back.
+            self._disk_full = True
+        if self._disk_full and not fitting:
+            chunks, appended = self._on_full_disk(acks, read), 0
         else:
             try:
-                chunks = self._transaction(appends if insert else [], acks, read)
-                appended = insert
-                self._disk_full = self._disk_full and not insert
+                chunks = self._transaction(appends[:fitting], acks, read)
+                appended = fitting
+                self._disk_full = fitting < len(appends)
             except sqlite3.OperationalError as e:
                 if getattr(e, "sqlite_errorname", "") != "SQLITE_FULL":
                     raise
                 # Deleting must work when inserting cannot: give SQLite the reserved
                 # space back and commit the acks and the read without the appends.
-                self._disk_full, appended = True, False
+                self._disk_full, appended = True, 0
                 self._release_reserve()
                 chunks = self._on_full_disk(acks, read)
         if self._clock() - self._checkpointed >= CHECKPOINT_INTERVAL:
@@ -273,17 +277,21 @@ class Store:
 
     def _on_full_disk(self, acks: list[int], read: bool) -> list[Chunk]:
         """Acks and the read with no room to spare: small transactions, the WAL emptied between them."""
-        try:
-            self._checkpoint("TRUNCATE")
-            for i in range(0, len(acks), FULL_DISK_ACKS):
-                self._transaction([], acks[i:i + FULL_DISK_ACKS], False)
+        for attempt in range(2):
+            try:
                 self._checkpoint("TRUNCATE")
-            return self._transaction([], [], read)
-        except sqlite3.OperationalError as e:
-            if getattr(e, "sqlite_errorname", "") != "SQLITE_FULL":
-                raise
-            # Deleting an id twice is harmless: the caller tries every ack again later.
-            raise DiskFull(f"{self.file}: the disk is full even for deleting delivered rows") from e
+                for i in range(0, len(acks), FULL_DISK_ACKS):
+                    self._transaction([], acks[i:i + FULL_DISK_ACKS], False)
+                    self._checkpoint("TRUNCATE")
+                return self._transaction([], [], read)
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorname", "") != "SQLITE_FULL":
+                    raise
+                if attempt == 1 or not os.path.exists(os.path.join(self.directory, RESERVE_NAME)):
+                    # Deleting an id twice is harmless: the caller tries every ack again later.
+                    raise DiskFull(f"{self.file}: the disk is full even for deleting delivered rows") from e
+                self._release_reserve()  # what the reserve is for
+        raise AssertionError("unreachable")
 
     def _check_identity(self) -> str:
         """Why the file at buffer.path is no longer the one this run holds, or ""."""
@@ -337,32 +345,69 @@ class Store:
         if self._ledger_fd is not None:
             os.pwrite(self._ledger_fd, b"%020d\n" % self._max_id, 0)
 
+    def _fitting(self, appends: list[Append]) -> int:
+        """How many of ``appends``, from the first, fit beside the reserve with room to checkpoint them.
+
+        The WAL holds the new pages first and a checkpoint copies them into the file,
+        so an insert needs about twice its size; pages of deleted rows count as room
+        once incremental vacuum has given them back.
+        """
+        if not appends:
+            return 0
+        sizes = [2 * (sum(map(len, a.events)) + ROW_OVERHEAD * len(a.events)) for a in appends]
+        for attempt in range(2):
+            room = self._free_bytes() if self._reserve() else 0
+            fitting = 0
+            while fitting < len(sizes) and sizes[fitting] <= room:
+                room -= sizes[fitting]
+                fitting += 1
+            if fitting == len(sizes) or attempt == 1:
+                return fitting
+            self._reclaim()
+        return 0
+
+    def _free_bytes(self) -> int:
+        stat = os.statvfs(self.directory)
+        return stat.f_bavail * stat.f_frsize
+
     def _reserve(self) -> bool:
         """Make sure ``buffer.reserve`` holds its space; False when the disk has no room for it."""
         path = os.path.join(self.directory, RESERVE_NAME)
         if os.path.exists(path):
             return True
-        for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-                try:
-                    os.posix_fallocate(fd, 0, self._reserve_size)
-                finally:
-                    os.close(fd)
-                return True
-            except OSError:
-                self._release_reserve()
-                if attempt == 0:
-                    self._reclaim()
-        return False
+                os.posix_fallocate(fd, 0, self._reserve_size)
+            finally:
+                os.close(fd)
+            return True
+        except OSError:
+            self._release_reserve()
+            return False
 
     def _reclaim(self) -> None:
-        """Give the pages of deleted rows back to the file system."""
-        try:
-            self._conn.execute("PRAGMA incremental_vacuum")  # type: ignore[union-attr]
-        except sqlite3.OperationalError:
-            return  # no room even for that yet; tried again at the next insert
-        self._checkpoint("TRUNCATE")
+        """Give the pages of deleted rows back to the file system.
+
+        Vacuuming moves pages through the WAL, so on a full disk it goes in steps
+        that fit in what is free, each checkpointed (and the file shortened) before the next.
+        """
+        conn = self._conn
+        assert conn is not None
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        for _ in range(RECLAIM_STEPS):
+            free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if not free_pages:
+                return
+            if self._free_bytes() < RECLAIM_MIN_STEP * page_size * 2:
+                self._release_reserve()  # moving pages needs a little room; the caller makes the reserve again
+            step = min(free_pages, max(RECLAIM_MIN_STEP, self._free_bytes() // page_size // 4))
+            try:
+                # executescript steps it to the end; execute() would free a single page
+                conn.executescript(f"PRAGMA incremental_vacuum({step});")
+            except sqlite3.OperationalError:
+                return  # no room even for that yet; tried again at the next insert
+            self._checkpoint("TRUNCATE")
 
     def _release_reserve(self) -> None:
         try:

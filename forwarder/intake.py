@@ -376,7 +376,10 @@ class Intake:
         return _json({"status": "ok"})
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
-        reason = "draining" if not self.accepting else self._not_ready()
+        if not self.accepting:
+            # What is left to deliver, readable until the listener closes (a scrape may come too late).
+            return _json({"status": "not ready", "reason": "draining", "queue_depth": self._buffer.depth}, 503)
+        reason = self._not_ready()
         if reason is None:
             return _json({"status": "ready"})
         return _json({"status": "not ready", "reason": reason}, 503)

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -44,9 +45,9 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float, wha
         await asyncio.sleep(interval)
 
 
-async def answers_200(session: aiohttp.ClientSession, url: str) -> bool:
+async def answers_200(session: aiohttp.ClientSession, url: str, tls: ssl.SSLContext | bool = True) -> bool:
     try:
-        async with session.get(url) as r:
+        async with session.get(url, ssl=tls) as r:
             return r.status == 200
     except aiohttp.ClientError:
         return False
@@ -72,6 +73,7 @@ class Proc:
         self.env = {**os.environ, **(env or {})}
         self.name = name or log_path.stem
         self.health_url = health_url
+        self.tls: ssl.SSLContext | bool = True  # how requests to health_url verify TLS
         self.cwd = cwd
         self.preexec_fn = preexec_fn
         self.stop_grace = stop_grace
@@ -102,7 +104,7 @@ class Proc:
 
         async def up() -> bool:
             self.check_alive()
-            return await answers_200(session, url)
+            return await answers_200(session, url, self.tls)
         await wait_for(up, timeout, f"{self.name} at {url}")
 
     async def launch(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> Self:
@@ -237,9 +239,10 @@ class ForwarderProcess(Proc):
 
     def __init__(self, logdir: Path, sections: dict[str, dict[str, Any]], env: dict[str, str] | None = None,
                  name: str = "forwarder", command: Callable[[Path], list[str]] | None = None,
-                 **proc: Any) -> None:
+                 tls: ssl.SSLContext | None = None, **proc: Any) -> None:
+        """``tls``: a client context trusting the intake's certificate (intake.tls_cert_file); URLs become https."""
         self.port = sections.setdefault("intake", {}).setdefault("port", free_port())
-        self.url = f"http://{HOST}:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://{HOST}:{self.port}"
         sections["intake"].setdefault("host", HOST)
         state = logdir / f"{name}-state"
         sections.setdefault("buffer", {}).setdefault("path", str(state))
@@ -251,16 +254,17 @@ class ForwarderProcess(Proc):
         args = (command or _run)(self.config_path)
         super().__init__(args, logdir / f"{name}.log", {**TEST_CREDENTIALS, **(env or {})}, name=name,
                          health_url=f"{self.url}/readyz", **proc)
+        self.tls = tls or True
 
     async def post(self, session: aiohttp.ClientSession, project: str, events: list[dict]) -> tuple[int, dict]:
         async with session.post(f"{self.url}/events/projects/{project}",
                                 data=orjson.dumps({"events": events}),
-                                headers={"Content-Type": "application/json"}) as r:
+                                headers={"Content-Type": "application/json"}, ssl=self.tls) as r:
             return r.status, await r.json(loads=orjson.loads, content_type=None)
 
     async def metric(self, session: aiohttp.ClientSession, name: str, labels: str = "") -> float:
         """One series of /metrics, e.g. metric(s, "forwarder_events_sent_total"); fails if it does not exist."""
-        async with session.get(f"{self.url}/metrics") as r:
+        async with session.get(f"{self.url}/metrics", ssl=self.tls) as r:
             return parse_metric(await r.text(), name, labels)
 
     async def wait_drained(self, session: aiohttp.ClientSession, timeout: float) -> float:

@@ -3,7 +3,9 @@
 The sidecar's ``evidently.endpoint_url`` is the central forwarder's intake; it
 signs with its own key pair from the standard AWS chain (here the
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables), which the central tier
-holds in its credentials file. The links are plain HTTP on 127.0.0.1.
+holds in its credentials file. The central intake speaks TLS with a certificate
+from a self-signed CA, which the sidecar trusts through AWS_CA_BUNDLE (as an AWS
+SDK would); every link stays on 127.0.0.1.
 
 Events are numbered in their ``data`` ({"i": n}) so each check reads "every
 acknowledged n arrived, and how often".
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ssl
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +30,7 @@ from forwarder.diskbuffer import DiskBuffer
 from forwarder.events import encode_event
 from forwarder.observability import Metrics, Observer
 from forwarder.testing import EmulatorProcess, ForwarderProcess, free_port, wait_for
+from tests.tools import make_ca_and_server_pair
 
 pytestmark = pytest.mark.e2e
 
@@ -41,8 +45,11 @@ def central_sections(tmp_path: Path, emulator: EmulatorProcess, **buffer: Any) -
     creds = tmp_path / "central-credentials"
     creds.write_text(f"[sidecars]\naws_access_key_id = {SIDECAR_KEY}\naws_secret_access_key = {SIDECAR_SECRET}\n")
     creds.chmod(0o600)
+    if not (tmp_path / "server.crt").exists():
+        make_ca_and_server_pair(tmp_path)
     return {
-        "intake": {"port": free_port(), "auth": "sigv4", "credentials_file": str(creds)},
+        "intake": {"port": free_port(), "auth": "sigv4", "credentials_file": str(creds),
+                   "tls_cert_file": str(tmp_path / "server.crt"), "tls_key_file": str(tmp_path / "server.key")},
         "evidently": {"endpoint_url": emulator.url, "region": REGION, "concurrency": CENTRAL_CONCURRENCY},
         "buffer": {"type": "disk", **buffer},
         "batch": {"flush_interval": 0.1},
@@ -52,7 +59,8 @@ def central_sections(tmp_path: Path, emulator: EmulatorProcess, **buffer: Any) -
 
 async def start_central(procs, session, tmp_path: Path, sections: dict) -> ForwarderProcess:
     """The central forwarder; the same sections again restart it on the same port and disk buffer."""
-    central = procs(ForwarderProcess(tmp_path, copy.deepcopy(sections), name="central"))
+    trust = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    central = procs(ForwarderProcess(tmp_path, copy.deepcopy(sections), name="central", tls=trust))
     await central.ready(session)
     return central
 
@@ -64,7 +72,8 @@ def sidecar_process(tmp_path: Path, central: ForwarderProcess, **evidently: Any)
         "buffer": {"type": "disk"},
         "batch": {"flush_interval": 0.1},
         "retry": {"initial_backoff": 0.05, "max_backoff": 0.5},
-    }, env={"AWS_ACCESS_KEY_ID": SIDECAR_KEY, "AWS_SECRET_ACCESS_KEY": SIDECAR_SECRET}, name="sidecar")
+    }, env={"AWS_ACCESS_KEY_ID": SIDECAR_KEY, "AWS_SECRET_ACCESS_KEY": SIDECAR_SECRET,
+            "AWS_CA_BUNDLE": str(tmp_path / "ca.crt")}, name="sidecar")
 
 
 async def start_sidecar(procs, session, tmp_path: Path, central: ForwarderProcess, **evidently: Any):

@@ -76,3 +76,31 @@ def test_chained_sidecar_signs_with_a_key_pair_the_central_tier_accepts(tmp_path
     key = secrets[env["AWS_ACCESS_KEY_ID"]["name"]][env["AWS_ACCESS_KEY_ID"]["key"]]
     secret = secrets[env["AWS_SECRET_ACCESS_KEY"]["name"]][env["AWS_SECRET_ACCESS_KEY"]["key"]]
     assert central_secret_credentials(tmp_path)[key] == secret
+
+
+def test_central_tier_serves_tls_from_a_mounted_tls_secret_and_probes_over_https(tmp_path: Path) -> None:
+    config = tier_config(CENTRAL, tmp_path)
+    spec = workload(CENTRAL)["spec"]["template"]["spec"]
+    container = forwarder_container(spec)
+    cert, key = Path(config.intake.tls_cert_file), Path(config.intake.tls_key_file)
+    assert cert.parent == key.parent
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(cert.parent))
+    assert "subPath" not in mount  # renewals reach the pod; SIGHUP loads them
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    secret = next(d for d in find(tier_documents(CENTRAL), "Secret")
+                  if d["metadata"]["name"] == volume["secret"]["secretName"])
+    assert secret["type"] == "kubernetes.io/tls" and {cert.name, key.name} == set(secret["stringData"])
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_chained_sidecar_reaches_the_central_tier_over_https_trusting_its_ca(tmp_path: Path) -> None:
+    assert urlsplit(tier_config(SIDECAR_CHAINED, tmp_path).evidently.endpoint_url).scheme == "https"
+    spec = workload(SIDECAR_CHAINED)["spec"]["template"]["spec"]
+    container = forwarder_container(spec)
+    bundle = Path(container_env(container)["AWS_CA_BUNDLE"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(bundle.parent))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    ca = next(d for d in find(tier_documents(SIDECAR_CHAINED), "ConfigMap")
+              if d["metadata"]["name"] == volume["configMap"]["name"])
+    assert "BEGIN CERTIFICATE" in ca["data"][bundle.name]

@@ -569,7 +569,7 @@ def fill_store(store: Store, per_cycle: int) -> int:
     raise AssertionError("the disk never filled up")
 
 
-@pytest.mark.parametrize("per_cycle, acks_per_cycle", [(37, 50), (50, 50), (500, 50), (5000, 50), (500, 5000)])
+@pytest.mark.parametrize("per_cycle, acks_per_cycle", [(37, 50), (50, 50), (500, 50), (5000, 50), (500, 5000), (5000, 5000)])
 def test_a_full_disk_still_deletes_every_delivered_row_and_then_accepts_again(small_disk, per_cycle, acks_per_cycle):
     # Found by a run: with large uncheckpointed WAL content at the moment the disk
     # filled, deleting delivered rows itself failed with SQLITE_FULL and delivery stopped.
@@ -622,3 +622,17 @@ def test_an_empty_file_from_an_older_version_is_converted_to_incremental_vacuum(
     conn = sqlite3.connect(tmp_path / "buffer" / DB_NAME)
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
     conn.close()
+
+
+def test_a_cycle_commits_the_appends_that_fit_and_refuses_the_rest(small_disk):
+    store = Store(str(small_disk / "buffer"), "never", clock=FakeClock())
+    store.open()
+    try:
+        fill_store(store, 500)
+        store.cycle([], list(range(1, 5001)), False)  # delivered: room for some, not all
+        cycled = store.cycle([Append("p1", 2.0, [PADDED] * 500) for _ in range(40)], [], False)
+        assert 0 < cycled.appended < 40 and cycled.disk_full
+        first_new = cycled.max_id - 500 * cycled.appended + 1
+        assert [row[0] for row in rows_on_disk(small_disk / "buffer")][-1] == cycled.max_id >= first_new
+    finally:
+        store.close()

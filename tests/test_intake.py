@@ -156,7 +156,7 @@ async def test_full_buffer_answers_429_with_retry_after_and_not_ready_until_ther
         await fwd.shutdown()
 
 
-async def test_shutdown_flushes_before_stopping_and_rejects_after(tmp_path, emulator, session):
+async def test_shutdown_flushes_before_stopping_rejects_after_and_readyz_shows_what_is_left(tmp_path, emulator, session):
     fwd = Forwarder(make_config(tmp_path, emulator.url, batch={"flush_interval": 30.0}), credentials=("k", "s"),
                     registry=CollectorRegistry(), process_metrics=False)
     await fwd.start()
@@ -167,7 +167,7 @@ async def test_shutdown_flushes_before_stopping_and_rejects_after(tmp_path, emul
     async with session.post(f"{url}/events/projects/p", json={"events": [{"data": {}}]}) as r:
         assert r.status == 503
     async with session.get(f"{url}/readyz") as r:
-        assert (await r.json())["reason"] == "draining"
+        assert await r.json() == {"status": "not ready", "reason": "draining", "queue_depth": 7}
     await fwd.shutdown()
     assert len(emulator.accepted) == 7  # the partial batch did not wait for its 30 s deadline
     assert fwd.metrics.registry.get_sample_value("forwarder_events_dropped_total", {"reason": "shutdown"}) == 0
