@@ -25,7 +25,7 @@ import orjson
 from .events import encode_all, encode_wire_body
 from .protocol import project_error
 
-PROJECT_CACHE_SIZE = 1024  # validated project names kept (the pattern check is ~1 us)
+PROJECT_CACHE_SIZE = 1024  # validated project names kept: most datagrams repeat a few projects
 
 # reason, events, message
 Reject = Callable[[str, int, str], None]

@@ -146,8 +146,8 @@ def _type(value: object, index: int) -> str:
     raise EventError(f"events[{index}].type must be one of {', '.join(EVENT_TYPES)}, got {value!r}"[:300])
 
 
-# Below this body size the general path is cheaper: one event costs 2.9 us there
-# and 3.5 us here, five events 9.2 against 7.4, fifty 73 against 41.
+# Below this body size the general path is cheaper (a fixed cost the fast path
+# only earns back over several events; benchmarks/RESULTS.md, "codec" rows).
 WIRE_FAST_PATH_MIN_BYTES = 1024
 
 
@@ -244,7 +244,7 @@ def encode_all(events: list, now: float) -> tuple[list[bytes], list[tuple[int, s
     for i, event in enumerate(events):
         # The common case inline: an event already in its wire form (what boto3
         # and PutProjectEvents clients send) is re-encoded as it is, with no
-        # per-event calls or new dict. 50-event bodies: 77 -> 55 us per request.
+        # per-event calls or new dict (benchmarks/RESULTS.md, "codec" rows).
         if type(event) is dict and len(event) == 3:
             data, ts, kind = event.get("data"), event.get("timestamp"), event.get("type")
             if (type(data) is str and data[:1] == "{" and kind in types
