@@ -636,3 +636,32 @@ def test_a_cycle_commits_the_appends_that_fit_and_refuses_the_rest(small_disk):
         assert [row[0] for row in rows_on_disk(small_disk / "buffer")][-1] == cycled.max_id >= first_new
     finally:
         store.close()
+
+
+def failing_commits(failures: list[int]):
+    """Connections whose next ``failures[0]`` COMMITs fail the way a full disk makes them fail."""
+    class Connection(sqlite3.Connection):
+        def execute(self, sql, *args):  # type: ignore[override]
+            if sql == "COMMIT" and failures[0] > 0:
+                failures[0] -= 1
+                error = sqlite3.OperationalError("database or disk is full")
+                error.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+                raise error
+            return super().execute(sql, *args)
+
+    def connect_to(file: str) -> sqlite3.Connection:
+        return sqlite3.connect(file, isolation_level=None, factory=Connection)
+    return connect_to
+
+
+async def test_a_read_that_cannot_commit_on_a_full_disk_waits_and_is_answered_later(buffers):
+    failures = [0]
+    clock = FakeClock(0.0)
+    buf, observer, _ = await buffers.open(connect_to=failing_commits(failures), clock=clock)
+    await buf.append("p", events("a", 3), time.time())
+    failures[0] = 3  # the read's transaction and both retries of it on a "full disk"
+    with pytest.raises(BufferFull):
+        await buf.append("p", events("b", 1), time.time())  # its cycle fails: 429, not an error
+    chunks = await buf.read(5.0)  # the reader was kept, not failed: the flush loop goes on
+    assert [e for c in chunks for e in c.events] == events("a", 3)
+    assert sample(observer, "forwarder_buffer_write_errors_total") >= 1
