@@ -65,8 +65,8 @@ class Forwarder:
                              DeadLetterWriter(config.dead_letter.path, config.dead_letter.max_bytes),
                              self.limiter, self.observer, config.retry, ev.concurrency, Clock(monotonic=clock))
         self.flush_loop = FlushLoop(self.buffer, Batcher(config.batch, clock), self.sender, self.observer, clock)
-        self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self.alive,
-                             self.not_ready, self.metrics.registry, upstream_connections=ev.concurrency)
+        self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self,
+                             self.metrics.registry, upstream_connections=ev.concurrency)
         try:
             self.auth = self.intake.authenticate = make_authenticator(config.intake, ev.region, self.observer)
         except CredentialsError as e:

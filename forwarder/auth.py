@@ -23,7 +23,7 @@ import stat
 import time
 from typing import Callable, Generic, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .config import IntakeConfig
 from .observability import Observer
@@ -185,17 +185,18 @@ class TokenAuthenticator:
         return found
 
     def __call__(self, request: web.BaseRequest, body: bytes) -> web.Response | None:
-        header = request.headers.get("Authorization")
+        header = request.headers.get(hdrs.AUTHORIZATION)  # istr: no case folding per request
         if header is None:
             return self._refuse(request, 401, "MissingAuthenticationTokenException", "missing",
                                 'this intake requires "Authorization: Bearer <token>" (intake.auth = "token")',
                                 self._CHALLENGE)
         scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             return self._refuse(request, 401, "MissingAuthenticationTokenException", "malformed",
                                 'this intake requires "Authorization: Bearer <token>" (intake.auth = "token"), got '
                                 f"an Authorization header of scheme {scheme[:40]!r}", self._CHALLENGE)
-        if not self.matches(token.strip()):
+        if not self.matches(token):
             return self._refuse(request, 403, "AccessDeniedException", "wrong_token",
                                 "the bearer token is not one of intake.token_file's tokens (a rotated-out token "
                                 "stops working at the SIGHUP that removes it)")

@@ -15,18 +15,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .diskspace import Reserve, fitting, free_bytes, insert_cost, reclaim, reserve_size
+
 from .buffer import READ_MAX_EVENTS, Chunk, Lease
 
 SCHEMA_VERSION = 1
 DB_NAME = "buffer.sqlite3"
 LEDGER_NAME = "buffer.ledger"  # the highest id ever committed, rewritten after each commit
-RESERVE_NAME = "buffer.reserve"  # space given back to SQLite when the disk fills, so that acks still commit
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is truncated to after a checkpoint
 CHECKPOINT_INTERVAL = 1.0  # seconds: the backlog reaches the database file, not only the WAL
-ROW_OVERHEAD = 64  # bytes a row costs beyond its body: id, project, received_at, cell and page headers
-FULL_DISK_ACKS = 500
-RECLAIM_STEPS = 1000  # bounds one reclaim; each step frees up to a quarter of what is free
-RECLAIM_MIN_STEP = 16  # pages  # ids deleted per transaction on a full disk, so that each fits in what the reserve left
+FULL_DISK_ACKS = 500  # ids deleted per transaction on a full disk, so that each fits in what the reserve left
 # Error names that mean the file is damaged; anything else (locked, cannot
 # open, I/O error) is the environment's problem and must not cost the data.
 _DAMAGE = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
@@ -102,7 +100,7 @@ class Store:
         self._cursor = 0
         self._persisted_read = 0  # meta.max_read
         self._disk_full = False
-        self._reserve_size = 0  # bytes; chosen at open from the file system's size
+        self._reserve = Reserve(directory, 0)  # sized at open from the file system
         self._displaced = ""
         self._commits = 0
         self._checkpointed = clock()
@@ -111,9 +109,8 @@ class Store:
 
     def open(self) -> Opened:
         os.makedirs(self.directory, exist_ok=True)
-        self._take_lock()
-        stat = os.statvfs(self.directory)
-        self._reserve_size = min(8 << 20, max(1 << 20, stat.f_blocks * stat.f_frsize // 16))
+        self._lock_fd = lock_directory(self.directory)
+        self._reserve.size = reserve_size(self.directory)
         lost = _read_ledger(os.path.join(self.directory, LEDGER_NAME))
         try:
             opened = self._connect()
@@ -132,23 +129,12 @@ class Store:
         self._max_id = opened.max_id = max(opened.max_id, lost)
         self._ledger_fd = os.open(os.path.join(self.directory, LEDGER_NAME), os.O_RDWR | os.O_CREAT, 0o600)
         self._write_ledger()
-        self._reserve()
+        self._reserve.hold()
         return opened
-
-    def _take_lock(self) -> None:
-        # On the directory: a lock file can be deleted under a running daemon
-        # (a cleanup script, a restored backup), the directory it lives in cannot.
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OSError(f"buffer.path {self.directory} is in use by another forwarder") from None
-        self._lock_fd = fd
 
     def _replace(self, damage: str) -> Opened:
         self._close_connection()
-        moved_to = self._move_aside()
+        moved_to = move_aside(self.file)
         opened = self._connect()
         opened.damage, opened.moved_to = damage, moved_to
         return opened
@@ -159,7 +145,7 @@ class Store:
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise Damaged("quick_check: " + "; ".join(problems[:3]))
-        fresh = self._check_schema(conn)
+        fresh = check_schema(conn)
         if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
             raise OSError(f"{self.file}: SQLite cannot use WAL mode on this file system")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
@@ -167,7 +153,7 @@ class Store:
         # The pages a checkpoint may add to the file stay well inside the reserve,
         # so a checkpoint after the disk filled always has room to complete.
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, self._reserve_size // page_size // 4)}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, self._reserve.size // page_size // 4)}")
         if fresh:
             # Incremental vacuum lets a full disk get back the pages of delivered rows.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -187,34 +173,6 @@ class Store:
         self._persisted_read = max_read
         self._cursor = 0
         return Opened(rows, nbytes, max(max_id, max_read), max_read)
-
-    def _check_schema(self, conn: sqlite3.Connection) -> bool:
-        """True for a new, empty file; raises Damaged for anything but our schema."""
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not tables:
-            return True
-        if tables != {"meta", "events"}:
-            raise Damaged(f"unexpected tables {sorted(tables)}")
-        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if version is None or version[0] != SCHEMA_VERSION:
-            raise Damaged(f"schema version {version and version[0]}, expected {SCHEMA_VERSION}")
-        columns = [row[1] for row in conn.execute("PRAGMA table_info(events)")]
-        if columns != _EVENT_COLUMNS:
-            raise Damaged(f"events columns {columns}, expected {_EVENT_COLUMNS}")
-        if conn.execute("SELECT value FROM meta WHERE key = 'max_read'").fetchone() is None:
-            raise Damaged("meta.max_read is missing")
-        return False
-
-    def _move_aside(self) -> str:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target, n = f"{self.file}.corrupt-{stamp}", 1
-        while os.path.exists(target):
-            n += 1
-            target = f"{self.file}.corrupt-{stamp}.{n}"
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(self.file + suffix):
-                os.replace(self.file + suffix, target + suffix)
-        return target
 
     # the cycle: one transaction for everything that queued up meanwhile
 
@@ -241,7 +199,7 @@ class Store:
                 # Deleting must work when inserting cannot: give SQLite the reserved
                 # space back and commit the acks and the read without the appends.
                 self._disk_full, appended = True, 0
-                self._release_reserve()
+                self._reserve.release()
                 chunks = self._on_full_disk(acks, read)
         if self._clock() - self._checkpointed >= CHECKPOINT_INTERVAL:
             self._checkpoint("PASSIVE")
@@ -287,10 +245,10 @@ class Store:
             except sqlite3.OperationalError as e:
                 if getattr(e, "sqlite_errorname", "") != "SQLITE_FULL":
                     raise
-                if attempt == 1 or not os.path.exists(os.path.join(self.directory, RESERVE_NAME)):
+                if attempt == 1 or not self._reserve.held:
                     # Deleting an id twice is harmless: the caller tries every ack again later.
                     raise DiskFull(f"{self.file}: the disk is full even for deleting delivered rows") from e
-                self._release_reserve()  # what the reserve is for
+                self._reserve.release()  # what the reserve is for
         raise AssertionError("unreachable")
 
     def _check_identity(self) -> str:
@@ -346,74 +304,16 @@ class Store:
             os.pwrite(self._ledger_fd, b"%020d\n" % self._max_id, 0)
 
     def _fitting(self, appends: list[Append]) -> int:
-        """How many of ``appends``, from the first, fit beside the reserve with room to checkpoint them.
-
-        The WAL holds the new pages first and a checkpoint copies them into the file,
-        so an insert needs about twice its size; pages of deleted rows count as room
-        once incremental vacuum has given them back.
-        """
+        """How many of ``appends``, from the first, fit beside the reserve with room to checkpoint them."""
         if not appends:
             return 0
-        sizes = [2 * (sum(map(len, a.events)) + ROW_OVERHEAD * len(a.events)) for a in appends]
-        for attempt in range(2):
-            room = self._free_bytes() if self._reserve() else 0
-            fitting = 0
-            while fitting < len(sizes) and sizes[fitting] <= room:
-                room -= sizes[fitting]
-                fitting += 1
-            if fitting == len(sizes) or attempt == 1:
-                return fitting
-            self._reclaim()
-        return 0
-
-    def _free_bytes(self) -> int:
-        stat = os.statvfs(self.directory)
-        return stat.f_bavail * stat.f_frsize
-
-    def _reserve(self) -> bool:
-        """Make sure ``buffer.reserve`` holds its space; False when the disk has no room for it."""
-        path = os.path.join(self.directory, RESERVE_NAME)
-        if os.path.exists(path):
-            return True
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, self._reserve_size)
-            finally:
-                os.close(fd)
-            return True
-        except OSError:
-            self._release_reserve()
-            return False
-
-    def _reclaim(self) -> None:
-        """Give the pages of deleted rows back to the file system.
-
-        Vacuuming moves pages through the WAL, so on a full disk it goes in steps
-        that fit in what is free, each checkpointed (and the file shortened) before the next.
-        """
-        conn = self._conn
-        assert conn is not None
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        for _ in range(RECLAIM_STEPS):
-            free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            if not free_pages:
-                return
-            if self._free_bytes() < RECLAIM_MIN_STEP * page_size * 2:
-                self._release_reserve()  # moving pages needs a little room; the caller makes the reserve again
-            step = min(free_pages, max(RECLAIM_MIN_STEP, self._free_bytes() // page_size // 4))
-            try:
-                # executescript steps it to the end; execute() would free a single page
-                conn.executescript(f"PRAGMA incremental_vacuum({step});")
-            except sqlite3.OperationalError:
-                return  # no room even for that yet; tried again at the next insert
-            self._checkpoint("TRUNCATE")
-
-    def _release_reserve(self) -> None:
-        try:
-            os.unlink(os.path.join(self.directory, RESERVE_NAME))
-        except FileNotFoundError:
-            pass
+        costs = [insert_cost(a.events) for a in appends]
+        n = fitting(costs, free_bytes(self.directory) if self._reserve.hold() else 0)
+        if n < len(costs):
+            assert self._conn is not None
+            reclaim(self._conn, self.directory, self._reserve, self._checkpoint)
+            n = fitting(costs, free_bytes(self.directory) if self._reserve.hold() else 0)
+        return n
 
     # closing
 
@@ -432,6 +332,50 @@ class Store:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def lock_directory(directory: str) -> int:
+    """An exclusive lock on ``directory`` itself, held by the returned descriptor."""
+    # On the directory: a lock file can be deleted under a running daemon
+    # (a cleanup script, a restored backup), the directory it lives in cannot.
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(f"buffer.path {directory} is in use by another forwarder") from None
+    return fd
+
+
+def check_schema(conn: sqlite3.Connection) -> bool:
+    """True for a new, empty file; raises Damaged for anything but our schema."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return True
+    if tables != {"meta", "events"}:
+        raise Damaged(f"unexpected tables {sorted(tables)}")
+    version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if version is None or version[0] != SCHEMA_VERSION:
+        raise Damaged(f"schema version {version and version[0]}, expected {SCHEMA_VERSION}")
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(events)")]
+    if columns != _EVENT_COLUMNS:
+        raise Damaged(f"events columns {columns}, expected {_EVENT_COLUMNS}")
+    if conn.execute("SELECT value FROM meta WHERE key = 'max_read'").fetchone() is None:
+        raise Damaged("meta.max_read is missing")
+    return False
+
+
+def move_aside(file: str) -> str:
+    """Move ``file`` and its WAL and shared memory aside; returns the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = f"{file}.corrupt-{stamp}", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{file}.corrupt-{stamp}.{n}"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(file + suffix):
+            os.replace(file + suffix, target + suffix)
+    return target
 
 
 def _read_ledger(path: str) -> int:

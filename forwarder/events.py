@@ -157,9 +157,10 @@ def encode_wire_body(body: bytes, now: float) -> list[bytes] | None:
     msgspec checks the body's shape, field types, the timestamp range and the
     event type in C while decoding into slot structs (no dicts), checks every
     ``data`` string in one more pass without building it (``_data_are_objects``)
-    and encodes each event at its exact size. A 50-event body costs ~42 us here
-    against ~67 us for orjson.loads plus ``encode_all``. None means "take the
-    general path", which names whatever is wrong, event by event.
+    and encodes each event at its exact size: well under the cost of
+    orjson.loads plus ``encode_all`` (benchmarks/RESULTS.md, "msgspec fast path
+    vs orjson general path"). None means "take the general path", which names
+    whatever is wrong, event by event.
     """
     try:
         events = _decode_wire_body(body).events

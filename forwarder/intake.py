@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import resource
 import time
 import uuid
 from typing import Callable, Protocol
@@ -36,14 +35,13 @@ from .buffer import Buffer, BufferFull
 from .config import IntakeConfig
 from .events import (WIRE_FAST_PATH_MIN_BYTES, EventError, encode_all, encode_wire_body, ndjson_events,
                      request_events)
-from .listeners import ListenerError, TlsCertificates, UnixSocket, bind_tcp, bind_unix, is_loopback
+from .listeners import Listeners
 from .observability import Observer
 from .protocol import PUT_PATH_PREFIX, ProtocolError, error_response, project_error, project_from_raw_path, request_id
-from .server import MIN_CONNECTIONS, BodyTimeout, Connections, Limits, connection_limit
+from .server import BodyTimeout, Connections
 
 REQUEST_ID = istr("x-amzn-RequestId")  # istr: multidict skips case-folding it on every answer
 PROJECT_CACHE_SIZE = 1024  # validated request paths kept: most requests repeat a few paths
-CLOSE_TIMEOUT = 5.0  # seconds requests in progress get to finish when the listeners close
 
 
 class Authenticator(Protocol):
@@ -55,8 +53,8 @@ class Authenticator(Protocol):
 class _EventIds:
     """UUID-shaped event ids, unique per daemon run: a random prefix, a request
     counter and the event's index. Whole answers come from a cached template per
-    event count with the request number patched in: 19 -> 2 us for 50 events
-    (a fresh uuid4 per event cost ~2 us each)."""
+    event count with the request number patched in, instead of building each
+    id (docs/intake.md, "Why a low-level server...")."""
 
     _REQUEST = b"\x00REQUEST\x00"  # where each answer gets its request number
     MAX_TEMPLATED = 4096
@@ -92,22 +90,28 @@ def metrics_response(registry: CollectorRegistry) -> web.Response:
     return resp
 
 
+class Health(Protocol):
+    """What /healthz and /readyz report: the pipeline's, not only the intake's."""
+
+    def alive(self) -> bool: ...
+
+    def not_ready(self) -> str | None:
+        """Why new events should go elsewhere now, or None."""
+
+
 class Intake:
     """The HTTP server on the configured listeners and its routes."""
 
     def __init__(self, config: IntakeConfig, default_project: str, buffer: Buffer, observer: Observer,
-                 alive: Callable[[], bool], not_ready: Callable[[], str | None],
-                 registry: CollectorRegistry | None, wall: Callable[[], float] = time.time,
+                 health: Health, registry: CollectorRegistry | None, wall: Callable[[], float] = time.time,
                  upstream_connections: int = 0) -> None:
         self._config = config
         self._default_project = default_project
         self._buffer = buffer
         self._observer = observer
-        self._alive = alive
-        self._not_ready = not_ready
+        self._health = health
         self._registry = registry
         self._wall = wall
-        self._upstream = upstream_connections
         self._ids = _EventIds()
         self._projects: dict[str, str] = {}  # raw path -> validated project
         self._content_types = ContentTypes()
@@ -120,83 +124,37 @@ class Intake:
         self._gets = {"/healthz": self._healthz, "/readyz": self._readyz}
         if registry is not None:
             self._gets["/metrics"] = self._metrics
-        self._connections: Connections | None = None
-        self._unix: UnixSocket | None = None
-        self._tls: TlsCertificates | None = None
-        self.port = 0
+        self._listeners = Listeners(config, observer, upstream_connections)
 
     async def start(self) -> int:
         """Listen; returns the bound TCP port (useful with port 0), 0 without a TCP listener."""
-        # aiohttp's low-level server with our own routing: web.Application adds a
-        # router, a middleware chain and a web.Request with match info to every
-        # request, a visible share of a single-event request's CPU (docs/intake.md).
-        # Six fixed routes need none of that.
         self._loop = asyncio.get_running_loop()
-        c = self._config
-        limits = Limits(self._connection_limit(), c.idle_timeout, c.header_timeout, c.body_timeout,
-                        c.max_header_bytes)
-        self._connections = connections = Connections(limits, self._observer)
-        metrics = self._observer.metrics
-        metrics.intake_connections.set_function(lambda: connections.count)
-        metrics.intake_connection_limit.set(limits.max_connections)
-        try:
-            if c.port != -1:
-                self._tls = TlsCertificates(c.tls_cert_file, c.tls_key_file) if c.tls_cert_file else None
-                sockets = bind_tcp(c.host, c.port)
-                self.port = sockets[0].getsockname()[1]
-                server = self._server(check_host=is_loopback(sockets))
-                for sock in sockets:
-                    connections.listen(sock, server, self._tls.context if self._tls else None)
-            if c.unix_socket:
-                self._unix = bind_unix(c.unix_socket, int(c.unix_socket_mode, 8))
-                connections.listen(self._unix.sock, self._server(check_host=False), None)
-        except BaseException:
-            await self.close()
-            raise
-        connections.start()
-        self._observer.log.info("intake_listening", host=c.host if c.port != -1 else None, port=self.port or None,
-                                tls=self._tls is not None, unix_socket=c.unix_socket or None,
-                                max_connections=limits.max_connections)
-        return self.port
+        return await self._listeners.start(self._server)
+
+    @property
+    def port(self) -> int:
+        return self._listeners.port
 
     @property
     def connections(self) -> Connections | None:
         """The open connections (None before start and after close)."""
-        return self._connections
-
-    def _connection_limit(self) -> int:
-        configured = self._config.max_connections
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if nofile == resource.RLIM_INFINITY:
-            return configured
-        limit = connection_limit(configured, nofile, self._upstream)
-        if limit < min(configured, MIN_CONNECTIONS):
-            raise ListenerError(f"intake.max_connections: the open-file limit (RLIMIT_NOFILE {nofile}) leaves room "
-                                f"for {limit} connections; raise it (ulimit -n, LimitNOFILE=)")
-        if limit < configured:
-            self._observer.log.warning("connection_limit_lowered", configured=configured, applied=limit,
-                                       rlimit_nofile=nofile)
-        return limit
+        return self._listeners.connections
 
     def _server(self, check_host: bool) -> web.Server:
+        # aiohttp's low-level server with our own routing: web.Application adds a
+        # router, a middleware chain and a web.Request with match info to every
+        # request, a visible share of a single-event request's CPU (docs/intake.md).
+        # Six fixed routes need none of that.
         return web.Server(functools.partial(self._route, check_host), request_factory=self._make_request)
 
     def _make_request(self, message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
-        self._connections.touch(protocol)  # type: ignore[union-attr]
+        self._listeners.connections.touch(protocol)  # type: ignore[union-attr]
         return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
                                client_max_size=self._config.max_body_bytes)
 
     def reload_tls(self) -> bool:
         """Re-read intake.tls_cert_file and intake.tls_key_file (SIGHUP); keeps the old pair on error."""
-        if self._tls is None:
-            return False
-        try:
-            self._tls.reload()
-        except ListenerError as e:
-            self._observer.log.error("reload_failed", error=str(e))
-            return False
-        self._observer.log.info("tls_reloaded", cert_file=self._tls.cert_file, key_file=self._tls.key_file)
-        return True
+        return self._listeners.reload_tls()
 
     async def _route(self, check_host: bool, request: web.BaseRequest) -> web.StreamResponse:
         # One coroutine per request from here on: each nested handler coroutine
@@ -255,12 +213,7 @@ class Intake:
 
     async def close(self) -> None:
         """Stop listening, let requests in progress finish, remove the Unix socket (idempotent)."""
-        connections, self._connections = self._connections, None
-        if connections is not None:
-            await connections.close(CLOSE_TIMEOUT)
-        unix, self._unix = self._unix, None
-        if unix is not None:
-            unix.remove()
+        await self._listeners.close()
 
     # handlers
 
@@ -296,7 +249,7 @@ class Intake:
             self._observer.events_rejected("body_too_large", 1)
             return error_response(413, "PayloadTooLargeException",
                                   f"the request body is {length} bytes; intake.max_body_bytes is {limit}")
-        try:  # inline, not a helper coroutine: each nested coroutine costs ~0.4 us per request
+        try:  # inline, not a helper coroutine: one coroutine per request (docs/intake.md)
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:  # no Content-Length: read() enforces client_max_size
             raise Refusal(413, "PayloadTooLargeException", f"the request body exceeds intake.max_body_bytes ({limit})",
@@ -368,9 +321,10 @@ class Intake:
         return orjson.dumps({"eventResults": results, "failedEventCount": len(errors)})
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
-        if not self._alive():
+        if not self._health.alive():
             return _json({"status": "a pipeline task has stopped"}, 503)
-        if self._connections is not None and not self._connections.alive:
+        connections = self._listeners.connections
+        if connections is not None and not connections.alive:
             return _json({"status": "the intake's connection sweep has stopped"}, 503)
         return _json({"status": "ok"})
 
@@ -378,7 +332,7 @@ class Intake:
         if not self.accepting:
             # What is left to deliver, readable until the listener closes (a scrape may come too late).
             return _json({"status": "not ready", "reason": "draining", "queue_depth": self._buffer.depth}, 503)
-        reason = self._not_ready()
+        reason = self._health.not_ready()
         if reason is None:
             return _json({"status": "ready"})
         return _json({"status": "not ready", "reason": reason}, 503)

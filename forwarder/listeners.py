@@ -1,4 +1,4 @@
-"""The intake's listening sockets: TCP (optionally TLS) and a Unix domain socket.
+"""The intake's listening sockets: TCP (optionally TLS) and a Unix domain socket, and their lifecycle.
 
 Every failure here is a one-line start-up error naming the configuration key.
 """
@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import resource
 import socket
 import ssl
 import stat
 import tempfile
 from dataclasses import dataclass
+from typing import Callable
 
-from .server import LISTEN_BACKLOG
+from aiohttp import web
+
+from .config import IntakeConfig
+from .observability import Observer
+from .server import LISTEN_BACKLOG, MIN_CONNECTIONS, Connections, Limits, connection_limit
+
+CLOSE_TIMEOUT = 5.0  # seconds requests in progress get to finish when the listeners close
 
 # bind_unix binds under "<dir>/.<8 random>/s" first: this many bytes longer than the path.
 UNIX_TEMP_OVERHEAD = 12
@@ -185,3 +193,80 @@ def _read_pem(path: str, key: str, marker: str) -> str:
     if marker.encode() not in text:
         raise ListenerError(f"{key}: {path} holds no PEM {marker.rstrip('-').lower()}")
     return path
+
+
+class Listeners:
+    """The intake's sockets under one connection limit: TCP (TLS when configured) and a Unix socket."""
+
+    def __init__(self, config: IntakeConfig, observer: Observer, upstream_connections: int = 0) -> None:
+        self._config = config
+        self._observer = observer
+        self._upstream = upstream_connections
+        self.connections: Connections | None = None  # None before start and after close
+        self._unix: UnixSocket | None = None
+        self._tls: TlsCertificates | None = None
+        self.port = 0
+
+    async def start(self, server: Callable[[bool], web.Server]) -> int:
+        """Listen, each socket served by ``server(check_host)``; returns the TCP port, 0 without one."""
+        c = self._config
+        limits = Limits(self._connection_limit(), c.idle_timeout, c.header_timeout, c.body_timeout,
+                        c.max_header_bytes)
+        self.connections = connections = Connections(limits, self._observer)
+        metrics = self._observer.metrics
+        metrics.intake_connections.set_function(lambda: connections.count)
+        metrics.intake_connection_limit.set(limits.max_connections)
+        try:
+            if c.port != -1:
+                self._tls = TlsCertificates(c.tls_cert_file, c.tls_key_file) if c.tls_cert_file else None
+                sockets = bind_tcp(c.host, c.port)
+                self.port = sockets[0].getsockname()[1]
+                tcp = server(is_loopback(sockets))
+                for sock in sockets:
+                    connections.listen(sock, tcp, self._tls.context if self._tls else None)
+            if c.unix_socket:
+                self._unix = bind_unix(c.unix_socket, int(c.unix_socket_mode, 8))
+                connections.listen(self._unix.sock, server(False), None)
+        except BaseException:
+            await self.close()
+            raise
+        connections.start()
+        self._observer.log.info("intake_listening", host=c.host if c.port != -1 else None, port=self.port or None,
+                                tls=self._tls is not None, unix_socket=c.unix_socket or None,
+                                max_connections=limits.max_connections)
+        return self.port
+
+    def _connection_limit(self) -> int:
+        configured = self._config.max_connections
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            return configured
+        limit = connection_limit(configured, nofile, self._upstream)
+        if limit < min(configured, MIN_CONNECTIONS):
+            raise ListenerError(f"intake.max_connections: the open-file limit (RLIMIT_NOFILE {nofile}) leaves room "
+                                f"for {limit} connections; raise it (ulimit -n, LimitNOFILE=)")
+        if limit < configured:
+            self._observer.log.warning("connection_limit_lowered", configured=configured, applied=limit,
+                                       rlimit_nofile=nofile)
+        return limit
+
+    def reload_tls(self) -> bool:
+        """Re-read intake.tls_cert_file and intake.tls_key_file (SIGHUP); keeps the old pair on error."""
+        if self._tls is None:
+            return False
+        try:
+            self._tls.reload()
+        except ListenerError as e:
+            self._observer.log.error("reload_failed", error=str(e))
+            return False
+        self._observer.log.info("tls_reloaded", cert_file=self._tls.cert_file, key_file=self._tls.key_file)
+        return True
+
+    async def close(self) -> None:
+        """Stop listening, let requests in progress finish, remove the Unix socket (idempotent)."""
+        connections, self.connections = self.connections, None
+        if connections is not None:
+            await connections.close(CLOSE_TIMEOUT)
+        unix, self._unix = self._unix, None
+        if unix is not None:
+            unix.remove()

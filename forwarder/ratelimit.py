@@ -202,7 +202,7 @@ class RateLimiter:
         return max(booked, now - STALE_BOOKING)
 
     def _refill(self, now: float) -> None:
-        capacity = max(1.0, self.rate / 20)  # at most 50 ms of burst: keep calls paced
+        capacity = max(1.0, self.rate / 20)  # at most 1/20 s of burst: keep calls paced
         self._tokens = min(capacity, self._tokens + (now - self._refilled) * self.rate)
         self._refilled = now
 

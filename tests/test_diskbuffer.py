@@ -13,6 +13,7 @@ import pytest
 from forwarder.buffer import READ_MAX_EVENTS, BufferFull
 from forwarder.config import BufferConfig
 from forwarder.diskbuffer import DB_NAME, BufferDisplaced, DiskBuffer, Progress
+from forwarder.diskspace import ROW_OVERHEAD, fitting, insert_cost
 from forwarder.diskstore import Append, Store, _ranges, connect
 from forwarder.observability import Metrics, Observer
 from tests.fakes import FakeClock
@@ -665,3 +666,18 @@ async def test_a_read_that_cannot_commit_on_a_full_disk_waits_and_is_answered_la
     chunks = await buf.read(5.0)  # the reader was kept, not failed: the flush loop goes on
     assert [e for c in chunks for e in c.events] == events("a", 3)
     assert sample(observer, "forwarder_buffer_write_errors_total") >= 1
+
+
+@pytest.mark.parametrize(("costs", "room", "expected"), [
+    ([], 100, 0),
+    ([10, 20, 30], 60, 3),
+    ([10, 20, 30], 59, 2),
+    ([10, 20, 30], 9, 0),
+    ([50, 1, 1], 49, 0),  # in order: a later small append never jumps an earlier large one
+])
+def test_fitting_counts_the_appends_that_fit_in_order(costs, room, expected):
+    assert fitting(costs, room) == expected
+
+
+def test_an_insert_costs_twice_its_rows_because_a_checkpoint_copies_the_wal_into_the_file():
+    assert insert_cost([b"x" * 100, b"y" * 50]) == 2 * (150 + 2 * ROW_OVERHEAD)
