@@ -254,6 +254,11 @@ class Connections:
         return len(self._order)
 
     @property
+    def protocols(self) -> list[IntakeProtocol]:
+        """The open connections, the longest idle first (the eviction order)."""
+        return list(self._order)
+
+    @property
     def alive(self) -> bool:
         """False once the sweep has crashed: timeouts would no longer apply (/healthz says so)."""
         return self._sweeper is None or not self._sweeper.done()

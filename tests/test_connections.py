@@ -82,9 +82,9 @@ async def _count(fwd, n: int) -> bool:
 
 async def in_phase(fwd, phase: Phase, n: int = 1) -> list[IntakeProtocol]:
     async def there() -> bool:
-        return sum(p.phase is phase for p in fwd.intake.connections._order) >= n
+        return sum(p.phase is phase for p in fwd.intake.connections.protocols) >= n
     await wait_for(there, 5, f"{n} connection(s) in phase {phase.value}")
-    return [p for p in fwd.intake.connections._order if p.phase is phase]
+    return [p for p in fwd.intake.connections.protocols if p.phase is phase]
 
 
 # --- pure decisions ------------------------------------------------------------------------------
@@ -327,9 +327,9 @@ async def test_a_connection_whose_answer_is_unread_is_not_evicted_and_closes_aft
         sock.send(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n" * 3)
         await in_phase(fwd, Phase.WRITING)
         await clients(fwd, LIMITS.max_connections)  # idle connections are evicted to make room, not this one
-        assert protocol in fwd.intake.connections._order and closed(fwd, "evicted") == 1
+        assert protocol in fwd.intake.connections.protocols and closed(fwd, "evicted") == 1
         _, since = protocol.observe(0.0)
         fwd.intake.connections.sweep(since + LIMITS.idle_timeout)
-        assert protocol not in fwd.intake.connections._order and closed(fwd, "write_timeout") == 1
+        assert protocol not in fwd.intake.connections.protocols and closed(fwd, "write_timeout") == 1
     finally:
         sock.close()
