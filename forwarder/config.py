@@ -288,14 +288,17 @@ def _rate(key: str, value: float) -> None:
            f"{key} must be 0 (the default) or at least {MIN_RATE} requests/s (the limiter's floor), got {value}")
 
 
-def is_loopback_host(host: str) -> bool:
-    """Whether intake.host only accepts connections from this machine (a name other than localhost might not)."""
-    if host == "localhost":
-        return True
+def is_loopback_address(host: str) -> bool:
+    """Whether ``host`` is a loopback IP address (a name never is: it may resolve anywhere)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether intake.host only accepts connections from this machine (a name other than localhost might not)."""
+    return host == "localhost" or is_loopback_address(host)
 
 
 def _validate(c: Config) -> None:
@@ -374,18 +377,11 @@ def _validate_datagram(c: IntakeConfig) -> None:
     _check(_octal_mode(c.datagram_socket_mode) is not None,
            f"intake.datagram_socket_mode must be octal permission bits like \"0660\", got {c.datagram_socket_mode!r}")
     _range("intake.datagram_port", c.datagram_port, 0, 65535)
-    _check(_is_loopback(c.datagram_host),
+    _check(is_loopback_address(c.datagram_host),
            f"intake.datagram_host must be a loopback address (127.0.0.1 or ::1): UDP datagrams are not "
            f"authenticated, so the datagram intake never listens beyond this machine; got {c.datagram_host!r}")
     _range("intake.datagram_max_bytes", c.datagram_max_bytes, 1024, 1_048_576)
     _range("intake.datagram_rcvbuf", c.datagram_rcvbuf, 4096, 2**31 - 1)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name: "localhost" may resolve anywhere, so only addresses count
-        return False
 
 
 def _octal_mode(text: str) -> int | None:

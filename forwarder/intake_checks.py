@@ -10,8 +10,9 @@ loopback listener answers only ``Host`` names that mean this machine.
 
 from __future__ import annotations
 
-import ipaddress
 import zlib
+
+from .config import is_loopback_host
 
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines"})
@@ -90,12 +91,7 @@ class HostCheck:
 
     def _local(self, value: str) -> bool:
         host = host_name(value)
-        if host == "localhost" or host.endswith(".localhost") or host == self._configured:
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(host) or host.endswith(".localhost") or host == self._configured
 
 
 def host_name(value: str) -> str:
