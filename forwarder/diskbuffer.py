@@ -35,7 +35,6 @@ class BufferDisplaced(RuntimeError):
 @dataclass(slots=True)
 class _Pending:
     append: Append
-    size: int
     done: asyncio.Future[None]
 
 
@@ -179,7 +178,7 @@ class DiskBuffer(Bounded):
             self._bounds.rejecting = True
             raise BufferFull()
         self._bounds.add(n, size)
-        pending = _Pending(Append(project, received_at, events), size, asyncio.get_running_loop().create_future())
+        pending = _Pending(Append(project, received_at, events, size), asyncio.get_running_loop().create_future())
         self._queue.appends.append(pending)
         self._wake.set()
         await pending.done
@@ -268,7 +267,7 @@ class DiskBuffer(Bounded):
             if i < cycled.appended:
                 _resolve(p.done, None)
                 continue
-            self._bounds.remove(len(p.append.events), p.size)
+            self._bounds.remove(len(p.append.events), p.append.size)
             _resolve(p.done, BufferDisplaced(cycled.displaced) if cycled.displaced
                      else BufferFull(DISK_FULL_RETRY_AFTER))
         if work.reader is not None:
@@ -288,7 +287,7 @@ class DiskBuffer(Bounded):
         if full:
             self.progress.disk_full_until = self._clock() + DISK_FULL_RETRY
         for p in work.appends:
-            self._bounds.remove(len(p.append.events), p.size)
+            self._bounds.remove(len(p.append.events), p.append.size)
             _resolve(p.done, BufferFull(DISK_FULL_RETRY_AFTER) if full else error)
         if not self._closing:
             self._queue.acks.extend(work.acks)  # an ack must not be lost because of a transient error

@@ -26,9 +26,10 @@ def free_bytes(directory: str) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def insert_cost(events: Sequence[bytes]) -> int:
-    """Bytes inserting ``events`` may take: the WAL holds the new pages, then a checkpoint copies them."""
-    return 2 * (sum(map(len, events)) + ROW_OVERHEAD * len(events))
+def insert_cost(n: int, size: int) -> int:
+    """Bytes inserting ``n`` events of ``size`` bytes may take: the WAL holds the new pages, then a
+    checkpoint copies them into the file."""
+    return 2 * (size + ROW_OVERHEAD * n)
 
 
 def fitting(costs: Sequence[int], room: int) -> int:

@@ -57,6 +57,7 @@ class Append:
     project: str
     received_at: float
     events: list[bytes]
+    size: int  # bytes of the events, as the buffer's bounds counted them
 
 
 @dataclass(slots=True)
@@ -307,7 +308,7 @@ class Store:
         """How many of ``appends``, from the first, fit beside the reserve with room to checkpoint them."""
         if not appends:
             return 0
-        costs = [insert_cost(a.events) for a in appends]
+        costs = [insert_cost(len(a.events), a.size) for a in appends]
         n = fitting(costs, free_bytes(self.directory) if self._reserve.hold() else 0)
         if n < len(costs):
             assert self._conn is not None

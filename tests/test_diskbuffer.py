@@ -558,11 +558,15 @@ async def test_close_without_open_does_nothing(tmp_path):
 PADDED = b'{"data":"' + b"x" * 400 + b'"}'
 
 
+def padded(received_at: float, n: int) -> Append:
+    return Append("p1", received_at, [PADDED] * n, len(PADDED) * n)
+
+
 def fill_store(store: Store, per_cycle: int) -> int:
     """Append until the disk refuses; returns how many events were committed."""
     committed = 0
     for _ in range(10_000):
-        cycled = store.cycle([Append("p1", 1.0, [PADDED] * per_cycle)], [], False)
+        cycled = store.cycle([padded(1.0, per_cycle)], [], False)
         if not cycled.appended:
             assert cycled.disk_full
             return committed
@@ -583,7 +587,7 @@ def test_a_full_disk_still_deletes_every_delivered_row_and_then_accepts_again(sm
         for first in range(1, committed + 1, acks_per_cycle):
             store.cycle([], list(range(first, min(first + acks_per_cycle, committed + 1))), True)
         assert rows_on_disk(small_disk / "buffer") == []
-        cycled = store.cycle([Append("p1", 2.0, [PADDED] * 50)], [], False)
+        cycled = store.cycle([padded(2.0, 50)], [], False)
         assert cycled.appended and not cycled.disk_full
     finally:
         store.close()
@@ -597,7 +601,7 @@ def test_every_accepted_append_leaves_the_reserve_in_place(small_disk):
     try:
         refusals = accepted = 0
         while refusals < 3:
-            cycled = store.cycle([Append("p1", 1.0, [PADDED] * 100)], [], False)
+            cycled = store.cycle([padded(1.0, 100)], [], False)
             if cycled.appended:
                 accepted += 1
                 assert reserve.exists(), f"append {accepted} was committed without the reserve"
@@ -631,7 +635,7 @@ def test_a_cycle_commits_the_appends_that_fit_and_refuses_the_rest(small_disk):
     try:
         fill_store(store, 500)
         store.cycle([], list(range(1, 5001)), False)  # delivered: room for some, not all
-        cycled = store.cycle([Append("p1", 2.0, [PADDED] * 500) for _ in range(40)], [], False)
+        cycled = store.cycle([padded(2.0, 500) for _ in range(40)], [], False)
         assert 0 < cycled.appended < 40 and cycled.disk_full
         first_new = cycled.max_id - 500 * cycled.appended + 1
         assert [row[0] for row in rows_on_disk(small_disk / "buffer")][-1] == cycled.max_id >= first_new
@@ -680,4 +684,4 @@ def test_fitting_counts_the_appends_that_fit_in_order(costs, room, expected):
 
 
 def test_an_insert_costs_twice_its_rows_because_a_checkpoint_copies_the_wal_into_the_file():
-    assert insert_cost([b"x" * 100, b"y" * 50]) == 2 * (150 + 2 * ROW_OVERHEAD)
+    assert insert_cost(2, 150) == 2 * (150 + 2 * ROW_OVERHEAD)
