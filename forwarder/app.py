@@ -6,7 +6,6 @@ ready; shutdown is a sequence of phases under one deadline, like uvicorn's.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import time
@@ -26,7 +25,8 @@ from .clock import Clock
 from .config import Config
 from .datagram import DatagramIntake
 from .deadletter import DeadLetterWriter
-from .intake import Intake, metrics_response
+from .answers import metrics_response
+from .intake import Intake
 from .lifecycle import Deadline, Signals
 from .observability import Metrics, Observer, configure_logging
 from .ratelimit import RateLimiter

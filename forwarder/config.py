@@ -402,14 +402,6 @@ def merge_live(old: Config, new: Config) -> Config:
                                        for section, values in changes.items()})
 
 
-def _octal_mode(text: str) -> int | None:
-    """``"0660"`` -> 0o660; None unless 3 or 4 octal digits within 0o777."""
-    if not 3 <= len(text) <= 4 or any(ch not in "01234567" for ch in text):
-        return None
-    mode = int(text, 8)
-    return mode if mode <= 0o777 else None
-
-
 def changed_keys(old: Config, new: Config) -> list[str]:
     """Dotted keys whose value differs between two configurations."""
     out = []

@@ -1,4 +1,5 @@
-"""What a request must satisfy before its events are read: pure checks of its headers and body coding.
+"""What a request must satisfy before its events are buffered: pure checks of
+its path, headers, body coding and events.
 
 A web page can make a browser send a "simple" cross-origin POST (text/plain,
 form types, or a Blob with no type) without any CORS preflight, and a DNS
@@ -12,24 +13,77 @@ from __future__ import annotations
 
 import zlib
 
+import orjson
+
 from .config import is_loopback_host
+from .events import WIRE_FAST_PATH_MIN_BYTES, EventError, encode_all, encode_wire_body, ndjson_events, request_events
+from .protocol import ProtocolError, project_from_raw_path
 
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines"})
 ACCEPTED_TYPES = ", ".join(sorted(JSON_TYPES | NDJSON_TYPES))
 ENCODINGS = "gzip, deflate, identity"
 CACHE_SIZE = 256  # distinct header values remembered per check (a bound, not an LRU)
+PROJECT_CACHE_SIZE = 1024  # validated request paths kept: most requests repeat a few paths
 
 
 class Refusal(Exception):
-    """A request refused whole: status, AWS error type, message, events_rejected reason."""
+    """A request refused whole: status, AWS error type, message, events_rejected reason
+    (counted ``count`` times) and any headers the answer needs."""
 
-    def __init__(self, status: int, error_type: str, message: str, reason: str) -> None:
+    def __init__(self, status: int, error_type: str, message: str, reason: str, count: int = 1,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
         self.reason = reason
+        self.count = count
+        self.headers = headers
+
+
+class ProjectPaths:
+    """Raw PutProjectEvents paths -> their validated project, remembered (a bound, not an LRU:
+    valid paths come back at once)."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, str] = {}
+
+    def project(self, raw_path: str) -> str:
+        try:
+            project = project_from_raw_path(raw_path)
+        except ProtocolError as e:
+            raise Refusal(e.status, e.error_type, e.message, "validation") from None
+        if len(self.known) >= PROJECT_CACHE_SIZE:
+            self.known.clear()
+        self.known[raw_path] = project
+        return project
+
+
+def read_events(body: bytes, ndjson: bool, now: float, most: int) -> tuple[int, list[bytes], list[tuple[int, str]]]:
+    """A decoded body -> (event count, the accepted events encoded for the wire, (index, message) of
+    the refused); raises Refusal when the request is refused whole."""
+    if not ndjson and len(body) >= WIRE_FAST_PATH_MIN_BYTES:
+        encoded = encode_wire_body(body, now)
+        if encoded is not None:
+            _at_most(most, len(encoded))
+            return len(encoded), encoded, []
+    try:
+        events = ndjson_events(body) if ndjson else request_events(orjson.loads(body))
+    except orjson.JSONDecodeError as e:
+        raise Refusal(400, "ValidationException", f"the request body is not valid JSON: {e}", "validation") from None
+    except EventError as e:
+        raise Refusal(400, "ValidationException", str(e), "validation") from None
+    _at_most(most, len(events))
+    encoded, errors = encode_all(events, now)
+    return len(events), encoded, errors
+
+
+def _at_most(most: int, n: int) -> None:
+    if n > most:
+        raise Refusal(400, "ValidationException",
+                      f"events must hold at most {most} events (intake.max_events_per_request), got {n}",
+                      "validation", count=n)
 
 
 class ContentTypes:

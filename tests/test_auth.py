@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
-import aiohttp
 import boto3
 import botocore.config
 import botocore.exceptions

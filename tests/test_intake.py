@@ -225,8 +225,8 @@ async def test_sighup_applies_live_keys_and_reports_the_others(tmp_path, procs, 
 def test_event_ids_are_uuid_shaped_and_unique_across_requests():
     import uuid
 
-    from forwarder.intake import _EventIds
-    ids = _EventIds()
+    from forwarder.answers import EventIds
+    ids = EventIds()
     answers = [json.loads(ids.all_accepted(n)) for n in (3, 3, 0, 50)]
     partial = ids.one_request()
     seen = [r["eventId"] for a in answers for r in a["eventResults"]] + [partial(0), partial(1)]
