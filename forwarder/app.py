@@ -25,7 +25,7 @@ from .clock import Clock
 from .config import Config
 from .datagram import DatagramIntake
 from .deadletter import DeadLetterWriter
-from .answers import metrics_response
+from .answers import serve_metrics
 from .intake import Intake
 from .lifecycle import Deadline, Signals
 from .observability import Metrics, Observer, configure_logging
@@ -53,10 +53,8 @@ class Forwarder:
         self.metrics = Metrics(registry, process_collectors=process_metrics)
         self.observer = Observer(self.metrics, self.log)
         self.buffer = make_buffer(config, self.observer)
-        self.client: EvidentlyClient | None = None
-        if transport is None:
-            self.client = EvidentlyClient(config.evidently, credentials)
-            transport = self.client
+        self.client = EvidentlyClient(config.evidently, credentials) if transport is None else None
+        transport = transport or self.client
         ev = config.evidently
         self.limiter = RateLimiter(ev.effective_initial_rate, ev.effective_max_rate,
                                    ev.rate_controller, clock,
@@ -72,26 +70,13 @@ class Forwarder:
         except CredentialsError as e:
             raise StartupError(str(e)) from None
         self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer)
-        self._metrics_runner: web.AppRunner | None = None
+        self._metrics_server: web.AppRunner | None = None
         self._signals = Signals(self.log)
         self._crash: BaseException | None = None
         self._closed = False
-        self._wire_gauges()
-
-    def _wire_gauges(self) -> None:
-        m = self.metrics
-        m.queue_depth.set_function(lambda: self.buffer.depth)
-        m.queue_bytes.set_function(lambda: self.buffer.nbytes)
-        m.oldest_event_age.set_function(self.oldest_event_age)
-        m.inflight.set_function(lambda: self.sender.inflight)
-        m.send_rate.set_function(lambda: self.limiter.rate)
+        watch_pipeline(self.metrics, self.buffer, self.flush_loop.batcher, self.sender, self.limiter)
 
     # state
-
-    def oldest_event_age(self) -> float:
-        times = [t for t in (self.buffer.oldest_unread(), self.flush_loop.batcher.oldest(), self.sender.oldest())
-                 if t is not None]
-        return max(0.0, time.time() - min(times)) if times else 0.0
 
     def alive(self) -> bool:
         return self._crash is None and self.flush_loop.alive and self.sender.alive
@@ -118,38 +103,21 @@ class Forwarder:
 
     async def _start(self) -> None:
         _check_writable(self.config.dead_letter.path, "dead_letter.path")
-        recovered = await self.buffer.open(self._crashed)
-        if recovered:
-            self.observer.buffer_recovered(recovered, self.config.buffer.path)
+        self.observer.buffer_recovered(await self.buffer.open(self._crashed), self.config.buffer.path)
         if self.client is not None:
             await self.client.start()
         await self.sender.start(self._crashed)
         self.flush_loop.start(self._crashed)
         port = await self.intake.start()
         await self.datagram.start(self._crashed)
-        if self.config.metrics.port:
-            await self._start_metrics_server()
+        self._metrics_server = await serve_metrics(self.metrics.registry, self.config)
         self.log.info("started", host=self.config.intake.host, port=port, buffer=self.config.buffer.type,
                       region=self.config.evidently.region, endpoint_url=self.config.evidently.endpoint_url or None,
                       send_rate=round(self.limiter.rate, 2), max_rate=self.limiter.max_rate)
         systemd.notify("READY=1\nSTATUS=accepting events")
 
-    async def _start_metrics_server(self) -> None:
-        async def metrics(_: web.Request) -> web.Response:
-            return metrics_response(self.metrics.registry)
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        self._metrics_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._metrics_runner.setup()
-        host = self.config.metrics.host or self.config.intake.host
-        await web.TCPSite(self._metrics_runner, host, self.config.metrics.port).start()
-
     def request_stop(self) -> None:
         self._signals.stop_requested()
-
-    def request_reload(self) -> None:
-        self._signals.reload_requested()
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (or a crashed task), then shut down; returns the exit code."""
@@ -191,20 +159,15 @@ class Forwarder:
         # 4. Report what could not be delivered in time.
         await self.flush_loop.close()
         await self.sender.close()
-        left = self.buffer.depth
-        dropped = left if self.config.buffer.type == "memory" else 0
-        if dropped:
-            self.observer.events_dropped("shutdown", dropped)
-        elif left:
-            self.log.info("left_on_disk", events=left, path=self.config.buffer.path)
+        left, dropped = _report_undelivered(self.buffer.depth, self.config, self.observer)
 
         # 5. Close the AWS client, the listeners and the buffer.
         if self.client is not None:
             await self.client.close()
         await self.intake.close()
         await self.datagram.close()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
+        if self._metrics_server is not None:
+            await self._metrics_server.cleanup()
         await self.buffer.close()
         self.log.info("stopped", drained=drained, undelivered=left, dropped=dropped,
                       sent=int(self.metrics.registry.get_sample_value("forwarder_events_sent_total") or 0))
@@ -217,22 +180,7 @@ class Forwarder:
         if self._config_path is None:
             self.log.warning("reload_ignored", reason="no configuration file")
             return
-        try:
-            new = config_mod.load(self._config_path)
-        except config_mod.ConfigError as e:
-            self.log.error("reload_failed", error=str(e), path=self._config_path)
-            return
-        changed = config_mod.changed_keys(self.config, new)
-        live = [k for k in changed if k in config_mod.LIVE]
-        restart = [k for k in changed if k not in config_mod.LIVE]
-        merged = config_mod.merge_live(self.config, new)
-        stages = self.live_stages()
-        for stage in sorted({config_mod.LIVE[k] for k in live}):
-            stages[stage](merged)
-        self.config = merged
-        self.log.info("reloaded", applied=live, needs_restart=restart)
-        if restart:
-            self.log.warning("config_needs_restart", keys=restart)
+        self.config = config_mod.reloaded(self.config, self._config_path, self.live_stages(), self.log)
 
     def live_stages(self) -> dict[str, Callable[[Config], None]]:
         """Each stage named in config.LIVE, applying its section of a reloaded configuration."""
@@ -243,6 +191,29 @@ class Forwarder:
             "rate": lambda c: self.limiter.reconfigure(c.evidently.effective_initial_rate,
                                                        c.evidently.effective_max_rate),
         }
+
+
+def watch_pipeline(metrics: Metrics, buffer: Buffer, batcher: Batcher, sender: Sender, limiter: RateLimiter) -> None:
+    """The gauges that read the stages' state at scrape time."""
+    def oldest_event_age() -> float:
+        times = [t for t in (buffer.oldest_unread(), batcher.oldest(), sender.oldest()) if t is not None]
+        return max(0.0, time.time() - min(times)) if times else 0.0
+
+    metrics.queue_depth.set_function(lambda: buffer.depth)
+    metrics.queue_bytes.set_function(lambda: buffer.nbytes)
+    metrics.oldest_event_age.set_function(oldest_event_age)
+    metrics.inflight.set_function(lambda: sender.inflight)
+    metrics.send_rate.set_function(lambda: limiter.rate)
+
+
+def _report_undelivered(left: int, config: Config, observer: Observer) -> tuple[int, int]:
+    """(left, dropped) after the drain: a memory buffer drops what is left, a disk buffer keeps it."""
+    dropped = left if config.buffer.type == "memory" else 0
+    if dropped:
+        observer.events_dropped("shutdown", dropped)
+    elif left:
+        observer.log.info("left_on_disk", events=left, path=config.buffer.path)
+    return left, dropped
 
 
 def _check_writable(path: str, key: str) -> None:

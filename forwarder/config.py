@@ -12,7 +12,7 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .protocol import MAX_EVENTS_PER_CALL, project_error
 from .ratelimit import CONTROLLERS, MIN_RATE
@@ -400,6 +400,26 @@ def merge_live(old: Config, new: Config) -> Config:
         changes.setdefault(section, {})[name] = getattr(getattr(new, section), name)
     return dataclasses.replace(old, **{section: dataclasses.replace(getattr(old, section), **values)
                                        for section, values in changes.items()})
+
+
+def reloaded(config: Config, path: str, stages: dict[str, Callable[[Config], None]], log: Any) -> Config:
+    """The configuration after re-reading ``path``: live keys applied by their stage (config.LIVE),
+    the others reported as needing a restart; ``config`` unchanged when the file is invalid."""
+    try:
+        new = load(path)
+    except ConfigError as e:
+        log.error("reload_failed", error=str(e), path=path)
+        return config
+    changed = changed_keys(config, new)
+    live = [k for k in changed if k in LIVE]
+    restart = [k for k in changed if k not in LIVE]
+    merged = merge_live(config, new)
+    for stage in sorted({LIVE[k] for k in live}):
+        stages[stage](merged)
+    log.info("reloaded", applied=live, needs_restart=restart)
+    if restart:
+        log.warning("config_needs_restart", keys=restart)
+    return merged
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

@@ -321,7 +321,8 @@ class Observer:
         self.limited("error", "buffer_write_failed", path=path, error=error, appends=appends, acks=acks)
 
     def buffer_recovered(self, events: int, path: str) -> None:
-        self.log.info("buffer_recovered", events=events, path=path)
+        if events:
+            self.log.info("buffer_recovered", events=events, path=path)
 
     # batcher
     def batch_flushed(self, reason: str, size: int) -> None:
