@@ -46,6 +46,21 @@ class Batch:
     ambiguous: bool = False  # the last attempt may have been delivered (timeout, 5xx)
     duplicates_counted: bool = False  # each event counts once as a possible duplicate
 
+    def expired(self, wall: float, max_elapsed: float) -> bool:
+        """Past retry.max_elapsed since its first attempt (or first deferral)."""
+        return bool(self.first_attempt_at) and wall >= self.first_attempt_at + max_elapsed
+
+    def attempt(self, wall: float) -> int:
+        """Record an attempt starting now; returns how many of its events to count as possible
+        duplicates (all of them, once, when an earlier attempt may have been delivered)."""
+        self.attempts += 1
+        self.first_attempt_at = self.first_attempt_at or wall
+        self.last_attempt_at = wall
+        if self.ambiguous and not self.duplicates_counted:
+            self.duplicates_counted = True
+            return len(self.events)
+        return 0
+
     def subset(self, indexes: list[int]) -> "Batch":
         """The same history for some of the events (a split or a partial resend), in ascending order."""
         return dataclasses.replace(self, events=[self.events[i] for i in indexes],

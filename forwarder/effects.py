@@ -96,6 +96,15 @@ class Effects:
     def reschedule(self, batch: Batch, due: float) -> None:
         self._schedule.put_later(batch, due)
 
+    def hold_back(self, batch: Batch, due: float, code: str, message: str) -> None:
+        """Its project's circuit is open: no call until ``due``."""
+        # The deadline runs from the first deferral too: a project that never
+        # heals must not keep its events forever. Should it expire while held
+        # back, its dead letter says why the project refused.
+        batch.first_attempt_at = batch.first_attempt_at or self._clock.wall()
+        batch.last_code, batch.last_message = code, message
+        self._schedule.put_later(batch, due)
+
     def resume_outage_retries(self) -> int:
         """The outage ended: its pushed-back retries are due now."""
         return self._schedule.expedite(lambda b: b.last_reason is not None and b.last_reason.outage)

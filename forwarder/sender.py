@@ -147,20 +147,18 @@ class Sender:
             self.admission.released(batch.project, id(batch))
             await self._effects.expire(batch)
             return None
-        if self._held_by_circuit(batch):
+        held = self.admission.hold(batch.project, id(batch))
+        if held is not None:
+            self._effects.hold_back(batch, *held)
             return None
         probe, sent_at = await self.admission.turn()
         if probe and self._expired(batch):  # it may have waited out a long outage
             self.admission.release()
             await self._effects.expire(batch)
             return None
-        if batch.ambiguous and not batch.duplicates_counted:
-            batch.duplicates_counted = True
-            self._observer.possible_duplicates(len(batch.events))
-        wall = self._clock.wall()
-        batch.attempts += 1
-        batch.first_attempt_at = batch.first_attempt_at or wall
-        batch.last_attempt_at = wall
+        duplicates = batch.attempt(self._clock.wall())
+        if duplicates:
+            self._observer.possible_duplicates(duplicates)
         started = self._clock.monotonic()
         self.inflight += 1
         try:
@@ -175,18 +173,4 @@ class Sender:
         return outcome
 
     def _expired(self, batch: Batch) -> bool:
-        return (bool(batch.first_attempt_at)
-                and self._clock.wall() >= batch.first_attempt_at + self.admission.retry.max_elapsed)
-
-    def _held_by_circuit(self, batch: Batch) -> bool:
-        held = self.admission.hold(batch.project, id(batch))
-        if held is None:
-            return False
-        due, code, message = held
-        # The deadline runs from the first deferral too: a project that never
-        # heals must not keep its events forever. Should it expire while held
-        # back, its dead letter says why the project refused.
-        batch.first_attempt_at = batch.first_attempt_at or self._clock.wall()
-        batch.last_code, batch.last_message = code, message
-        self._effects.reschedule(batch, due)
-        return True
+        return batch.expired(self._clock.wall(), self.admission.retry.max_elapsed)
