@@ -17,7 +17,9 @@ from typing import Callable
 
 from .buffer import Bounded, Bounds, BufferFull, Chunk, Receipt, resolve
 from .config import BufferConfig
-from .diskstore import DB_NAME, Append, Connect, Cycled, DiskFull, Store, connect
+from .diskfiles import DB_NAME
+from .diskspace import DiskFull
+from .diskstore import Append, Connect, Cycled, Store, connect
 from .observability import Observer
 from .wakeup import Wakeup
 
