@@ -1,4 +1,5 @@
-"""Room on the disk buffer's file system: the reserve, what an insert costs, giving pages back.
+"""Room on the disk buffer's file system: the reserve, what an insert costs, giving pages back,
+deleting when nothing else fits.
 
 Why these rules keep deleting possible on a full disk: docs/diskbuffer.md, "A full disk".
 """
@@ -9,10 +10,24 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 
+from .buffer import Chunk
+
 RESERVE_NAME = "buffer.reserve"  # space given back to SQLite when the disk fills, so that acks still commit
 ROW_OVERHEAD = 64  # bytes a row costs beyond its body: id, project, received_at, cell and page headers
 RECLAIM_STEPS = 1000  # bounds one reclaim; each step frees up to a quarter of what is free
 RECLAIM_MIN_STEP = 16  # pages
+FULL_DISK_ACKS = 500  # ids deleted per transaction on a full disk, so that each fits in what the reserve left
+
+Checkpoint = Callable[[str], None]  # runs PRAGMA wal_checkpoint(mode), tolerating a full disk
+Commit = Callable[[list[int], bool], list[Chunk]]  # one transaction: delete these ids, then read or not
+
+
+class DiskFull(OSError):
+    """Not even deleting rows fits on the disk; the cycle is tried again later."""
+
+
+def is_full(error: sqlite3.OperationalError) -> bool:
+    return getattr(error, "sqlite_errorname", "") == "SQLITE_FULL"
 
 
 def reserve_size(directory: str) -> int:
@@ -74,7 +89,7 @@ class Reserve:
             pass
 
 
-def reclaim(conn: sqlite3.Connection, directory: str, reserve: Reserve, checkpoint: Callable[[str], None]) -> None:
+def reclaim(conn: sqlite3.Connection, directory: str, reserve: Reserve, checkpoint: Checkpoint) -> None:
     """Give the pages of deleted rows back to the file system.
 
     Vacuuming moves pages through the WAL, so on a full disk it goes in steps that
@@ -94,3 +109,44 @@ def reclaim(conn: sqlite3.Connection, directory: str, reserve: Reserve, checkpoi
         except sqlite3.OperationalError:
             return  # no room even for that yet; tried again at the next insert
         checkpoint("TRUNCATE")
+
+
+class Space:
+    """The store's room on its file system: which appends fit, and deleting when none does."""
+
+    def __init__(self, directory: str, file: str, checkpoint: Checkpoint) -> None:
+        self.directory = directory
+        self.file = file
+        self.reserve = Reserve(directory, 0)  # sized at open from the file system
+        self._checkpoint = checkpoint
+
+    def fitting(self, conn: sqlite3.Connection, costs: Sequence[int]) -> int:
+        """How many appends of ``costs``, from the first, fit beside the reserve with room to checkpoint them."""
+        if not costs:
+            return 0
+        n = fitting(costs, self._room())
+        if n < len(costs):
+            reclaim(conn, self.directory, self.reserve, self._checkpoint)
+            n = fitting(costs, self._room())
+        return n
+
+    def _room(self) -> int:
+        return free_bytes(self.directory) if self.reserve.hold() else 0
+
+    def commit_when_full(self, acks: list[int], read: bool, commit: Commit) -> list[Chunk]:
+        """Acks and the read with no room to spare: small transactions, the WAL emptied between them."""
+        for attempt in range(2):
+            try:
+                self._checkpoint("TRUNCATE")
+                for i in range(0, len(acks), FULL_DISK_ACKS):
+                    commit(acks[i:i + FULL_DISK_ACKS], False)
+                    self._checkpoint("TRUNCATE")
+                return commit([], read)
+            except sqlite3.OperationalError as e:
+                if not is_full(e):
+                    raise
+                if attempt == 1 or not self.reserve.held:
+                    # Deleting an id twice is harmless: the caller tries every ack again later.
+                    raise DiskFull(f"{self.file}: the disk is full even for deleting delivered rows") from e
+                self.reserve.release()  # what the reserve is for
+        raise AssertionError("unreachable")
