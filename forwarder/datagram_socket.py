@@ -4,16 +4,22 @@ The socket file appears with its mode already set (bound under a temporary
 name, chmod, renamed into place), replaces a stale file from a crashed run but
 never a socket another process still receives on, and is removed on exit only
 if it is still ours. UDP drops are read from the kernel's own counter.
+``Sockets`` holds the intake's open sockets and stops the loop's reading of
+them while any reason to pause stands.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
+
+from .config import IntakeConfig
 
 TEMP_SUFFIX = ".new"  # config.py allows 103 bytes of path so that this fits in sun_path
 PROC_UDP = (Path("/proc/net/udp"), Path("/proc/net/udp6"))
@@ -128,3 +134,79 @@ def udp_drops(inodes: set[int], tables: tuple[Path, ...] = PROC_UDP) -> int | No
                 total += int(fields[-1])
                 found = True
     return total if found else None
+
+
+class Sockets:
+    """The intake's sockets: opened, read while no reason to pause stands, closed."""
+
+    def __init__(self, config: IntakeConfig, readable: Callable[[Bound], None], log: Any) -> None:
+        self.bound: list[Bound] = []
+        self.paused: set[str] = set()  # why the sockets are not read; empty: reading
+        self._config = config
+        self._size = config.datagram_max_bytes + 1  # one byte more: an oversized datagram shows
+        self._readable = readable  # what the loop calls when a socket has datagrams
+        self._log = log
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def open(self) -> None:
+        """Bind the configured sockets and start reading them."""
+        self._loop = asyncio.get_running_loop()
+        c = self._config
+        if c.datagram_socket:
+            self.bound.append(bind_unix(c.datagram_socket, int(c.datagram_socket_mode, 8)))
+        if c.datagram_port:
+            self.bound.append(bind_udp(c.datagram_host, c.datagram_port, c.datagram_rcvbuf))
+        for bound in self.bound:
+            self._loop.add_reader(bound.sock.fileno(), self._readable, bound)
+            self._log.info("datagram_listening", kind=bound.kind, address=bound.address,
+                           rcvbuf=receive_buffer(bound.sock))
+
+    def receive(self, bound: Bound, limit: int, into: list[bytes]) -> None:
+        """Read up to ``limit`` datagrams from ``bound`` onto ``into``, until it has no more."""
+        recv, size = bound.sock.recv, self._size
+        add = into.append
+        try:
+            for _ in range(limit):
+                add(recv(size))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:  # e.g. a UDP socket's ICMP error: the socket stays usable
+            self._log.warning("datagram_receive_failed", address=bound.address, error=str(e))
+
+    def pause(self, reason: str) -> None:
+        """Stop reading until ``reason`` is dropped (several reasons may stand at once)."""
+        if not self.paused and self._loop is not None:
+            for bound in self.bound:
+                self._loop.remove_reader(bound.sock.fileno())
+        self.paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        """Drop one reason to pause; reading goes on once none is left."""
+        if reason not in self.paused:
+            return
+        self.paused.discard(reason)
+        if not self.paused and self._loop is not None:
+            for bound in self.bound:
+                self._loop.add_reader(bound.sock.fileno(), self._readable, bound)
+
+    def refuse_senders(self) -> None:
+        """Unix senders get EPIPE from now on (no path: ENOENT); what is queued stays readable."""
+        for bound in self.bound:
+            if bound.kind == "unix":
+                bound.sock.shutdown(socket.SHUT_RD)
+                remove_unix(bound)
+
+    def close(self) -> None:
+        """Close the sockets and remove the socket files still ours (idempotent)."""
+        bound, self.bound = self.bound, []
+        for b in bound:
+            if self._loop is not None and not self.paused:
+                self._loop.remove_reader(b.sock.fileno())
+            b.sock.close()
+            if b.kind == "unix":
+                remove_unix(b)
+
+    def kernel_drops(self) -> int | None:
+        """UDP datagrams the kernel dropped for a full socket buffer (None without a UDP socket)."""
+        inodes = {b.inode for b in self.bound if b.kind == "udp"}
+        return udp_drops(inodes) if inodes else None
