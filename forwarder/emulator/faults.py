@@ -1,4 +1,4 @@
-"""The emulator's faults: what can be injected, how each field is checked, the account quota, and the faults in force."""
+"""The emulator's faults: what can be injected, how each field is checked, the account quota, what is in force."""
 
 from __future__ import annotations
 
