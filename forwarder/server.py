@@ -247,7 +247,7 @@ class Connections:
         # Least recently active first: a connection moves to the end when a request starts.
         self._order: OrderedDict[IntakeProtocol, None] = OrderedDict()
         self._listeners: list[_Acceptor] = []
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper: _Sweeper | None = None
 
     @property
     def count(self) -> int:
@@ -261,7 +261,7 @@ class Connections:
     @property
     def alive(self) -> bool:
         """False once the sweep has crashed: timeouts would no longer apply (/healthz says so)."""
-        return self._sweeper is None or not self._sweeper.done()
+        return self._sweeper is None or self._sweeper.alive
 
     def listen(self, sock: socket.socket, server: web.Server, tls: ssl.SSLContext | None) -> None:
         """Accept on ``sock`` (bound and listening), handing requests to ``server``."""
@@ -271,8 +271,7 @@ class Connections:
 
     def start(self) -> None:
         """Start the sweep."""
-        self._sweeper = self.loop.create_task(self._sweep_forever())
-        self._sweeper.add_done_callback(self._sweeper_done)
+        self._sweeper = _Sweeper(self, self._clock)
 
     async def close(self, timeout: float) -> None:
         """Stop accepting, then let requests in progress finish within ``timeout`` (idempotent)."""
@@ -280,9 +279,7 @@ class Connections:
         for acceptor in listeners:
             acceptor.stop()
         if self._sweeper is not None:
-            self._sweeper.remove_done_callback(self._sweeper_done)
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+            await self._sweeper.stop()
             self._sweeper = None
         connecting = [p.accept_task for p in self._order if p.accept_task is not None]
         for task in connecting:
@@ -343,37 +340,13 @@ class Connections:
         self.observer.connection_closed(reason, len(self._order), self.limits.max_connections)
         if answer is not None:
             self.rejected(reason)
-        transport = protocol.transport
-        if transport is None:
-            if protocol.accept_task is not None:
-                protocol.accept_task.cancel()
-            return
-        if answer is not None:
-            transport.write(answer)
-        # close() waits for the answer to be written; a peer that reads nothing
-        # would keep the descriptor, so anything left unwritten is dropped.
-        if answer is None or transport.get_write_buffer_size():
-            transport.abort()
-        else:
-            transport.close()
-        protocol.force_close()
+        _close_at_once(protocol, answer)
 
     def refused(self) -> None:
         self.rejected("connection_limit")
         self.observer.connection_closed("refused", len(self._order), self.limits.max_connections)
 
-    # the sweep
-
-    async def _sweep_forever(self) -> None:
-        interval = min(SWEEP_INTERVAL, self.limits.header_timeout / 4, self.limits.body_timeout / 4)
-        while True:
-            await asyncio.sleep(interval)
-            self.sweep(self._clock())
-
-    def _sweeper_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.observer.log.error("intake_sweep_crashed", error=repr(task.exception()),
-                                    exc_info=task.exception())
+    # the timeouts
 
     def sweep(self, now: float) -> None:
         """Apply the header and body timeouts as of ``now``."""
@@ -399,6 +372,55 @@ class Connections:
             self.observer.connection_closed("body_timeout", len(self._order), self.limits.max_connections)
             body.set_exception(BodyTimeout(
                 f"the request body did not arrive within intake.body_timeout ({self.limits.body_timeout:g} s)"))
+
+
+def _close_at_once(protocol: IntakeProtocol, answer: bytes | None) -> None:
+    """Close ``protocol``'s connection now, after ``answer`` if any (one still connecting: its set-up is cancelled)."""
+    transport = protocol.transport
+    if transport is None:
+        if protocol.accept_task is not None:
+            protocol.accept_task.cancel()
+        return
+    if answer is not None:
+        transport.write(answer)
+    # close() waits for the answer to be written; a peer that reads nothing
+    # would keep the descriptor, so anything left unwritten is dropped.
+    if answer is None or transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()
+    protocol.force_close()
+
+
+class _Sweeper:
+    """The task that applies the timeouts (``Connections.sweep``) every interval; a crash ends ``alive``."""
+
+    def __init__(self, pool: Connections, clock: Callable[[], float]) -> None:
+        self.pool = pool
+        self._clock = clock
+        self._task = pool.loop.create_task(self._sweep_forever())
+        self._task.add_done_callback(self._done)
+
+    @property
+    def alive(self) -> bool:
+        return not self._task.done()
+
+    async def stop(self) -> None:
+        self._task.remove_done_callback(self._done)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _sweep_forever(self) -> None:
+        limits = self.pool.limits
+        interval = min(SWEEP_INTERVAL, limits.header_timeout / 4, limits.body_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.pool.sweep(self._clock())
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.pool.observer.log.error("intake_sweep_crashed", error=repr(task.exception()),
+                                         exc_info=task.exception())
 
 
 class _Acceptor:

@@ -1,9 +1,10 @@
-"""The emulator's faults: what can be injected, how each field is checked, and the account quota."""
+"""The emulator's faults: what can be injected, how each field is checked, the account quota, what is in force."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,3 +101,36 @@ class TokenBucket:
             self.tokens -= 1.0
             return True
         return False
+
+
+class FaultState:
+    """The faults in force and what they keep between requests: the random source and the quota's bucket."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.config = FaultConfig()
+        self.rng = random.Random()
+        self.missing: frozenset[str] = frozenset()
+        self.denied: frozenset[str] = frozenset()
+        self._clock = clock
+        self._bucket: TokenBucket | None = None
+
+    def configure(self, fields: Mapping[str, Any]) -> None:
+        """Change faults at once; ValueError names a bad field, and then nothing changes."""
+        changes = normalize_fault_fields(fields)
+        self.config = config = dataclasses.replace(self.config, **changes)
+        if "seed" in changes:
+            self.rng = random.Random(config.seed)
+        if "quota" in changes or "quota_burst" in changes:
+            # A new quota starts with a full bucket, as after a quota increase.
+            self._bucket = TokenBucket(config.quota, bucket_capacity(config), self._clock()) if config.quota else None
+        self.missing = frozenset(config.missing_projects)
+        self.denied = frozenset(config.denied_projects)
+
+    def over_quota(self) -> bool:
+        """True when this request exceeds the account's quota; one within it takes a token."""
+        return self._bucket is not None and not self._bucket.take(self._clock())
+
+    def injects_error(self) -> bool:
+        """True when this request is to be answered 500 (``error_rate``)."""
+        rate = self.config.error_rate
+        return bool(rate) and self.rng.random() < rate

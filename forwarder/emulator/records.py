@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,33 @@ class AcceptedEvent:
     batch: int  # sequence number of the request that carried it
     received_at: float  # wall-clock epoch seconds, comparable with timestamp
     access_key: str
+
+
+class Recording:
+    """The accepted events in order, and which of them arrived before (a resend the service took twice)."""
+
+    def __init__(self) -> None:
+        self.events: list[AcceptedEvent] = []
+        self._seen: set[int] = set()  # hashes of the events recorded
+
+    def add(self, project: str, events: list[dict[str, Any]], access_key: str, batch: int) -> int:
+        """Record ``events``, accepted by request number ``batch``; returns how many are duplicates."""
+        now = time.time()
+        seen, append = self._seen, self.events.append
+        duplicates = 0
+        for event in events:
+            data, timestamp, type_ = event["data"], event["timestamp"], event["type"]
+            digest = hash((project, data, timestamp, type_))
+            if digest in seen:
+                duplicates += 1
+            else:
+                seen.add(digest)
+            append(AcceptedEvent(project, data, timestamp, type_, batch, now, access_key))
+        return duplicates
+
+    def clear(self) -> None:
+        self.events.clear()
+        self._seen.clear()
 
 
 @dataclass(slots=True)
