@@ -109,6 +109,29 @@ def test_a_token_is_compared_against_every_configured_token_whichever_matches(tm
         assert calls == [32] * len(tokens)  # every token, and digests of one length: no length shows either
 
 
+@pytest.mark.parametrize("header, status", [
+    (f"Bearer {TOKEN_A}", None),  # the form every client sends: checked whole
+    (f"bearer   {TOKEN_A} ", None),  # any other spelling goes through the parser
+    (f"Bearer {TOKEN_A}x", 403),
+    (f"Bearer {TOKEN_A[:-1]}", 403),
+    ("Basic dXNlcjpwYXNz", 401),
+    (None, 401),
+])
+def test_the_authorization_header_is_checked_against_every_token_in_either_form(tmp_path: Path, monkeypatch,
+                                                                                  header, status) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    check = TokenAuthenticator(write(tmp_path / "tokens", f"{TOKEN_B}\n{TOKEN_A}\n"), observer())
+    calls = []
+    compare = auth_mod.hmac.compare_digest
+    monkeypatch.setattr(auth_mod.hmac, "compare_digest", lambda a, b: calls.append(len(a)) or compare(a, b))
+    request = make_mocked_request("POST", "/events", headers={} if header is None else {"Authorization": header})
+    answer = check(request, b"")
+    assert (answer and answer.status) == status
+    if header is not None:  # the whole header is compared with every token's, in constant time, before parsing
+        assert calls[:2] == [32, 32]
+
+
 def test_a_reload_that_cannot_read_its_file_keeps_the_previous_tokens(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     obs = observer()
