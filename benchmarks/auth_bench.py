@@ -1,7 +1,10 @@
 """The price of intake.auth: single-event intake with ``sigv4`` and with ``token``, as ratios of ``none``.
 
 Three ``forwarder run`` processes side by side on the server core, identical but
-for ``intake.auth``; the load alternates between them (none, sigv4, token, ...).
+for ``intake.auth``; the load alternates between them (none, sigv4, token, ...),
+and also sends each scheme's headers to the ``none`` intake, which ignores them:
+what carrying credentials costs (more header bytes to read and parse) apart
+from what checking them costs.
 Evidently is down (the emulator answers 503), so each forwarder only
 authenticates, validates, encodes and buffers: the ratio is the intake's own
 price, not diluted by delivery.
@@ -85,10 +88,20 @@ def headers_for(auth: str) -> Callable[[str, bytes], dict[str, str]]:
     return lambda url, body: {}
 
 
+# The `none` intake also takes each scheme's headers (and ignores them): the
+# price of carrying credentials apart from the price of checking them.
+CARRYING = {"sigv4": "none, sent sigv4's headers", "token": "none, sent token's header"}
+
+
+def scheme_of(name: str) -> str:
+    return next((scheme for scheme, carrying in CARRYING.items() if carrying == name), name)
+
+
 async def measure(ctx: Context, subject: Subject, body: bytes, duration: float) -> None:
     url = subject.url + PATH
     c0 = subject.counters()  # type: ignore[misc]
-    run = await load(ctx, subject.name, url, body, headers_for(subject.name)(url, body), duration)
+    run = await load(ctx, scheme_of(subject.name), url, body, headers_for(scheme_of(subject.name))(url, body),
+                     duration)
     user, system, _ = (b - a for a, b in zip(c0, subject.counters()))  # type: ignore[misc]
     run["cpu_us_per_request"] = (user + system) / max(1, run["ok"]) * 1e6
     subject.runs.append(run)
@@ -102,11 +115,13 @@ async def auth(ctx: Context) -> list[Row]:
         stack.callback(emu.stop)
         await emu.launch(ctx.session)
         subjects = [await start(ctx, stack, emu, a) for a in ("none", "sigv4", "token")]
+        none = subjects[0]
+        carrying = {scheme: Subject(name, none.url, None, none.counters) for scheme, name in CARRYING.items()}
         for s in subjects if not ctx.quick else ():  # one warm-up window each
             await load(ctx, s.name, s.url + PATH, body, headers_for(s.name)(s.url + PATH, body), 1.0)
-        for _, name in stats.alternate([s.name for s in subjects], rounds):
-            await measure(ctx, next(s for s in subjects if s.name == name), body, duration)
-    none = subjects[0]
+        everyone = subjects + list(carrying.values())
+        for _, name in stats.alternate([s.name for s in everyone], rounds):
+            await measure(ctx, next(s for s in everyone if s.name == name), body, duration)
     base = summary(none)
     none_cpu = stats.median([r["cpu_us_per_request"] for r in none.runs])
     rows = []
@@ -115,10 +130,15 @@ async def auth(ctx: Context) -> list[Row]:
         r = stats.ratio(m["rps"], base["rps"])
         cpu = stats.median([x["cpu_us_per_request"] for x in s.runs])
         errors = sum(run["errors"] for run in s.runs)
+        carried = carrying[s.name]
+        carried_cpu = stats.median([x["cpu_us_per_request"] for x in carried.runs])
         notes = [
             f"requests/s per round, {s.name}: {per_round(s)}; none: {per_round(none)}",
-            f"server CPU per request (median): {s.name} {cpu:.0f} us, none {none_cpu:.0f} us: the check costs "
-            f"{cpu - none_cpu:.0f} us; by CPU the ratio is {stats.ratio(none_cpu, cpu):.2f}",
+            f"server CPU per request (median): {s.name} {cpu:.0f} us, none {none_cpu:.0f} us: {cpu - none_cpu:.0f} us "
+            f"in all; by CPU the ratio is {stats.ratio(none_cpu, cpu):.2f}",
+            f"the same headers sent to the none intake, which ignores them: {summary(carried)['rps']:,.0f} req/s "
+            f"({stats.ratio(summary(carried)['rps'], base['rps']):.2f} of none), {carried_cpu:.0f} us per request: "
+            f"carrying the credentials costs {carried_cpu - none_cpu:.0f} us, checking them {cpu - carried_cpu:.0f} us",
         ]
         if s.name == "sigv4":
             notes.append("one pre-signed request replayed per window (valid within the 5-minute window); "
