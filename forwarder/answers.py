@@ -11,7 +11,6 @@ from aiohttp import web
 from multidict import istr
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .config import Config
 from .protocol import request_id
 
 REQUEST_ID = istr("x-amzn-RequestId")  # istr: multidict skips case-folding it on every answer
@@ -74,19 +73,3 @@ def metrics_response(registry: CollectorRegistry) -> web.Response:
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     resp.headers[REQUEST_ID] = request_id()
     return resp
-
-
-async def serve_metrics(registry: CollectorRegistry, config: Config) -> web.AppRunner | None:
-    """/metrics alone on its own listener when metrics.port is set; cleanup() the runner to stop it."""
-    if not config.metrics.port:
-        return None
-
-    async def metrics(_: web.Request) -> web.Response:
-        return metrics_response(registry)
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, config.metrics.host or config.intake.host, config.metrics.port).start()
-    return runner

@@ -25,10 +25,10 @@ from .clock import Clock
 from .config import Config
 from .datagram import DatagramIntake
 from .deadletter import DeadLetterWriter
-from .answers import serve_metrics
 from .intake import Intake
 from .lifecycle import Deadline, Signals
 from .observability import Metrics, Observer, configure_logging
+from .probes import serve_metrics
 from .ratelimit import RateLimiter
 from .sender import Sender
 

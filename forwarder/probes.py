@@ -1,4 +1,4 @@
-"""The intake's unauthenticated GET routes: /healthz, /readyz and /metrics.
+"""The intake's unauthenticated GET routes: /healthz, /readyz and /metrics (also on its own listener).
 
 Kubernetes probes and Prometheus need them without credentials; they report
 the pipeline's state, not only the intake's.
@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from .answers import json_response, metrics_response
 from .buffer import Buffer
+from .config import Config
 from .listeners import Listeners
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
@@ -61,3 +62,19 @@ class Probes:
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         return metrics_response(self._registry)  # type: ignore[arg-type]
+
+
+async def serve_metrics(registry: CollectorRegistry, config: Config) -> web.AppRunner | None:
+    """/metrics alone on its own listener when metrics.port is set; cleanup() the runner to stop it."""
+    if not config.metrics.port:
+        return None
+
+    async def metrics(_: web.Request) -> web.Response:
+        return metrics_response(registry)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, config.metrics.host or config.intake.host, config.metrics.port).start()
+    return runner
