@@ -36,7 +36,7 @@ from benchmarks.context import Context
 from benchmarks.intake_bench import CONNECTIONS, PATH, Subject, describe, per_round, summary
 from benchmarks.procs import DRIVER_CORE, emulator, forwarder, forwarder_sections, proc_counters, run_json
 from benchmarks.report import Row, at_least
-from forwarder.testing import EmulatorProcess
+from forwarder.emulator.harness import EmulatorProcess
 
 REGION = "us-east-1"
 KEY, SECRET = "AKIDBENCH", "bench-secret"

@@ -47,9 +47,9 @@ from benchmarks import stats  # noqa: E402
 from benchmarks.procs import cpu_seconds, emulator, forwarder, forwarder_sections  # noqa: E402
 from forwarder import config as config_mod  # noqa: E402
 from forwarder.app import Forwarder  # noqa: E402
-from forwarder.buffer import BufferFull  # noqa: E402
+from forwarder.buffer.contract import BufferFull  # noqa: E402
 from forwarder.observability import configure_logging  # noqa: E402
-from forwarder.testing import EmulatorProcess, ForwarderProcess, emulator_events, emulator_stats  # noqa: E402
+from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, emulator_events, emulator_stats  # noqa: E402
 
 EVENTS_PER_CALL = 50
 REGION = "us-east-1"

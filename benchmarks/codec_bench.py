@@ -20,7 +20,7 @@ import orjson
 from benchmarks import workload
 from benchmarks.context import Context
 from benchmarks.report import Row
-from forwarder.events import (_data_are_objects, _decode_wire_body, encode_all, encode_event, encode_wire_body,
+from forwarder.evidently.events import (_data_are_objects, _decode_wire_body, encode_all, encode_event, encode_wire_body,
                               request_events)
 
 COMPACT = (",", ":")

@@ -33,7 +33,7 @@ from benchmarks.context import Context
 from benchmarks.procs import (CPUS, DRIVER_CORE, ROOT, SERVER_CORE, child_env, emulator, forwarder, forwarder_sections,
                               pin_self, pinned_to, pinning)
 from benchmarks.report import Row, at_most
-from forwarder.server import ACCEPT_BATCH
+from forwarder.intake.connections import ACCEPT_BATCH
 
 TARGET_MS = 100.0  # a normal client's worst request under the flood
 HEAD = b"POST /events/projects/bench HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

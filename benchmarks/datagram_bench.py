@@ -29,9 +29,9 @@ from benchmarks import intake_bench, sender_bench, stats, workload
 from benchmarks.context import Context
 from benchmarks import procs
 from benchmarks.procs import DRIVER_CORE, SERVER_CORE, forwarder_sections, run_json
-from forwarder.testing import EmulatorProcess as Emulator, ForwarderProcess as Forwarder
+from forwarder.emulator.harness import EmulatorProcess as Emulator, ForwarderProcess as Forwarder
 from benchmarks.report import Row, at_least, at_most
-from forwarder.testing import free_port, wait_for
+from forwarder.emulator.harness import free_port, wait_for
 
 RATE = 50_000.0  # events/s: the quota of one account
 QUOTA = 1000.0  # calls/s at the emulator

@@ -6,7 +6,7 @@ non-blocking one counts EAGAIN and moves on, as DogStatsD clients do).
 ``receive``: the floor of the receiving side: a bare reader on the same loop as
 the forwarder (uvloop) that takes each datagram and keeps nothing, either
 draining the socket until EAGAIN per wake-up (``--how drain``, what
-forwarder/datagram_socket.py's ``Sockets.receive`` does) or through asyncio's
+forwarder/intake/datagram/sockets.py's ``Sockets.receive`` does) or through asyncio's
 one callback per datagram (``--how protocol``). CPU counts from the first
 datagram to the last.
 ``app-cost``: what one event costs the application: ``sendto`` on a Unix

@@ -28,7 +28,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.procs import cpu_seconds  # noqa: E402
-from forwarder.testing import EmulatorProcess, ForwarderProcess  # noqa: E402
+from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess  # noqa: E402
 
 
 async def load(url: str, clients: int, seconds: float, per_request: int) -> int:

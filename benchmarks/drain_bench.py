@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 
 from benchmarks import report  # noqa: E402
 from benchmarks.context import Context  # noqa: E402
-from forwarder.testing import EmulatorProcess, ForwarderProcess  # noqa: E402
+from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess  # noqa: E402
 
 QUOTA = 200.0  # calls/s: a region outside the three with 1000
 EVENTS = 40_000

@@ -30,7 +30,7 @@ from benchmarks import stats, workload, wrk
 from benchmarks.procs import DRIVER_CORE, SERVER_CORE, pin_self
 from forwarder.app import Forwarder
 from forwarder.config import from_dict
-from forwarder.retry import CallResult
+from forwarder.delivery.retry import CallResult
 
 PATH = f"/events/projects/{workload.PROJECT}"
 

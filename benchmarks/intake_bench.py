@@ -17,7 +17,7 @@ from benchmarks import stats, workload, wrk
 from benchmarks.context import Context
 from benchmarks.procs import DRIVER_CORE, BareServer, emulator, forwarder, forwarder_sections, proc_counters, run_json
 from benchmarks.report import Row, at_least
-from forwarder.testing import EmulatorProcess
+from forwarder.emulator.harness import EmulatorProcess
 
 CONNECTIONS = 32
 PATH = f"/events/projects/{workload.PROJECT}"

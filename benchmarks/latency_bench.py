@@ -16,7 +16,7 @@ from benchmarks import stats
 from benchmarks.context import Context
 from benchmarks.procs import DRIVER_CORE, emulator, forwarder, forwarder_sections, run_json
 from benchmarks.report import Row
-from forwarder.testing import EmulatorProcess, ForwarderProcess, emulator_events, wait_for
+from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, emulator_events, wait_for
 
 FLUSH_INTERVAL = 1.0
 TARGET = FLUSH_INTERVAL + 0.100

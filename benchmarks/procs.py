@@ -1,4 +1,4 @@
-"""The suite's child processes: the shared harness (forwarder.testing), pinned to a core, bench settings.
+"""The suite's child processes: the shared harness (forwarder.emulator.harness), pinned to a core, bench settings.
 
 Pinning (``os.sched_setaffinity`` in the child between fork and exec, before it
 runs anything) keeps a server and its load generator from trading places
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from forwarder.testing import HOST, EmulatorProcess, ForwarderProcess, Proc, free_port
+from forwarder.emulator.harness import HOST, EmulatorProcess, ForwarderProcess, Proc, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CORE = 0  # the process under test

@@ -11,7 +11,7 @@ import sys
 from benchmarks import stats
 from benchmarks.context import Context
 from benchmarks.procs import SERVER_CORE, emulator, run_json
-from forwarder.testing import EmulatorProcess
+from forwarder.emulator.harness import EmulatorProcess
 from benchmarks.report import Row, at_least
 
 CONCURRENCY = 8

@@ -33,8 +33,8 @@ from benchmarks import workload
 from benchmarks.bare_server import loop_factory
 from forwarder import config as config_mod
 from forwarder.app import Forwarder
-from forwarder.client import encode_body
-from forwarder.events import encode_event
+from forwarder.delivery.client import encode_body
+from forwarder.evidently.events import encode_event
 from forwarder.observability import configure_logging
 
 BATCH = 50

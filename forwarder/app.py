@@ -15,27 +15,28 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from . import config as config_mod
-from . import systemd
-from .auth import CredentialsError, make_authenticator
-from .batcher import Batcher, FlushLoop
-from .buffer import Buffer, MemoryBuffer
-from .client import EvidentlyClient, Transport
-from .clock import Clock
-from .config import Config
-from .datagram import DatagramIntake
-from .deadletter import DeadLetterWriter
-from .intake import Intake
-from .lifecycle import Deadline, Signals
-from .observability import Metrics, Observer, configure_logging
-from .probes import serve_metrics
-from .ratelimit import RateLimiter
-from .sender import Sender
+from forwarder import config as config_mod
+from forwarder import systemd
+from forwarder.intake.auth import CredentialsError, make_authenticator
+from forwarder.delivery.batcher import Batcher, FlushLoop
+from forwarder.buffer.contract import Buffer
+from forwarder.buffer.memory import MemoryBuffer
+from forwarder.delivery.client import EvidentlyClient, Transport
+from forwarder.clock import Clock
+from forwarder.config import Config
+from forwarder.intake.datagram.stage import DatagramIntake
+from forwarder.delivery.deadletter import DeadLetterWriter
+from forwarder.intake.http import Intake
+from forwarder.lifecycle import Deadline, Signals
+from forwarder.observability import Metrics, Observer, configure_logging
+from forwarder.intake.probes import serve_metrics
+from forwarder.delivery.rate import RateLimiter
+from forwarder.delivery.sender import Sender
 
 
 def make_buffer(config: Config, observer: Observer) -> Buffer:
     if config.buffer.type == "disk":
-        from .diskbuffer import DiskBuffer  # sqlite3 only when asked for
+        from forwarder.buffer.disk.buffer import DiskBuffer  # sqlite3 only when asked for
         return DiskBuffer(config.buffer, observer)
     return MemoryBuffer(config.buffer, observer)
 

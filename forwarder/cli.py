@@ -8,9 +8,9 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from . import __version__
-from . import config as config_mod
-from .observability import configure_logging
+from forwarder import __version__
+from forwarder import config as config_mod
+from forwarder.observability import configure_logging
 
 DEV_EMULATOR_PORT = 8081
 
@@ -34,8 +34,8 @@ def _load(path: str | None) -> config_mod.Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .app import StartupError, serve
-    from .client import ModelMissing
+    from forwarder.app import StartupError, serve
+    from forwarder.delivery.client import ModelMissing
 
     config = _load(args.config)
     configure_logging(config.log.level, config.log.format)
@@ -57,7 +57,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from .emulator.cli import credentials_from_args, faults_from_args, run_emulator
+    from forwarder.emulator.cli import credentials_from_args, faults_from_args, run_emulator
 
     run_emulator(args.host, args.port, faults_from_args(args), credentials_from_args(args), args.region)
     return 0
@@ -65,8 +65,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """The daemon on its local defaults, delivering to an in-process emulator."""
-    from .app import serve
-    from .emulator import Emulator
+    from forwarder.app import serve
+    from forwarder.emulator import Emulator
 
     state = os.path.abspath(args.state_dir)
     raw = {
@@ -95,7 +95,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import ReplayError, replay
+    from forwarder.replay import ReplayError, replay
 
     try:
         report = asyncio.run(replay(args.file, args.intake, args.project, args.timeout))
@@ -134,7 +134,7 @@ class _Subcommand(argparse.ArgumentParser):
 
 
 def _emulator_flags(parser: argparse.ArgumentParser) -> None:
-    from .emulator.cli import add_cli_arguments
+    from forwarder.emulator.cli import add_cli_arguments
     add_cli_arguments(parser)
 
 

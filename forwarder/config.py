@@ -14,8 +14,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
-from .protocol import MAX_EVENTS_PER_CALL, project_error
-from .ratelimit import CONTROLLERS, MIN_RATE
+from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error
+from forwarder.delivery.rate import CONTROLLERS, MIN_RATE
 
 ENV_PREFIX = "FORWARDER_"
 
@@ -47,13 +47,13 @@ class IntakeConfig:
     unix_socket_mode: str = "0660"  # octal permission bits of the socket file
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the TCP listener speaks TLS 1.2+
     tls_key_file: str = ""
-    # Connections (forwarder/server.py).
+    # Connections (forwarder/intake/connections.py).
     max_connections: int = 4096  # lowered at start to fit RLIMIT_NOFILE
     idle_timeout: float = 60.0  # seconds a connection may wait for its next request's headers to complete
     header_timeout: float = 10.0  # seconds from a request's first byte to the end of its headers
     body_timeout: float = 30.0  # seconds from the end of the headers to the end of the body
     max_header_bytes: int = 32_768  # request line and headers of one request, in total
-    # The datagram intake (forwarder/datagram.py): one sendto per event, no answer.
+    # The datagram intake (forwarder/intake/datagram/stage.py): one sendto per event, no answer.
     datagram_socket: str = ""  # path of a Unix datagram socket; "": none
     datagram_socket_mode: str = "0660"  # octal permission bits of the socket file
     datagram_port: int = 0  # UDP port on datagram_host; 0: none

@@ -28,8 +28,8 @@ from prometheus_client import (
 
 from prometheus_client.core import CounterMetricFamily
 
-from . import __version__
-from .retry import RetryReason
+from forwarder import __version__
+from forwarder.delivery.retry import RetryReason
 
 # The `_created` series double every counter for no use on a dashboard.
 prometheus_client.disable_created_metrics()

@@ -10,7 +10,7 @@ import pytest
 
 from forwarder.emulator import Emulator
 from tests.fakes import VirtualTime
-from forwarder.testing import EmulatorProcess
+from forwarder.emulator.harness import EmulatorProcess
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from forwarder.batcher import Batch
+from forwarder.delivery.batcher import Batch
 
 
 class FakeClock:

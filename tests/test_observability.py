@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry
 from forwarder.app import Forwarder
 from forwarder.observability import MAX_PROJECT_LABELS, Metrics, RateLimitedLog, configure_logging
 from tests.fakes import FakeClock
-from forwarder.testing import free_port
-from tests.test_intake import make_config
+from forwarder.emulator.harness import free_port
+from tests.intake.test_http import make_config
 
 
 class Recorder:

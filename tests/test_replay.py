@@ -8,7 +8,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from forwarder.deadletter import lines
+from forwarder.delivery.deadletter import lines
 from forwarder.replay import MAX_ATTEMPTS, ReplayError, replay
 from tests.fakes import local_server
 

@@ -1,4 +1,4 @@
-"""Rate controllers the fleet experiments with, registered with forwarder.ratelimit.
+"""Rate controllers the fleet experiments with, registered with forwarder.delivery.rate.
 
 Each is a ``ratelimit.Controller`` built by a factory registered under a name
 (``ratelimit.register_controller``), and a forwarder of the fleet picks it by
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from forwarder import ratelimit
+from forwarder.delivery import rate as ratelimit
 
-# --cubic-* and --scaled-* default to forwarder/ratelimit.py's constants.
+# --cubic-* and --scaled-* default to forwarder/delivery/rate.py's constants.
 CUBIC_DEFAULTS = {name: param.default for name, param in inspect.signature(ratelimit.Cubic).parameters.items()
                   if name in ("scale", "beta")}
 SCALED_DEFAULTS = {name: param.default for name, param in inspect.signature(ratelimit.ScaledAimd).parameters.items()
@@ -171,7 +171,7 @@ def experiment_label(args: argparse.Namespace) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The experiments' options (defaults are forwarder/ratelimit.py's)."""
+    """The experiments' options (defaults are forwarder/delivery/rate.py's)."""
     x = parser.add_argument_group("controller experiments (--cubic-* apply to --controller cubic, "
                                   "--scaled-* to --controller scaled)")
     x.add_argument("--cubic-c", type=float, default=CUBIC_DEFAULTS["scale"], help="CUBIC's C, requests/s^3")

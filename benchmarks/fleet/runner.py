@@ -23,11 +23,11 @@ from benchmarks.fleet.analysis import EVENTS_PER_CALL, SAMPLE_INTERVAL, Result, 
 from benchmarks.fleet.report import table, write_trace
 from benchmarks.procs import cpu_seconds, emulator
 from forwarder import config as config_mod
-from forwarder import ratelimit
+from forwarder.delivery import rate as ratelimit
 from forwarder.app import Forwarder
-from forwarder.buffer import BufferFull
+from forwarder.buffer.contract import BufferFull
 from forwarder.observability import configure_logging
-from forwarder.testing import EmulatorProcess
+from forwarder.emulator.harness import EmulatorProcess
 
 FEED_TICK = 0.05  # seconds between two appends of the feeder
 PROJECT = "fleet"
@@ -181,7 +181,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                             "(docs/scaling.md).")
     p.add_argument("--forwarders", type=int, nargs="+", default=[4, 16, 64], help="fleet sizes M to run")
     p.add_argument("--controller", nargs="+", choices=tuple(ratelimit.CONTROLLERS), default=["scaled"],
-                   help="rate controller(s) to run: forwarder/ratelimit.py's, or one registered by "
+                   help="rate controller(s) to run: forwarder/delivery/rate.py's, or one registered by "
                         "benchmarks/fleet/controllers.py (dctcp)")
     p.add_argument("--quota", type=float, default=100.0, help="account quota Q, requests/s")
     p.add_argument("--quota-burst", type=float, default=None,

@@ -12,12 +12,12 @@ faults in force), ``decisions`` (what to answer to one request, pure),
 recorded), ``records`` (accepted events and counters), ``server`` (the aiohttp
 wiring), ``cli`` (``forwarder emulator``). Only the commands that use it (``forwarder emulator``, ``forwarder
 dev``), the tests and the benchmarks import this package; ``forwarder run``
-never does (tests/test_emulator.py checks its import graph).
+never does (tests/emulator/test_emulator.py checks its import graph).
 """
 
-from .decisions import stable_fraction
-from .faults import FaultConfig
-from .records import AcceptedEvent, Stats
-from .server import Emulator
+from forwarder.emulator.decisions import stable_fraction
+from forwarder.emulator.faults import FaultConfig
+from forwarder.emulator.records import AcceptedEvent, Stats
+from forwarder.emulator.server import Emulator
 
 __all__ = ["AcceptedEvent", "Emulator", "FaultConfig", "Stats", "stable_fraction"]

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import signal
 
-from .faults import FaultConfig, normalize_fault_fields
-from .server import DEFAULT_REGION, Emulator
+from forwarder.emulator.faults import FaultConfig, normalize_fault_fields
+from forwarder.emulator.server import DEFAULT_REGION, Emulator
 
 
 def run_emulator(host: str, port: int, faults: FaultConfig, credentials: dict[str, str] | None = None,

@@ -2,7 +2,7 @@
 
 Authentication: by default only the form of SigV4 is checked (the emulator
 holds no secrets); with credentials (``--credentials KEY:SECRET``) every
-signature is verified by the intake's verifier, ``forwarder.sigv4``.
+signature is verified by the intake's verifier, ``forwarder.evidently.sigv4``.
 
 The rules follow botocore's Evidently model (``PutProjectEventsRequest``): a
 violation refuses the whole request with 400 ``ValidationException`` naming the
@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 
-from forwarder.protocol import EVENT_TYPES, MAX_EVENTS_PER_CALL, ProtocolError
-from forwarder.sigv4 import INVALID, Denial, Verifier
+from forwarder.evidently.protocol import EVENT_TYPES, MAX_EVENTS_PER_CALL, ProtocolError
+from forwarder.evidently.sigv4 import INVALID, Denial, Verifier
 
 VALIDATION = "ValidationException"
 THROTTLING = "ThrottlingException"

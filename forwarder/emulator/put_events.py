@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from forwarder.protocol import ProtocolError, project_from_raw_path, protocol_error_response
-from forwarder.sigv4 import Verifier
+from forwarder.evidently.protocol import ProtocolError, project_from_raw_path, protocol_error_response
+from forwarder.evidently.sigv4 import Verifier
 
-from .decisions import (
+from forwarder.emulator.decisions import (
     ERROR_MESSAGES,
     THROTTLING,
     EventIds,
@@ -21,8 +21,8 @@ from .decisions import (
     rejected_index,
     verify_signature,
 )
-from .faults import FaultState
-from .records import KeyStats, Recording, Stats
+from forwarder.emulator.faults import FaultState
+from forwarder.emulator.records import KeyStats, Recording, Stats
 
 
 class PutProjectEvents:

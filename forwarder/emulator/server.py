@@ -18,13 +18,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from forwarder.protocol import PUT_PATH_PREFIX, ProtocolError, error_response
-from forwarder.sigv4 import Verifier
+from forwarder.evidently.protocol import PUT_PATH_PREFIX, ProtocolError, error_response
+from forwarder.evidently.sigv4 import Verifier
 
-from .decisions import MAX_BODY_BYTES, body_too_large
-from .faults import FaultConfig, FaultState
-from .put_events import PutProjectEvents
-from .records import AcceptedEvent, Stats
+from forwarder.emulator.decisions import MAX_BODY_BYTES, body_too_large
+from forwarder.emulator.faults import FaultConfig, FaultState
+from forwarder.emulator.put_events import PutProjectEvents
+from forwarder.emulator.records import AcceptedEvent, Stats
 
 REQUEST_ID = "x-amzn-RequestId"
 DEFAULT_REGION = "us-east-1"

@@ -1,0 +1,216 @@
+"""The batcher: per-project batches of at most ``batch.max_events``. No I/O.
+
+A batch's deadline is fixed when its first event arrives and is never reset, so
+a steady trickle still flushes on time; a batch also flushes the moment it is
+full, and everything flushes on drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from forwarder.buffer.contract import Chunk, Receipt
+from forwarder.config import BatchConfig
+from forwarder.observability import Observer
+from forwarder.delivery.retry import RetryReason
+from forwarder.wakeup import EARLY
+
+
+class FlushReason(str, enum.Enum):
+    SIZE = "size"
+    DEADLINE = "deadline"
+    DRAIN = "drain"
+
+
+@dataclass(slots=True)
+class Batch:
+    """Events of one project bound for one PutProjectEvents call, and their history."""
+
+    project: str
+    events: list[bytes]
+    receipt: Receipt  # what acknowledges these events to the buffer, in the same order
+    received_at: float  # wall clock of the oldest event
+    flush_reason: FlushReason = FlushReason.SIZE
+    attempts: int = 0
+    first_attempt_at: float = 0.0  # wall clock; 0 until the first attempt
+    last_attempt_at: float = 0.0
+    last_code: str = ""
+    last_message: str = ""
+    last_reason: RetryReason | None = None  # why it was last rescheduled
+    reject: tuple[str, str] | None = None  # (code, message) of a dead-letter write still to do
+    ambiguous: bool = False  # the last attempt may have been delivered (timeout, 5xx)
+    duplicates_counted: bool = False  # each event counts once as a possible duplicate
+
+    def expired(self, wall: float, max_elapsed: float) -> bool:
+        """Past retry.max_elapsed since its first attempt (or first deferral)."""
+        return bool(self.first_attempt_at) and wall >= self.first_attempt_at + max_elapsed
+
+    def attempt(self, wall: float) -> int:
+        """Record an attempt starting now; returns how many of its events to count as possible
+        duplicates (all of them, once, when an earlier attempt may have been delivered)."""
+        self.attempts += 1
+        self.first_attempt_at = self.first_attempt_at or wall
+        self.last_attempt_at = wall
+        if self.ambiguous and not self.duplicates_counted:
+            self.duplicates_counted = True
+            return len(self.events)
+        return 0
+
+    def subset(self, indexes: list[int]) -> "Batch":
+        """The same history for some of the events (a split or a partial resend), in ascending order."""
+        return dataclasses.replace(self, events=[self.events[i] for i in indexes],
+                                   receipt=self.receipt.subset(indexes))
+
+
+@dataclass(slots=True)
+class _Open:
+    """A batch being filled. Its limits are fixed when it opens, so a reload
+    never applies a new size or deadline to events already in it."""
+
+    max_events: int
+    received_at: float
+    deadline: float  # on the batcher's monotonic clock
+    events: list[bytes] = field(default_factory=list)
+    receipt: Receipt = field(default_factory=Receipt)
+
+
+class Batcher:
+    """Groups chunks into per-project batches; the caller hands sealed ones to the sender."""
+
+    def __init__(self, config: BatchConfig, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self._max = config.max_events
+        self._interval = config.flush_interval
+        self._clock = clock
+        self._wall = wall
+        self._open: dict[str, _Open] = {}
+
+    def reconfigure(self, config: BatchConfig) -> None:
+        """New limits apply to batches opened from now on; open ones keep the limits they opened with."""
+        self._max = config.max_events
+        self._interval = config.flush_interval
+
+    def add(self, chunk: Chunk) -> list[Batch]:
+        """Add a chunk's events; return the batches that became full."""
+        sealed: list[Batch] = []
+        events = chunk.events
+        start = 0
+        while start < len(events):
+            batch = self._open.get(chunk.project)
+            if batch is None:
+                batch = self._open[chunk.project] = self._new(chunk)
+            take = min(batch.max_events - len(batch.events), len(events) - start)
+            batch.events.extend(events[start:start + take])
+            batch.receipt.add(chunk.lease, chunk.first + start, chunk.first + start + take)
+            start += take
+            if len(batch.events) >= batch.max_events:
+                sealed.append(self._seal(chunk.project, FlushReason.SIZE))
+        return sealed
+
+    def _new(self, chunk: Chunk) -> _Open:
+        # The deadline counts the time the event already spent in the buffer
+        # (recovered events from disk flush at once).
+        waited = max(0.0, self._wall() - chunk.received_at)
+        return _Open(self._max, chunk.received_at, self._clock() + max(0.0, self._interval - waited))
+
+    def _seal(self, project: str, reason: FlushReason) -> Batch:
+        o = self._open.pop(project)
+        return Batch(project, o.events, o.receipt, o.received_at, reason)
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline on the batcher's clock, or None when nothing is open."""
+        return min((o.deadline for o in self._open.values()), default=None)
+
+    def expired(self) -> list[Batch]:
+        now = self._clock() + EARLY
+        due = [p for p, o in self._open.items() if o.deadline <= now]
+        return [self._seal(p, FlushReason.DEADLINE) for p in due]
+
+    def drain(self) -> list[Batch]:
+        return [self._seal(p, FlushReason.DRAIN) for p in list(self._open)]
+
+    def oldest(self) -> float | None:
+        return min((o.received_at for o in self._open.values()), default=None)
+
+    @property
+    def open_events(self) -> int:
+        return sum(len(o.events) for o in self._open.values())
+
+
+class Sink(Protocol):
+    async def send(self, batch: Batch) -> None: ...
+
+
+class Source(Protocol):
+    async def read(self, timeout: float | None) -> list[Chunk]: ...
+
+    def stop_reading(self) -> None: ...
+
+
+class FlushLoop:
+    """The one coroutine that moves events from the buffer into sealed batches."""
+
+    def __init__(self, source: Source, batcher: Batcher, sink: Sink, observer: Observer,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self.batcher = batcher
+        self._sink = sink
+        self._observer = observer
+        self._clock = clock
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, on_crash: Callable[[BaseException], None]) -> None:
+        """Start the loop; a crash of the loop's own bookkeeping is reported, not hidden."""
+        self._task = asyncio.create_task(self._run(), name="forwarder-flush-loop")
+        self._task.add_done_callback(
+            lambda t: None if t.cancelled() or t.exception() is None else on_crash(t.exception()))  # type: ignore[arg-type]
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def reconfigure(self, config: BatchConfig) -> None:
+        """New batch limits (live): see ``Batcher.reconfigure``."""
+        self.batcher.reconfigure(config)
+
+    async def _run(self) -> None:
+        while True:
+            deadline = self.batcher.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            chunks = await self._source.read(timeout)
+            for chunk in chunks:
+                for batch in self.batcher.add(chunk):
+                    await self._emit(batch)
+            for batch in self.batcher.expired():
+                await self._emit(batch)
+            if self._stopping and not chunks:
+                break
+        for batch in self.batcher.drain():
+            await self._emit(batch)
+
+    async def _emit(self, batch: Batch) -> None:
+        self._observer.batch_flushed(batch.flush_reason.value, len(batch.events))
+        await self._sink.send(batch)
+
+    async def stop(self, timeout: float) -> bool:
+        """Stop reading, flush every partial batch to the sink, within ``timeout``."""
+        self._stopping = True
+        self._source.stop_reading()
+        if self._task is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

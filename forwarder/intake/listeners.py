@@ -1,0 +1,292 @@
+"""The intake's listening sockets: TCP (optionally TLS) and a Unix domain socket, and their lifecycle.
+
+Every failure here is a one-line start-up error naming the configuration key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import resource
+import socket
+import ssl
+import stat
+import tempfile
+import asyncio
+import functools
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from forwarder.config import IntakeConfig
+from forwarder.observability import Observer
+from forwarder.intake.connections import LISTEN_BACKLOG, MIN_CONNECTIONS, Connections, Limits, connection_limit
+
+Handler = Callable[[bool, web.BaseRequest], Awaitable[web.StreamResponse]]
+
+CLOSE_TIMEOUT = 5.0  # seconds requests in progress get to finish when the listeners close
+
+# bind_unix binds under "<dir>/.<8 random>/s" first: this many bytes longer than the path.
+UNIX_TEMP_OVERHEAD = 12
+
+
+class ListenerError(OSError):
+    """A listener cannot be set up; the message names the configuration key."""
+
+
+def bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """Listening, non-blocking sockets on every address ``host`` resolves to (as create_server does)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ListenerError(f"intake.host: cannot resolve {host!r}: {e.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise ListenerError(f"intake.host/intake.port: cannot listen on {address[0]} port {port}: "
+                                    f"{e.strerror}") from None
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def is_loopback(sockets: list[socket.socket]) -> bool:
+    """True when every socket listens on a loopback address (then Host is checked)."""
+    return all(ipaddress.ip_address(s.getsockname()[0]).is_loopback for s in sockets)
+
+
+@dataclass(frozen=True)
+class UnixSocket:
+    """A bound Unix socket and the identity of its file, so that close removes only ours."""
+
+    sock: socket.socket
+    path: str
+    inode: tuple[int, int]
+
+    def remove(self) -> None:
+        """Unlink the socket file if it is still the one this process created."""
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self.inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def bind_unix(path: str, mode: int) -> UnixSocket:
+    """A listening Unix socket at ``path`` with permissions ``mode`` from its first instant.
+
+    The socket is bound inside a fresh 0700 directory next to ``path``, given
+    its mode there, and renamed into place: no one can connect before the mode
+    applies, and a stale socket left by a crashed run is replaced atomically.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ListenerError(f"intake.unix_socket: directory {directory} does not exist")
+    _check_replaceable(path)
+    try:
+        private = tempfile.mkdtemp(prefix=".", dir=directory)
+    except OSError as e:
+        raise ListenerError(f"intake.unix_socket: cannot create a socket in {directory}: {e.strerror}") from None
+    temporary = os.path.join(private, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(temporary)
+        os.chmod(temporary, mode)
+        os.rename(temporary, path)
+        st = os.lstat(path)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise ListenerError(f"intake.unix_socket: cannot listen on {path}: {e.strerror or e}") from None
+    finally:
+        _remove_quietly(temporary)
+        os.rmdir(private)
+    return UnixSocket(sock, path, (st.st_dev, st.st_ino))
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _check_replaceable(path: str) -> None:
+    """Nothing at ``path``, or a socket nobody listens on (left by a crashed run)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenerError(f"intake.unix_socket: {path} exists and is not a socket; remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return  # stale
+    except BlockingIOError:
+        pass  # a listener with a full backlog: alive
+    except OSError as e:
+        raise ListenerError(f"intake.unix_socket: cannot check whether {path} is in use: {e.strerror}") from None
+    finally:
+        probe.close()
+    raise ListenerError(f"intake.unix_socket: {path} is in use by another process (another forwarder running?)")
+
+
+class TlsCertificates:
+    """The intake's certificate and key, re-read on reload without a restart.
+
+    Listeners get ``context``, whose SNI callback (called for every handshake,
+    with or without SNI) hands each new connection the pair loaded last, so a
+    reload needs no new listener and connections already open keep theirs.
+    """
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.context = self._load()
+        self._current = self.context
+        self.context.sni_callback = self._select
+
+    def reload(self) -> None:
+        """Load the files again; on any error the pair in use stays (raises ListenerError)."""
+        self._current = self._load()
+
+    def _select(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        connection.context = self._current
+
+    def _load(self) -> ssl.SSLContext:
+        cert = _read_pem(self.cert_file, "intake.tls_cert_file", "CERTIFICATE-----")
+        key = _read_pem(self.key_file, "intake.tls_key_file", "PRIVATE KEY-----")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except ssl.SSLError as e:
+            if e.reason == "KEY_VALUES_MISMATCH":
+                raise ListenerError(f"intake.tls_key_file: {self.key_file} is not the key of "
+                                    f"intake.tls_cert_file {self.cert_file}") from None
+            raise ListenerError(f"intake.tls_cert_file/intake.tls_key_file: cannot load {cert} and {key}: "
+                                f"{e.reason or e}") from None
+        return context
+
+
+def _read_pem(path: str, key: str, marker: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ListenerError(f"{key}: cannot read {path}: {e.strerror}") from None
+    if marker.encode() not in text:
+        raise ListenerError(f"{key}: {path} holds no PEM {marker.rstrip('-').lower()}")
+    return path
+
+
+class Listeners:
+    """The intake's sockets under one connection limit: TCP (TLS when configured) and a Unix socket."""
+
+    def __init__(self, config: IntakeConfig, observer: Observer, upstream_connections: int = 0) -> None:
+        self._config = config
+        self._observer = observer
+        self._upstream = upstream_connections
+        self.connections: Connections | None = None  # None before start and after close
+        self._unix: UnixSocket | None = None
+        self._tls: TlsCertificates | None = None
+        self.port = 0
+
+    async def start(self, handler: Handler) -> int:
+        """Listen, each request handled by ``handler(check_host, request)``; returns the TCP port, 0 without one.
+
+        ``check_host`` is true on loopback TCP listeners, where Host must name this machine.
+        """
+        c = self._config
+        self._loop = asyncio.get_running_loop()
+        limits = Limits(self._connection_limit(), c.idle_timeout, c.header_timeout, c.body_timeout,
+                        c.max_header_bytes)
+        self.connections = connections = Connections(limits, self._observer)
+        metrics = self._observer.metrics
+        metrics.intake_connections.set_function(lambda: connections.count)
+        metrics.intake_connection_limit.set(limits.max_connections)
+        try:
+            if c.port != -1:
+                self._tls = TlsCertificates(c.tls_cert_file, c.tls_key_file) if c.tls_cert_file else None
+                sockets = bind_tcp(c.host, c.port)
+                self.port = sockets[0].getsockname()[1]
+                tcp = self._server(handler, is_loopback(sockets))
+                for sock in sockets:
+                    connections.listen(sock, tcp, self._tls.context if self._tls else None)
+            if c.unix_socket:
+                self._unix = bind_unix(c.unix_socket, int(c.unix_socket_mode, 8))
+                connections.listen(self._unix.sock, self._server(handler, False), None)
+        except BaseException:
+            await self.close()
+            raise
+        connections.start()
+        self._observer.log.info("intake_listening", host=c.host if c.port != -1 else None, port=self.port or None,
+                                tls=self._tls is not None, unix_socket=c.unix_socket or None,
+                                max_connections=limits.max_connections)
+        return self.port
+
+    def _server(self, handler: Handler, check_host: bool) -> web.Server:
+        # aiohttp's low-level server with the intake's own routing: web.Application
+        # adds a router, a middleware chain and a web.Request with match info to
+        # every request, a visible share of a single-event request's CPU
+        # (docs/intake.md). Six fixed routes need none of that.
+        return web.Server(functools.partial(handler, check_host), request_factory=self._make_request)
+
+    def _make_request(self, message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
+        self.connections.touch(protocol)  # type: ignore[union-attr]
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
+                               client_max_size=self._config.max_body_bytes)
+
+    def _connection_limit(self) -> int:
+        configured = self._config.max_connections
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            return configured
+        limit = connection_limit(configured, nofile, self._upstream)
+        if limit < min(configured, MIN_CONNECTIONS):
+            raise ListenerError(f"intake.max_connections: the open-file limit (RLIMIT_NOFILE {nofile}) leaves room "
+                                f"for {limit} connections; raise it (ulimit -n, LimitNOFILE=)")
+        if limit < configured:
+            self._observer.log.warning("connection_limit_lowered", configured=configured, applied=limit,
+                                       rlimit_nofile=nofile)
+        return limit
+
+    def reload_tls(self) -> bool:
+        """Re-read intake.tls_cert_file and intake.tls_key_file (SIGHUP); keeps the old pair on error."""
+        if self._tls is None:
+            return False
+        try:
+            self._tls.reload()
+        except ListenerError as e:
+            self._observer.log.error("reload_failed", error=str(e))
+            return False
+        self._observer.log.info("tls_reloaded", cert_file=self._tls.cert_file, key_file=self._tls.key_file)
+        return True
+
+    async def close(self) -> None:
+        """Stop listening, let requests in progress finish, remove the Unix socket (idempotent)."""
+        connections, self.connections = self.connections, None
+        if connections is not None:
+            await connections.close(CLOSE_TIMEOUT)
+        unix, self._unix = self._unix, None
+        if unix is not None:
+            unix.remove()

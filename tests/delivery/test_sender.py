@@ -1,0 +1,353 @@
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from forwarder.delivery.batcher import Batch
+from forwarder.buffer.contract import Lease, Receipt
+from forwarder.clock import Clock
+from forwarder.config import RetryConfig
+from forwarder.observability import Metrics, Observer
+from forwarder.delivery.rate import RateLimiter
+from forwarder.delivery.retry import CallResult, RetryReason, no_answer
+from forwarder.delivery.admission import MAX_PROBE_INTERVAL, OUTAGE_AFTER
+from forwarder.delivery.sender import Sender
+from tests.fakes import VirtualTime
+
+FAST = RetryConfig(max_elapsed=0.5, initial_backoff=0.001, max_backoff=0.01)
+OK = CallResult(200)
+DOWN = CallResult(503, "ServiceUnavailableException", "down")
+
+
+class Ledger:
+    """A buffer stand-in: hands out leases and records which events come back acknowledged (once each)."""
+
+    def __init__(self, wall) -> None:
+        self.acked: Counter[bytes] = Counter()
+        self.depth = 0
+        self._wall = wall
+        self._events: dict[int, list[bytes]] = {}
+
+    def batch(self, project: str, evs: list[bytes]) -> Batch:
+        lease = Lease(map(len, evs))
+        self._events[id(lease)] = list(evs)
+        self.depth += len(evs)
+        return Batch(project, list(evs), Receipt([(lease, 0, len(evs))]), self._wall())
+
+    async def ack(self, receipt: Receipt) -> None:
+        for lease, start, stop in receipt.runs:
+            positions, _, repeats = lease.resolve(start, stop)
+            assert repeats == 0, "an event was acknowledged twice"
+            self.acked.update(self._events[id(lease)][p] for p in positions)
+            self.depth -= len(positions)
+
+
+class DeadLetters:
+    def __init__(self, failures: int = 0) -> None:
+        self.entries: list[dict] = []
+        self.failures = failures  # the next writes that fail (e.g. disk full)
+
+    async def write(self, data: bytes) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        self.entries.extend(orjson.loads(line) for line in data.splitlines())
+
+    def events(self) -> list[bytes]:
+        return [orjson.dumps(e["event"]) for e in self.entries]
+
+
+class Scripted:
+    """A transport answering from a function of (call number, project, events, time)."""
+
+    def __init__(self, answer, clock=lambda: 0.0) -> None:
+        self.answer = answer
+        self.clock = clock
+        self.calls: list[tuple[str, list[bytes], float]] = []
+        self.delivered: Counter[bytes] = Counter()
+
+    async def put_events(self, project, events):
+        self.calls.append((project, list(events), self.clock()))
+        result = self.answer(len(self.calls) - 1, project, events)
+        if result.status == 200 or result.maybe_delivered:
+            failed = {i for i, _, _ in result.failed}
+            self.delivered.update(e for i, e in enumerate(events) if i not in failed)
+        await asyncio.sleep(0)
+        return result
+
+
+def events(n, tag="e"):
+    return [orjson.dumps({"data": orjson.dumps({"id": f"{tag}{i}"}).decode(), "timestamp": 1, "type": "t"})
+            for i in range(n)]
+
+
+class Rig:
+    """A sender on virtual time with its buffer, dead-letter file and metrics."""
+
+    def __init__(self, vt: VirtualTime, answer, retry=FAST, concurrency=4, rate=100_000.0, dead_failures=0,
+                 seed=1, transport=None) -> None:
+        self.vt = vt
+        self.transport = transport or Scripted(answer, vt.time)
+        self.ledger = Ledger(vt.wall)
+        self.dead = DeadLetters(dead_failures)
+        observer = Observer(Metrics(CollectorRegistry(), process_collectors=False))
+        self.registry = observer.metrics.registry
+        self.limiter = RateLimiter(rate, rate, clock=vt.time)
+        self.sender = Sender(self.transport, self.ledger, self.dead, self.limiter, observer, retry, concurrency,
+                             Clock(vt.time, vt.wall, random.Random(seed)))
+        self.crashes: list[BaseException] = []
+
+    def metric(self, name, labels=None):
+        value = self.registry.get_sample_value(name, labels or {})
+        assert value is not None, f"no series {name}{labels or ''}"
+        return value
+
+    async def run(self, batches, timeout=600.0):
+        await self.sender.start(self.crashes.append)
+        for b in batches:
+            await self.sender.send(b)
+        assert await self.sender.drain(timeout), "the sender did not resolve every batch in time"
+        assert await self.sender.close() == []
+        assert self.crashes == []
+
+
+async def test_partial_failure_resends_only_throttled_events_and_dead_letters_invalid_ones(virtual_time):
+    evs = events(5)
+
+    def answer(n, project, sent):
+        if n == 0:
+            return CallResult(200, failed=((1, "ThrottlingException", "slow down"),
+                                           (3, "ValidationException", "data too big")))
+        return OK
+
+    rig = Rig(virtual_time, answer)
+    await rig.run([rig.ledger.batch("p", evs)])
+    assert rig.transport.calls[1][1] == [evs[1]]
+    assert rig.dead.events() == [evs[3]]
+    assert rig.dead.entries[0]["errorCode"] == "ValidationException"
+    assert rig.dead.entries[0]["errorMessage"] == "data too big"
+    assert set(rig.dead.entries[0]) == {"project", "event", "errorCode", "errorMessage", "attempts",
+                                        "first_attempt_at", "last_attempt_at"}
+    assert rig.ledger.acked == Counter(evs)
+    assert rig.metric("forwarder_throttled_total") == 1.0
+    assert rig.metric("forwarder_events_sent_total") == 4.0
+    assert rig.metric("forwarder_events_failed_total", {"code": "ValidationException"}) == 1.0
+
+
+async def test_one_refused_event_in_a_batch_that_fails_as_a_whole_is_isolated_by_bisection(virtual_time):
+    evs = events(50)
+    poison = evs[37]
+
+    def answer(n, project, sent):
+        return CallResult(400, "ValidationException", "event 37 is malformed") if poison in sent else OK
+
+    rig = Rig(virtual_time, answer)
+    await rig.run([rig.ledger.batch("p", evs)])
+    assert rig.dead.events() == [poison]
+    assert rig.dead.entries[0]["errorMessage"] == "event 37 is malformed"
+    assert rig.transport.delivered == Counter(e for e in evs if e != poison)
+    assert len(rig.transport.calls) <= 2 * 6 + 1  # bisection, not one call per event
+    assert rig.ledger.acked == Counter(evs)
+
+
+async def test_throttling_slows_the_send_rate_down(virtual_time):
+    def answer(n, project, sent):
+        return CallResult(429, "ThrottlingException", "Rate exceeded") if n < 3 else OK
+
+    rig = Rig(virtual_time, answer, rate=50.0)
+    await rig.run([rig.ledger.batch("p", events(1))])
+    assert rig.limiter.rate < 50.0
+    assert rig.metric("forwarder_throttled_total") == 3.0
+    assert rig.metric("forwarder_retries_total", {"reason": "throttled"}) == 3.0
+
+
+async def test_a_project_answering_404_opens_its_circuit_without_stalling_another(virtual_time):
+    def answer(n, project, sent):
+        return CallResult(404, "ResourceNotFoundException", "no such project") if project == "A" else OK
+
+    rig = Rig(virtual_time, answer, retry=RetryConfig(max_elapsed=30.0, initial_backoff=0.1, max_backoff=20.0),
+              concurrency=2)
+    a, b = events(10, "a"), events(200, "b")
+    batches = [rig.ledger.batch("A", a)] + [rig.ledger.batch("B", b[i:i + 50]) for i in range(0, 200, 50)]
+    await rig.run(batches)
+    first_refusal = min(t for p, _, t in rig.transport.calls if p == "A")
+    b_done = max(t for p, _, t in rig.transport.calls if p == "B")
+    assert b_done < first_refusal + 1.0  # B never waited for A's circuit (open for 1 s first)
+    a_calls = [t for p, _, t in rig.transport.calls if p == "A"]
+    # Probes 1, 2, 4, 8 s apart: a backing-off circuit, not a hot loop; the next (at 31 s) is past max_elapsed.
+    assert [round(y - x) for x, y in zip(a_calls, a_calls[1:])] == [1, 2, 4, 8]
+    assert sorted(rig.dead.events()) == sorted(a)
+    assert {e["errorCode"] for e in rig.dead.entries} == {"ResourceNotFoundException"}
+    assert rig.ledger.acked == Counter(a + b)
+
+
+async def test_a_circuit_is_closed_once_its_project_has_nothing_left_to_send(virtual_time):
+    rig = Rig(virtual_time, lambda n, p, s: CallResult(403, "AccessDeniedException", "denied"),
+              retry=RetryConfig(max_elapsed=5.0, initial_backoff=0.1, max_backoff=2.0))
+    await rig.run([rig.ledger.batch("A", events(3))])
+    assert len(rig.dead.entries) == 3
+    assert rig.metric("forwarder_circuit_open", {"project": "A"}) == 0  # the alert must not fire forever
+
+
+async def test_events_that_keep_failing_are_dead_lettered_at_max_elapsed_with_the_last_error(virtual_time):
+    rig = Rig(virtual_time, lambda n, p, s: CallResult(500, "InternalServerException", "boom"),
+              retry=RetryConfig(20.0, 0.01, 5.0))
+    started = virtual_time.time()
+    await rig.run([rig.ledger.batch("p", events(3))])
+    assert virtual_time.time() - started >= 20.0
+    assert [e["errorCode"] for e in rig.dead.entries] == ["InternalServerException"] * 3
+    assert rig.dead.entries[0]["attempts"] >= 2
+    # a 5xx may have been applied: resending counts as possible duplicates
+    assert rig.metric("forwarder_duplicates_total") == 3.0
+
+
+async def test_close_returns_batches_that_could_not_be_delivered(virtual_time):
+    gate = asyncio.Event()
+
+    class Stuck:
+        async def put_events(self, project, evs):
+            await gate.wait()
+            return OK
+
+    rig = Rig(virtual_time, None, concurrency=1, transport=Stuck())
+    await rig.sender.start(rig.crashes.append)
+    await rig.sender.send(rig.ledger.batch("p", events(2)))
+    await rig.sender.send(rig.ledger.batch("q", events(3)))
+    assert not await rig.sender.drain(0.05)
+    left = await rig.sender.close()
+    assert sorted(len(b.events) for b in left) == [2, 3]
+    assert not rig.ledger.acked
+
+
+async def test_a_worker_that_crashes_on_a_bookkeeping_bug_is_reported(virtual_time):
+    rig = Rig(virtual_time, lambda *a: OK, concurrency=1)
+    bug = RuntimeError("the buffer lost its mind")
+
+    async def broken_ack(receipt):
+        raise bug
+
+    rig.ledger.ack = broken_ack
+    await rig.sender.start(rig.crashes.append)
+    await rig.sender.send(rig.ledger.batch("p", events(1)))
+    while rig.sender.alive:
+        await asyncio.sleep(0.01)
+    assert rig.crashes == [bug]
+    await rig.sender.close()
+
+
+@pytest.mark.parametrize("answer", [
+    no_answer(RetryReason.PROTOCOL, "an HTML page", maybe_delivered=True),
+    no_answer(RetryReason.CONNECTION, "closed mid-answer", maybe_delivered=True),
+])
+async def test_an_answer_that_confirms_nothing_is_retried_as_a_possible_duplicate(virtual_time, answer):
+    rig = Rig(virtual_time, lambda n, p, s: answer if n == 0 else OK)
+    evs = events(10)
+    await rig.run([rig.ledger.batch("p", evs)])
+    assert [len(sent) for _, sent, _ in rig.transport.calls] == [10, 10]
+    assert rig.ledger.acked == Counter(evs)
+    assert rig.metric("forwarder_events_sent_total") == 10  # once, after the confirmed call
+    assert rig.metric("forwarder_duplicates_total") == 10
+    assert rig.metric("forwarder_retries_total", {"reason": answer.unanswered.value}) == 10
+
+
+async def test_a_failed_dead_letter_write_neither_resends_delivered_events_nor_loses_the_refused_one(virtual_time):
+    evs = events(4)
+
+    def answer(n, project, sent):
+        return CallResult(200, failed=((2, "ValidationException", "bad"),)) if n == 0 else OK
+
+    rig = Rig(virtual_time, answer, dead_failures=2)
+    await rig.run([rig.ledger.batch("p", evs)])
+    assert len(rig.transport.calls) == 1  # the refused event is not sent again, only written again
+    assert rig.transport.delivered == Counter(evs[:2] + evs[3:])
+    assert rig.dead.events() == [evs[2]]
+    assert rig.ledger.acked == Counter(evs)
+    assert rig.metric("forwarder_dead_letter_write_errors_total") == 2
+
+
+async def test_an_outage_sends_one_probe_at_a_time_and_teaches_the_rate_limiter_nothing(virtual_time):
+    vt = virtual_time
+    up_at = 60.0
+
+    def answer(n, project, sent):
+        return OK if vt.time() >= up_at else DOWN
+
+    rig = Rig(vt, answer, retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.1, max_backoff=20.0),
+              concurrency=4, rate=200.0)
+    rate_before = rig.limiter.rate
+    batches = [rig.ledger.batch("p", events(50, f"b{i}-")) for i in range(40)]
+    await rig.run(batches)
+    down_calls = [t for _, _, t in rig.transport.calls if t < up_at]
+    # Once the outage is recognized, calls are probes spaced by the probe backoff (capped at 1 s).
+    probes = down_calls[OUTAGE_AFTER + 3:]  # the calls in flight when it began may still go out
+    assert all(y - x >= 0.1 - 1e-9 for x, y in zip(probes, probes[1:]))
+    assert len(down_calls) <= OUTAGE_AFTER + 4 + up_at / MAX_PROBE_INTERVAL + 5
+    assert rig.limiter.rate >= rate_before  # 503s are not throttles
+    assert not rig.dead.entries and rig.ledger.acked == Counter(e for b in batches for e in b.events)
+    assert rig.metric("forwarder_outage") == 0
+    assert rig.metric("forwarder_outage_seconds_total") > 55
+    assert rig.metric("forwarder_outage_probes_total") >= 10
+
+
+async def test_the_end_of_an_outage_resumes_backed_off_retries_at_once(virtual_time):
+    vt = virtual_time
+    up_at = 30.0
+    rig = Rig(vt, lambda n, p, s: OK if vt.time() >= up_at else DOWN,
+              retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.5, max_backoff=60.0), rate=1000.0)
+    batches = [rig.ledger.batch("p", events(5, f"b{i}-")) for i in range(20)]
+    await rig.run(batches)
+    # Every batch went out right after the probe that found the service back,
+    # not at the end of its own (up to 60 s) backoff.
+    assert max(t for _, _, t in rig.transport.calls) < up_at + MAX_PROBE_INTERVAL + 1.0
+
+
+OUTCOMES = st.sampled_from(["ok", "partial", "throttle", "server", "timeout", "html", "bad_request", "not_found"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=st.lists(OUTCOMES, min_size=1, max_size=30),
+       sizes=st.lists(st.integers(1, 50), min_size=1, max_size=6),
+       seed=st.integers(0, 1000), dead_failures=st.integers(0, 3))
+def test_every_event_ends_exactly_once_delivered_or_dead_lettered(script, sizes, seed, dead_failures):
+    """Whatever Evidently answers, each event is acknowledged or dead-lettered, never both, never neither."""
+    rng = random.Random(seed)
+
+    def answer(n, project, sent):
+        kind = script[n % len(script)]
+        if kind == "partial":
+            failed = tuple((i, rng.choice(["ThrottlingException", "ValidationException", "InternalServerException"]),
+                            "entry failed") for i in range(len(sent)) if rng.random() < 0.3)
+            return CallResult(200, failed=failed)
+        return {
+            "ok": OK, "throttle": CallResult(429, "ThrottlingException"),
+            "server": CallResult(500, "InternalServerException"),
+            "timeout": no_answer(RetryReason.TIMEOUT, "", maybe_delivered=True),
+            "html": no_answer(RetryReason.PROTOCOL, "<html>", maybe_delivered=True),
+            "bad_request": CallResult(400, "ValidationException", "bad"),
+            "not_found": CallResult(404, "ResourceNotFoundException"),
+        }[kind]
+
+    async def scenario():
+        vt = VirtualTime(asyncio.get_running_loop())
+        try:
+            rig = Rig(vt, answer, retry=RetryConfig(20.0, 0.01, 1.0), dead_failures=dead_failures, seed=seed)
+            batches = [rig.ledger.batch(f"p{i % 2}", events(n, f"b{i}-")) for i, n in enumerate(sizes)]
+            await rig.run(batches)
+        finally:
+            vt.restore()
+        every = [e for b in batches for e in b.events]
+        assert rig.ledger.acked == Counter(every)  # each exactly once
+        dead = Counter(rig.dead.events())
+        assert all(c == 1 for c in dead.values())
+        assert set(every) - set(dead) <= set(rig.transport.delivered)  # acknowledged means Evidently took it
+        assert all(len(evs) <= 50 for _, evs, _ in rig.transport.calls)
+        assert rig.ledger.depth == 0
+
+    asyncio.run(scenario())
