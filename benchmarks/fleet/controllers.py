@@ -115,6 +115,10 @@ class Dctcp:
     def resume(self, rate: float, now: float) -> None:
         self._rate, self._last = rate, now
 
+    def ease(self, rate: float, factor: float, now: float) -> float:
+        self._rate = rate * factor
+        return self._rate
+
 
 def _register(name: str, factory: ratelimit.ControllerFactory) -> str:
     if name not in ratelimit.CONTROLLERS:
