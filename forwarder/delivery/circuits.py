@@ -189,3 +189,8 @@ class Endpoint:
     @property
     def probes(self) -> int:
         return self._probes
+
+    @property
+    def probing(self) -> bool:
+        """A probe is out: nobody else may probe until its answer is learned or its slot given back."""
+        return self._probing
