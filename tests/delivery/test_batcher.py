@@ -73,8 +73,8 @@ def test_drain_seals_every_partial_batch_and_keeps_receipts_aligned_with_events(
     full = b.add(chunk("a", wall(), events(4), lease, 0))
     b.add(chunk("b", wall(), events(1), lease, 4))
     drained = b.drain()
-    assert [x.receipt.runs for x in full] == [[(lease, 0, 3)]]
-    assert {d.project: d.receipt.runs for d in drained} == {"a": [(lease, 3, 4)], "b": [(lease, 4, 5)]}
+    assert [x.receipt().runs for x in full] == [[(lease, 0, 3)]]
+    assert {d.project: d.receipt().runs for d in drained} == {"a": [(lease, 3, 4)], "b": [(lease, 4, 5)]}
     assert all(d.flush_reason is FlushReason.DRAIN for d in drained)
 
 
