@@ -17,7 +17,7 @@ from forwarder.delivery.admission import Held
 from forwarder.delivery.batch import Batch
 from forwarder.delivery.outcome import Bisect, Deliver, Hold, Plan, Reject, Resend
 from forwarder.delivery.retry import dead_letter_delay, retry_delay
-from forwarder.delivery.schedule import Schedule
+from forwarder.delivery.schedule import RIDE_WAIT, Schedule
 from forwarder.observability import Observer, RetryReason
 
 
@@ -94,7 +94,14 @@ class Effects:
         delay = retry_delay(max(0, batch.attempts - 1), self._retry.initial_backoff, self._retry.max_backoff,
                             retry_after, self._clock.rng)
         self._observer.retry_scheduled(reason, len(batch), batch.project, delay, batch.last_error[0])
-        self._schedule.put_later(batch, self._clock.monotonic() + delay)
+        due = self._clock.monotonic() + delay
+        if reason.outage or not batch.room:
+            self._schedule.put_later(batch, due)
+            return
+        # An answer about the events: they go with the project's next batch that has
+        # room, or alone after a while, which never takes them past retry.max_elapsed.
+        left = batch.first_attempt_at + self._retry.max_elapsed - self._clock.wall() - delay
+        self._schedule.ride(batch, due, min(RIDE_WAIT, max(0.0, left / 2)))
 
     def hold_back(self, batch: Batch, held: Held) -> None:
         """Its project's circuit is open: no call until it reopens."""
