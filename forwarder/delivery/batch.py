@@ -28,13 +28,13 @@ class FlushReason(str, enum.Enum):
 class Batch:
     """Events of one project, each with its receipt, and everything that happened to them."""
 
-    __slots__ = ("project", "received_at", "_entries", "_flush_reason", "_attempts", "_first_attempt_at",
+    __slots__ = ("_project", "_received_at", "_entries", "_flush_reason", "_attempts", "_first_attempt_at",
                  "_last_attempt_at", "_last_code", "_last_message", "_last_reason", "_maybe_stored",
                  "_rejection", "_write_failures")
 
     def __init__(self, project: str, received_at: float) -> None:
-        self.project = project
-        self.received_at = received_at  # wall clock of the oldest event
+        self._project = project
+        self._received_at = received_at  # wall clock of the oldest event
         # (event bytes, lease, position in the lease): an event and what acknowledges it, together
         self._entries: list[tuple[bytes, Lease, int]] = []
         self._flush_reason = FlushReason.SIZE
@@ -61,6 +61,15 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def project(self) -> str:
+        return self._project
+
+    @property
+    def received_at(self) -> float:
+        """Wall clock of its oldest event."""
+        return self._received_at
 
     @property
     def events(self) -> list[bytes]:
