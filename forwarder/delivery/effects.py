@@ -91,16 +91,19 @@ class Effects:
         await self.dead_letter(batch, code or "Expired", message or "retry.max_elapsed reached")
 
     def _resend(self, batch: Batch, reason: RetryReason, retry_after: float | None) -> None:
-        delay = retry_delay(max(0, batch.attempts - 1), self._retry.initial_backoff, self._retry.max_backoff,
-                            retry_after, self._clock.rng)
+        delay = self._backoff(batch, retry_after)
         self._observer.retry_scheduled(reason, len(batch), batch.project, delay, batch.last_error[0])
         self._schedule.put_later(batch, self._clock.monotonic() + delay)
+
+    def _backoff(self, batch: Batch, retry_after: float | None) -> float:
+        return retry_delay(max(0, batch.attempts - 1), self._retry.initial_backoff, self._retry.max_backoff,
+                           retry_after, self._clock.rng)
 
     def hold_back(self, batch: Batch, held: Held) -> None:
         """Its project's circuit is open: no call until it reopens."""
         batch.held(self._clock.wall(), held.code, held.message)
         self._schedule.put_later(batch, held.due)
 
-    def later(self, batch: Batch, delay: float) -> None:
-        """Try the batch again after ``delay`` seconds (its attempt failed inside the forwarder)."""
-        self._schedule.put_later(batch, self._clock.monotonic() + delay)
+    def later(self, batch: Batch) -> None:
+        """Its attempt failed inside the forwarder: try again after its next backoff step."""
+        self._schedule.put_later(batch, self._clock.monotonic() + self._backoff(batch, None))

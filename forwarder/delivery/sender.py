@@ -131,7 +131,7 @@ class Sender:
             answered = await self._attempt(batch)
         except Exception as e:  # one bad batch must not kill the worker; nothing of it was resolved
             self._observer.send_failed(batch.project, len(batch), e)
-            self._effects.later(batch, self._retry.max_backoff)
+            self._effects.later(batch)
             return
         if answered is not None:
             outcome, lesson = answered
