@@ -13,7 +13,6 @@ from forwarder.buffer.contract import Receipt
 from forwarder.clock import Clock
 from forwarder.config import RetryConfig
 from forwarder.delivery import deadletter
-from forwarder.delivery.admission import Held
 from forwarder.delivery.batch import Batch
 from forwarder.delivery.outcome import Bisect, Deliver, Hold, Plan, Reject, Resend
 from forwarder.delivery.retry import dead_letter_delay, retry_delay
@@ -99,10 +98,10 @@ class Effects:
         return retry_delay(max(0, batch.attempts - 1), self._retry.initial_backoff, self._retry.max_backoff,
                            retry_after, self._clock.rng)
 
-    def hold_back(self, batch: Batch, held: Held) -> None:
-        """Its project's circuit is open: no call until it reopens."""
-        batch.held(self._clock.wall(), held.code, held.message)
-        self._schedule.put_later(batch, held.due)
+    def hold_back(self, batch: Batch, due: float, code: str, message: str) -> None:
+        """Its project's circuit is open (refused with ``code``): no call until ``due``."""
+        batch.held(self._clock.wall(), code, message)
+        self._schedule.put_later(batch, due)
 
     def later(self, batch: Batch) -> None:
         """Its attempt failed inside the forwarder: try again after its next backoff step."""

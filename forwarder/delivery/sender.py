@@ -149,7 +149,7 @@ class Sender:
         if not self._expired(batch):
             async with self.admission.admit(batch.project, id(batch)) as turn:
                 if turn.held is not None:
-                    self._effects.hold_back(batch, turn.held)
+                    self._effects.hold_back(batch, turn.held.due, turn.held.code, turn.held.message)
                     return None
                 # As the probe it may have waited out a long outage: then it is not sent.
                 if not (turn.probe and self._expired(batch)):
