@@ -179,7 +179,8 @@ class Batch:
 
     def _located(self, indexes: Iterable[int]) -> Iterable[tuple[Lease, int, bytes]]:
         """(lease, position, event) of the events at ``indexes``."""
-        starts, offset = [], 0  # the batch index of each run's first event
+        starts: list[int] = []  # the batch index of each run's first event
+        offset = 0
         for _, _, events in self._runs:
             starts.append(offset)
             offset += len(events)
