@@ -90,10 +90,6 @@ class Batcher:
     def oldest(self) -> float | None:
         return min((o.batch.received_at for o in self._open.values()), default=None)
 
-    @property
-    def open_events(self) -> int:
-        return sum(len(o.batch) for o in self._open.values())
-
 
 class Sink(Protocol):
     async def send(self, batch: Batch) -> None: ...

@@ -13,7 +13,6 @@ from forwarder.buffer.contract import Receipt
 from forwarder.clock import Clock
 from forwarder.config import RetryConfig
 from forwarder.delivery import deadletter
-from forwarder.delivery.admission import Held
 from forwarder.delivery.batch import Batch
 from forwarder.delivery.outcome import Bisect, Deliver, Hold, Plan, Reject, Resend
 from forwarder.delivery.retry import dead_letter_delay, retry_delay
@@ -91,8 +90,7 @@ class Effects:
         await self.dead_letter(batch, code or "Expired", message or "retry.max_elapsed reached")
 
     def _resend(self, batch: Batch, reason: RetryReason, retry_after: float | None) -> None:
-        delay = retry_delay(max(0, batch.attempts - 1), self._retry.initial_backoff, self._retry.max_backoff,
-                            retry_after, self._clock.rng)
+        delay = self._backoff(batch, retry_after)
         self._observer.retry_scheduled(reason, len(batch), batch.project, delay, batch.last_error[0])
         due = self._clock.monotonic() + delay
         if reason.outage or not batch.room:
@@ -103,11 +101,20 @@ class Effects:
         left = batch.first_attempt_at + self._retry.max_elapsed - self._clock.wall() - delay
         self._schedule.ride(batch, due, min(RIDE_WAIT, max(0.0, left / 2)))
 
-    def hold_back(self, batch: Batch, held: Held) -> None:
-        """Its project's circuit is open: no call until it reopens."""
-        batch.held(self._clock.wall(), held.code, held.message)
-        self._schedule.put_later(batch, held.due)
+    def _backoff(self, batch: Batch, retry_after: float | None) -> float:
+        return retry_delay(max(0, batch.attempts - 1), self._retry.initial_backoff, self._retry.max_backoff,
+                           retry_after, self._clock.rng)
 
-    def later(self, batch: Batch, delay: float) -> None:
-        """Try the batch again after ``delay`` seconds (its attempt failed inside the forwarder)."""
-        self._schedule.put_later(batch, self._clock.monotonic() + delay)
+    def hold_back(self, batch: Batch, due: float, code: str, message: str) -> None:
+        """Its project's circuit is open (refused with ``code``): no call until ``due``."""
+        batch.held(self._clock.wall(), code, message)
+        self._schedule.put_later(batch, due)
+
+    def alone(self, batch: Batch) -> None:
+        """A call it shared was refused for some event in it: again at once, in a call of its own."""
+        batch.refused_with_others()
+        self._schedule.put_later(batch, self._clock.monotonic())
+
+    def later(self, batch: Batch) -> None:
+        """Its attempt failed inside the forwarder: try again after its next backoff step."""
+        self._schedule.put_later(batch, self._clock.monotonic() + self._backoff(batch, None))

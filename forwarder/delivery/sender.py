@@ -101,10 +101,6 @@ class Sender:
 
     # state read by metrics and readiness
 
-    @property
-    def limiter(self) -> RateLimiter:
-        return self.admission.limiter
-
     def oldest(self) -> float | None:
         times = [b.received_at for b in self._taken.values()]
         scheduled = self._schedule.oldest()
@@ -137,7 +133,7 @@ class Sender:
         except Exception as e:  # one bad batch must not kill the worker; nothing of it was resolved
             for part in parts:
                 self._observer.send_failed(part.project, len(part), e)
-                self._effects.later(part, self._retry.max_backoff)
+                self._effects.later(part)
             self._untake(parts[1:])
             return
         if answered is not None:
@@ -146,9 +142,8 @@ class Sender:
             # Not caught: effects that can fail on their own (the dead-letter write)
             # are handled where they fail; anything else is a bug and crashes loudly.
             for part, outcome in zip(parts, plans):
-                if outcome is None:  # refused for some event of a call it shared: again, alone
-                    part.refused_with_others()
-                    self._effects.later(part, 0.0)
+                if outcome is None:  # refused for some event of a call it shared
+                    self._effects.alone(part)
                 else:
                     await self._effects.apply(part, outcome, lesson.reopen_at)
         self._untake(parts[1:])
@@ -167,7 +162,7 @@ class Sender:
         if not self._expired(batch):
             async with self.admission.admit(batch.project, id(batch)) as turn:
                 if turn.held is not None:
-                    self._effects.hold_back(batch, turn.held)
+                    self._effects.hold_back(batch, turn.held.due, turn.held.code, turn.held.message)
                     return None
                 # As the probe it may have waited out a long outage: then it is not sent.
                 if not (turn.probe and self._expired(batch)):

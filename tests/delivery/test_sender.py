@@ -418,7 +418,7 @@ async def test_every_extra_copy_of_a_batch_that_may_have_been_stored_counts_as_p
 
 async def test_a_probe_call_that_raises_in_an_outage_gives_its_slot_back_and_delivery_recovers(virtual_time):
     vt = virtual_time
-    retry = RetryConfig(max_elapsed=300.0, initial_backoff=0.1, max_backoff=2.0)
+    retry = RetryConfig(max_elapsed=300.0, initial_backoff=0.1, max_backoff=20.0)
 
     class RaisingProbe(Scripted):
         async def put_events(self, project, evs):
@@ -432,7 +432,9 @@ async def test_a_probe_call_that_raises_in_an_outage_gives_its_slot_back_and_del
     await rig.run([rig.ledger.batch("p", evs)], timeout=60.0)
     raised_at = rig.transport.calls[OUTAGE_AFTER][2]
     assert len(rig.transport.calls) == OUTAGE_AFTER + 2
-    assert rig.transport.calls[-1][2] <= raised_at + retry.max_backoff + MAX_PROBE_INTERVAL  # one backoff step
+    # The batch's next backoff step (at most 0.1 * 2**3 s after its fourth attempt), not max_backoff.
+    step = retry.initial_backoff * 2 ** OUTAGE_AFTER
+    assert rig.transport.calls[-1][2] <= raised_at + step + MAX_PROBE_INTERVAL
     assert rig.ledger.acked == Counter(evs) and not rig.dead.entries
     endpoint = rig.sender.admission.endpoint
     assert not endpoint.down and not endpoint.probing
