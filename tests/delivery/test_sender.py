@@ -463,7 +463,7 @@ class Chaos:
        stop_at=st.one_of(st.none(), st.floats(0.0, 30.0)))
 @example(script=["refused"] * OUTAGE_AFTER + ["raise"], sizes=[5], seed=0, dead_failures=0, stop_at=None)
 @example(script=["not_found", "raise"], sizes=[5, 5], seed=0, dead_failures=0, stop_at=None)
-@example(script=["refused"] * OUTAGE_AFTER + ["slow"], sizes=[5, 5], seed=0, dead_failures=0, stop_at=7.0)
+@example(script=["refused"] * OUTAGE_AFTER + ["slow"], sizes=[5, 5], seed=0, dead_failures=0, stop_at=2.0)
 def test_whatever_calls_do_every_event_ends_exactly_once_delivered_dead_lettered_or_still_scheduled(
         script, sizes, seed, dead_failures, stop_at):
     """Answers, failed entries, exceptions, timeouts, a shutdown cancelling calls: each event is acknowledged
