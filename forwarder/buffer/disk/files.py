@@ -104,6 +104,9 @@ class StoreFiles:
         return opened
 
     def _connect(self, reserve_size: int) -> Opened:
+        # Created owner-only before SQLite opens it (SQLite would use 0644 less the umask);
+        # SQLite gives the -wal and -shm files the database file's mode.
+        os.close(os.open(self.file, os.O_RDWR | os.O_CREAT, 0o600))
         conn = self.conn = self._connect_to(self.file)
         # Checked before anything is written, so a file moved aside is left as it was found.
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]

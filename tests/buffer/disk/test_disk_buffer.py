@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sqlite3
 import time
@@ -532,6 +533,19 @@ def test_the_progress_invariants_refuse_a_cursor_past_what_was_committed():
 
 
 # closing
+
+
+async def test_every_file_of_the_buffer_is_readable_by_the_owner_only(buffers):
+    # The database holds whole events: not for other users, whatever the umask (issue 21, item 7).
+    previous = os.umask(0o022)
+    try:
+        buf, _, _ = await buffers.open()
+        await buf.append("p1", events("a", 3), 100.0)
+    finally:
+        os.umask(previous)
+    names = {f.name: oct(f.stat().st_mode & 0o777) for f in buffers.path.iterdir()}
+    assert {DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"} <= set(names)
+    assert set(names.values()) == {"0o600"}, names
 
 
 async def test_close_is_idempotent_and_later_appends_fail(buffers):
