@@ -55,7 +55,7 @@ class DiskBuffer(Bounded):
         if self.progress.displaced:
             return "the disk buffer's file was displaced: draining what it holds, then stopping"
         if self.progress.disk_full_until:
-            return "the disk buffer's disk is full"
+            return f"the disk buffer's disk is full: {self.progress.why_full}"
         return None
 
     # lifecycle

@@ -39,6 +39,7 @@ class Cycled:
     appended: int  # how many of this cycle's appends, from the first, were committed; the rest were
     # refused (disk full, or the file was displaced)
     disk_full: bool
+    why_full: str  # why appends are refused, for /readyz ("" when they are not)
     displaced: str  # why the file at buffer.path is no longer ours, "" while it is
     commits: int
 
@@ -77,6 +78,8 @@ class Store:
     def cycle(self, appends: list[Append], acks: list[int], read: bool) -> Cycled:
         if not self._displaced:
             self._displaced = self._files.displaced()
+        if not self._displaced:
+            self._space.settle(self._conn)
         costs = [insert_cost(len(a.events), a.size) for a in appends]
         fitting = 0 if self._displaced else self._space.fitting(self._conn, costs)
         if fitting < len(appends) and not self._displaced:
@@ -96,12 +99,15 @@ class Store:
                 # Deleting must work when inserting cannot: give SQLite the reserved
                 # space back and commit the acks and the read without the appends.
                 self._disk_full, appended = True, 0
+                self._space.why_full = f"{self.file}: a commit found the disk full ({e}): another writer took the room"
                 self._space.reserve.release()
                 chunks = self._commit_when_full(acks, read)
+        if appended:
+            self._space.settle(self._conn)  # a large group commit is checkpointed before anyone takes the room
         if self._clock() - self._checkpointed >= CHECKPOINT_INTERVAL:
             self._checkpoint("PASSIVE")
         return Cycled(self._max_id, self._cursor, chunks, self._oldest_unread(), appended, self._disk_full,
-                      self._displaced, self._commits)
+                      self._space.why_full if self._disk_full else "", self._displaced, self._commits)
 
     def _commit_when_full(self, acks: list[int], read: bool) -> list[Chunk]:
         return self._space.commit_when_full(acks, read, partial(self._transaction, []))
@@ -157,12 +163,23 @@ class Store:
         self._commits += 1
         return freed_events, freed_bytes, self._oldest_unread()
 
-    def _checkpoint(self, mode: str) -> None:
+    def _checkpoint(self, mode: str) -> bool:
+        """Copy the WAL into the database file; False when it could not complete.
+
+        A checkpoint that needs the file to grow and finds no room fails whole
+        (SQLITE_FULL): the reserve is given back for it, since a WAL that can never
+        be checkpointed would never be reset and would keep growing.
+        """
         self._checkpointed = self._clock()
-        try:
-            self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
-        except sqlite3.OperationalError:
-            pass  # a full disk: the WAL keeps the data, the next checkpoint tries again
+        for attempt in range(2):
+            try:
+                busy, log, done = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                return not busy and log == done
+            except sqlite3.OperationalError as e:
+                if not is_full(e) or attempt or not self._space.reserve.held:
+                    return False  # the WAL keeps the data; the next cycle tries again
+                self._space.reserve.release()
+        return False
 
     def close(self) -> None:
         try:

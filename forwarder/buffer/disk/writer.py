@@ -44,6 +44,7 @@ class Progress:
     oldest: float | None = None  # received_at of the oldest unread row
     commits: int = 0
     disk_full_until: float = 0.0  # appends are refused until then (monotonic)
+    why_full: str = ""  # why the disk counts as full, for /readyz
     displaced: str = ""
 
     def advance(self, cycled: Cycled, now: float) -> None:
@@ -51,9 +52,9 @@ class Progress:
         self.commits = cycled.commits
         self.displaced = cycled.displaced
         if cycled.disk_full:
-            self.disk_full_until = now + DISK_FULL_RETRY
+            self.disk_full_until, self.why_full = now + DISK_FULL_RETRY, cycled.why_full
         elif cycled.appended:
-            self.disk_full_until = 0.0
+            self.disk_full_until, self.why_full = 0.0, ""
         self.check()
 
     def check(self) -> None:
@@ -197,6 +198,7 @@ class Writer:
         full = isinstance(error, DiskFull)
         if full:
             self.progress.disk_full_until = self._clock() + DISK_FULL_RETRY
+            self.progress.why_full = str(error)
         for p in work.appends:
             self._bounds.remove(len(p.append.events), p.append.size)
             _resolve(p.done, BufferFull(DISK_FULL_RETRY_AFTER) if full else error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import sqlite3
 import time
@@ -14,8 +15,8 @@ import pytest
 from forwarder.buffer.contract import READ_MAX_EVENTS, BufferFull
 from forwarder.config import BufferConfig
 from forwarder.buffer.disk.buffer import DB_NAME, BufferDisplaced, DiskBuffer, Progress
-from forwarder.buffer.disk.space import ROW_OVERHEAD, fitting, insert_cost
-from forwarder.buffer.disk.store import Append, Store, _ranges, connect
+from forwarder.buffer.disk.space import ROW_OVERHEAD, DiskFull, fitting, free_bytes, insert_cost, wal_debt
+from forwarder.buffer.disk.store import Append, Cycled, Store, _ranges, connect
 from forwarder.observability import Metrics, Observer
 from tests.fakes import FakeClock
 from forwarder.emulator.harness import wait_for
@@ -253,7 +254,7 @@ async def test_a_full_disk_refuses_appends_but_still_commits_acks_and_reads(buff
     clock = FakeClock(0.0)
     buf, observer, _ = await buffers.open(connect_to=capped(40), clock=clock, max_events=1_000_000)
     stored = await fill(buf)
-    assert stored > 0 and buf.problem == "the disk buffer's disk is full"
+    assert stored > 0 and buf.problem.startswith("the disk buffer's disk is full: ")
     assert buf.depth == stored  # the refused events were never counted
     chunks = await read_all(buf)  # reading works on a full disk...
     assert sum(len(c.events) for c in chunks) == stored
@@ -699,3 +700,149 @@ def test_fitting_counts_the_appends_that_fit_in_order(costs, room, expected):
 
 def test_an_insert_costs_twice_its_rows_because_a_checkpoint_copies_the_wal_into_the_file():
     assert insert_cost(2, 150) == 2 * (150 + 2 * ROW_OVERHEAD)
+
+
+# A full disk shared with another writer (issue 21, item 1): the store alone, cycle by cycle.
+
+LARGE = b'{"data":"' + b"y" * 3000 + b'"}'  # a row per page: deleting one writes a whole page to the WAL
+
+
+def large(n: int) -> Append:
+    return Append("p1", 1.0, [LARGE] * n, len(LARGE) * n)
+
+
+def occupy(disk: Path, leave: int = 0, name: str = "other") -> Path:
+    """Another program takes every free byte of ``disk`` but ``leave``."""
+    path = disk / name
+    with open(path, "ab") as f:
+        want = free_bytes(str(disk)) - leave
+        if want > 0:
+            os.posix_fallocate(f.fileno(), f.seek(0, os.SEEK_END), want)
+    return path
+
+
+def test_deleting_large_rows_on_a_full_disk_goes_in_smaller_transactions_until_they_fit(small_disk):
+    # Found by a run: 500 deleted rows of 3 KB write 2 MB to the WAL, more than the whole
+    # reserve; every cycle failed the same way and the buffer refused everything for good.
+    store = Store(str(small_disk / "buffer"), "never", clock=FakeClock())
+    store.open()
+    try:
+        for _ in range(20):
+            store.cycle([large(100)], [], False)
+        store.cycle([], [], True)
+        occupy(small_disk)
+        store.cycle([], list(range(1, 2001)), False)
+        assert rows_on_disk(small_disk / "buffer") == []
+    finally:
+        store.close()
+
+
+def test_the_reserve_is_taken_back_by_cycles_without_appends_once_there_is_room(small_disk):
+    # The reserve given back on a full disk must be there for the next one, even
+    # if nothing is appended in between (a drain with the intake idle).
+    store = Store(str(small_disk / "buffer"), "never", clock=FakeClock())
+    store.open()
+    reserve = small_disk / "buffer" / "buffer.reserve"
+    try:
+        fill_store(store, 100)
+        other = occupy(small_disk)
+        store.cycle([], list(range(1, 1001)), True)
+        assert not reserve.exists()  # given to SQLite to delete on a full disk
+        other.unlink()
+        store.cycle([], list(range(1001, 2001)), False)
+        assert reserve.exists()
+    finally:
+        store.close()
+
+
+def test_a_checkpoint_that_finds_the_disk_full_is_given_the_reserve_and_completes(small_disk):
+    store = Store(str(small_disk / "buffer"), "never", clock=FakeClock())
+    store.open()
+    wal = small_disk / "buffer" / (DB_NAME + "-wal")
+    try:
+        store.cycle([padded(1.0, 200)], [], False)  # new pages in the WAL, not yet in the file
+        assert wal_debt(store._files.conn, store.file) > 0
+        occupy(small_disk)
+        assert store._checkpoint("TRUNCATE")
+        assert wal.stat().st_size == 0
+        assert not (small_disk / "buffer" / "buffer.reserve").exists()
+    finally:
+        store.close()
+
+
+def test_appends_leave_room_to_checkpoint_what_the_wal_already_holds(small_disk):
+    # Twice an append's size is not enough when the WAL already holds pages the
+    # file must grow for: accepting it would leave a WAL that can never be checkpointed.
+    store = Store(str(small_disk / "buffer"), "never", clock=FakeClock())
+    store.open()
+    try:
+        store.cycle([padded(1.0, 400)], [], False)
+        conn = store._files.conn
+        debt = wal_debt(conn, store.file)
+        next_cost = insert_cost(100, len(PADDED) * 100)
+        assert debt > next_cost // 2
+        occupy(small_disk, leave=next_cost + debt // 2)  # room for the append, not for it and the WAL
+        cycled = store.cycle([padded(2.0, 100)], [], False)
+        assert not cycled.appended and cycled.disk_full and "the next append needs" in cycled.why_full
+        assert wal_debt(conn, store.file) <= free_bytes(str(small_disk))
+    finally:
+        store.close()
+
+
+class Backlog:
+    """What a sender does to a store: reads, acks some of what it read; remembers every id."""
+
+    def __init__(self, store: Store, rng: random.Random, clock: FakeClock) -> None:
+        self.store, self.rng, self.clock = store, rng, clock
+        self.appended: set[int] = set()
+        self.acked: set[int] = set()
+        self.unacked: list[int] = []
+
+    def cycle(self, appends: list[Append], acks: int, read: bool) -> Cycled | None:
+        self.clock.advance(self.rng.choice([0.01, 0.3, 1.5]))
+        ids = self.unacked[:acks]
+        try:
+            cycled = self.store.cycle(appends, ids, read)
+        except DiskFull:
+            return None  # the acks are tried again, as the writer does
+        del self.unacked[:acks]
+        self.acked.update(ids)
+        n = sum(len(a.events) for a in appends[:cycled.appended])
+        self.appended.update(range(cycled.max_id - n + 1, cycled.max_id + 1))
+        if cycled.chunks:
+            self.unacked.extend(cycled.chunks[0].lease.ids)
+        return cycled
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fills_and_drains_beside_another_writer_never_leave_appends_refused_once_there_is_room(small_disk, seed):
+    rng = random.Random(seed)
+    clock = FakeClock(0.0)
+    store = Store(str(small_disk / "buffer"), "normal", clock=clock)
+    store.open()
+    backlog = Backlog(store, rng, clock)
+    conn = store._files.conn
+    try:
+        for phase in range(4):
+            for _ in range(150):
+                if rng.random() < 0.06:
+                    occupy(small_disk, leave=rng.randrange(0, 4 << 20), name=f"other-{rng.randrange(3)}")
+                elif rng.random() < 0.03:
+                    for other in small_disk.glob("other-*"):
+                        other.unlink()
+                n = rng.choice([0, 0, 20, 50, 500])
+                appends = [rng.choice([padded, lambda at, n: large(n)])(1.0, n)] if n else []
+                backlog.cycle(appends, rng.randrange(len(backlog.unacked) + 1), rng.random() < 0.5)
+                # Whatever the other writer did, the reserve alone can checkpoint the WAL.
+                assert wal_debt(conn, store.file) <= store._space.reserve.size, f"seed {seed}"
+            for other in small_disk.glob("other-*"):
+                other.unlink()
+            for _ in range(100):  # the other writer is gone: deliver everything
+                if backlog.cycle([], len(backlog.unacked), True) and not backlog.unacked:
+                    break
+            accepted = [backlog.cycle([padded(2.0, 50)], 0, False) for _ in range(2)]
+            assert accepted[-1] is not None and accepted[-1].appended == 1, f"seed {seed}, phase {phase}"
+            on_disk = {row[0] for row in rows_on_disk(small_disk / "buffer")}
+            assert on_disk == backlog.appended - backlog.acked, f"seed {seed}, phase {phase}"
+    finally:
+        store.close()
