@@ -33,6 +33,7 @@ _SCHEMA = (
     f"INSERT INTO meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION}), ('max_read', 0)",
 )
 _EVENT_COLUMNS = ["id", "project", "received_at", "body"]
+_WAL_FILES = ("-wal", "-shm")
 
 Connect = Callable[[str], sqlite3.Connection]
 
@@ -70,6 +71,8 @@ class StoreFiles:
         self._lock_fd: int | None = None
         self._ledger_fd: int | None = None
         self._identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file this run opened
+        self._wal_identity: dict[str, tuple[int, int]] = {}  # the same for the -wal and -shm SQLite writes
+        self._reserve_size = 0
 
     def open(self, reserve: Reserve) -> Opened:
         os.makedirs(self.directory, exist_ok=True)
@@ -113,22 +116,14 @@ class StoreFiles:
         if problems != ["ok"]:
             raise Damaged("quick_check: " + "; ".join(problems[:3]))
         fresh = check_schema(conn)
-        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-            raise OSError(f"{self.file}: SQLite cannot use WAL mode on this file system")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-        # The pages a checkpoint may add to the file stay well inside the reserve,
-        # so a checkpoint after the disk filled always has room to complete.
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, reserve_size // page_size // 4)}")
+        self._configure(conn, reserve_size)
         if fresh:
             # Incremental vacuum lets a full disk get back the pages of delivered rows.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             with transaction(conn):
                 for statement in _SCHEMA:
                     conn.execute(statement)
-        stat = os.stat(self.file)
-        self._identity = (stat.st_dev, stat.st_ino)
+        self._identity = _identity(self.file)
         rows, nbytes, max_id = conn.execute(
             "SELECT count(*), coalesce(sum(length(body)), 0), coalesce(max(id), 0) FROM events").fetchone()
         if rows == 0 and conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
@@ -138,6 +133,37 @@ class StoreFiles:
         # Ids keep growing past max_read even if every row was deleted, so a
         # new row is never mistaken for one the previous run had sent.
         return Opened(rows, nbytes, max(max_id, max_read), max_read)
+
+    def _configure(self, conn: sqlite3.Connection, reserve_size: int) -> None:
+        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise OSError(f"{self.file}: SQLite cannot use WAL mode on this file system")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        # The pages a checkpoint may add to the file stay well inside the reserve,
+        # so a checkpoint after the disk filled always has room to complete.
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, reserve_size // page_size // 4)}")
+        self._reserve_size = reserve_size
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # a read: SQLite opens the WAL and shared memory
+        self._wal_identity = {suffix: _identity(self.file + suffix) for suffix in _WAL_FILES}
+
+    def wal_lost(self) -> str:
+        """Why the WAL or shared-memory file SQLite writes is no longer the one at its path, or ""."""
+        for suffix in _WAL_FILES:
+            path = self.file + suffix
+            try:
+                now = _identity(path)
+            except FileNotFoundError:
+                return f"{path} was deleted while the forwarder was running"
+            if now != self._wal_identity.get(suffix):
+                return f"{path} was replaced by another file while the forwarder was running"
+        return ""
+
+    def reconnect(self) -> None:
+        """A new connection, with a new WAL and shared memory at their paths (after a complete checkpoint)."""
+        self._close_connection()
+        conn = self.conn = self._connect_to(self.file)
+        self._configure(conn, self._reserve_size)
 
     def write_ledger(self, max_id: int) -> None:
         # Not fsynced: it survives what the WAL survives (a killed process) and is
@@ -166,6 +192,11 @@ class StoreFiles:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
+
+
+def _identity(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def lock_directory(directory: str) -> int:

@@ -166,8 +166,8 @@ class Space:
             room = self._room(conn)
             n = fitting(costs, room)
             if n < len(costs):
-                self.why_full = (f"{max(0, room)} bytes usable on {self.directory} beside the "
-                                 f"{self.reserve.size}-byte reserve, the next append needs {costs[n]}")
+                self.why_full = (f"the disk buffer's disk is full: {max(0, room)} bytes usable on {self.directory} "
+                                 f"beside the {self.reserve.size}-byte reserve, the next append needs {costs[n]}")
         return n
 
     def _room(self, conn: sqlite3.Connection) -> int:
@@ -202,7 +202,7 @@ class Space:
                     self.reserve.release()  # what the reserve is for
                 else:
                     # Deleting an id twice is harmless: the caller tries every ack again later.
-                    self.why_full = (f"{self.file}: the disk is full even for deleting delivered rows "
-                                     f"({free_bytes(self.directory)} bytes free)")
+                    self.why_full = (f"the disk buffer's disk is full even for deleting delivered rows: "
+                                     f"{free_bytes(self.directory)} bytes free on {self.directory}")
                     raise DiskFull(self.why_full) from e
         raise AssertionError("unreachable: each attempt halves the step or releases the reserve")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 
 from forwarder.buffer.contract import READ_MAX_EVENTS, BufferFull
 from forwarder.config import BufferConfig
@@ -47,9 +48,10 @@ class Buffers:
         self.open_buffers: list[DiskBuffer] = []
 
     async def open(self, path: Path | None = None, connect_to=connect, clock=time.monotonic,
-                   on_crash=None, **config) -> tuple[DiskBuffer, Observer, int]:
+                   on_crash=None, settle_after: float = 1.0, **config) -> tuple[DiskBuffer, Observer, int]:
         observer = Observer(Metrics(process_collectors=False))
-        buf = DiskBuffer(BufferConfig(type="disk", path=str(path or self.path), **config), observer, connect_to, clock)
+        buf = DiskBuffer(BufferConfig(type="disk", path=str(path or self.path), **config), observer, connect_to, clock,
+                         settle_after)
         recovered = await buf.open(on_crash)
         self.open_buffers.append(buf)
         return buf, observer, recovered
@@ -521,6 +523,58 @@ async def test_a_backlog_reaches_the_database_file_by_the_next_checkpoint_not_on
     (crashed / (DB_NAME + "-wal")).unlink()  # the worst case: the WAL is gone
     after, _, recovered = await buffers.open(crashed)
     assert recovered >= 100
+
+
+async def test_a_quiet_backlog_is_checkpointed_into_the_database_file_once_the_buffer_is_idle(buffers, tmp_path):
+    # Issue 21, item 5: without commits, nothing checkpointed; 1,000 events sat in the WAL alone.
+    buf, _, _ = await buffers.open(clock=FakeClock(0.0), settle_after=0.05)
+    await buf.append("p1", events("a", 1000), 100.0)
+
+    async def in_the_file_alone() -> bool:
+        crashed = tmp_path / f"crashed-{time.monotonic_ns()}"
+        crashed.mkdir()
+        shutil.copy(buffers.path / DB_NAME, crashed / DB_NAME)  # the WAL is not copied
+        try:
+            return len(rows_on_disk(crashed)) == 1000
+        except sqlite3.DatabaseError:  # not even the schema in the file yet, or copied mid-checkpoint
+            return False
+    await wait_for(in_the_file_alone, 5, "the idle backlog to be checkpointed into the database file")
+
+
+@pytest.mark.parametrize("lost", ["-wal deleted", "-shm deleted", "-wal replaced"])
+async def test_a_wal_lost_under_a_running_buffer_is_noticed_before_the_next_commit_and_nothing_is_lost(
+        buffers, tmp_path, lost):
+    # Issue 21, item 5: the WAL deleted while running went unnoticed; what was committed
+    # afterwards went to a file nobody could find, and a kill -9 lost all of it.
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("before", 200), 100.0)
+    suffix = lost.split()[0]
+    (buffers.path / (DB_NAME + suffix)).unlink()
+    if lost.endswith("replaced"):
+        (buffers.path / (DB_NAME + suffix)).write_bytes(b"")
+    with structlog.testing.capture_logs() as logs:
+        await buf.append("p1", events("after", 100), 100.0)
+    [reported] = [e for e in logs if e["event"] == "buffer_wal_lost"]
+    assert suffix in reported["reason"] and "nothing lost" in reported["reason"]
+    crashed = tmp_path / "crashed"
+    copy_files(buffers.path, crashed)  # what kill -9 leaves now
+    after, observer, recovered = await buffers.open(crashed)
+    assert recovered == 300
+    assert sample(observer, "forwarder_buffer_corruptions_total") == 0
+
+
+async def test_a_lost_wal_that_cannot_be_checkpointed_refuses_appends_and_says_why(buffers, monkeypatch):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("before", 10), 100.0)
+    (buffers.path / (DB_NAME + "-wal")).unlink()
+    monkeypatch.setattr(Store, "_checkpoint", lambda self, mode: False)  # e.g. a reader holds the old WAL
+    with pytest.raises(BufferFull):
+        await buf.append("p1", events("after", 1), 100.0)
+    assert "-wal was deleted" in buf.problem and "refuses appends" in buf.problem
+    monkeypatch.undo()
+    buf.progress.disk_full_until = 0.0  # past the one second a refusal lasts
+    await buf.append("p1", events("later", 1), 100.0)
+    assert buf.problem is None
 
 
 def test_the_progress_invariants_refuse_a_cursor_past_what_was_committed():

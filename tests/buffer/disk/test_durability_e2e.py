@@ -412,3 +412,29 @@ async def test_ten_fill_and_drain_cycles_beside_another_writer_never_wedge_nor_l
     assert acked - set(counts) == set()
     assert [i for i, n in counts.items() if n > 1] == []  # no call was in flight when a refusal came
     assert "Traceback" not in fwd.logs()
+
+
+async def test_a_wal_deleted_under_the_running_daemon_is_noticed_and_survives_kill_9(tmp_path, procs, session):
+    # Issue 21, item 5: -wal and -shm deleted while running; 100 more events got a 200,
+    # and after a kill -9 all 300 were gone.
+    emulator = procs(EmulatorProcess(tmp_path, "--down"))
+    await emulator.ready(session)
+    sections = settings(emulator.url)
+    fwd = await start(procs, session, tmp_path, sections)
+    acked = await post_all(fwd, session, 200)
+    state = tmp_path / "forwarder-state"
+    for suffix in ("-wal", "-shm"):
+        (state / (DB_NAME + suffix)).unlink()
+    status, body = await fwd.post(session, "p1", numbered(200, 100))
+    assert status == 200, body  # committed only after the old WAL was copied into the database file
+    acked.update(range(200, 300))
+
+    async def reported() -> bool:
+        return bool(log_events(fwd, "buffer_wal_lost"))
+    await wait_for(reported, 5, "the lost WAL to be reported")
+    fwd.signal(signal.SIGKILL)
+    await fwd.wait(10)
+    await emulator.configure(session, down=False)
+    await start(procs, session, tmp_path, sections)
+    counts = await wait_delivered(emulator, session, acked)
+    assert set(counts) >= acked
