@@ -65,6 +65,8 @@ class DiskBuffer(Bounded):
         opened = await asyncio.get_running_loop().run_in_executor(self._thread, self._store.open)
         if opened.damage:
             self._observer.buffer_corrupted(self.file, opened.moved_to, opened.damage)
+        if opened.ledger_problem:
+            self._observer.log.warning("buffer_ledger_damaged", path=self.file, problem=opened.ledger_problem)
         self._bounds.add(opened.rows, opened.nbytes)
         self._writer.start(opened, on_crash)
         return opened.rows

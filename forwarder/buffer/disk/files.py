@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from forwarder.buffer.disk.ledger import Ledger, Recorded
 from forwarder.buffer.disk.space import Reserve, reserve_size
 
 SCHEMA_VERSION = 1
 DB_NAME = "buffer.sqlite3"
-LEDGER_NAME = "buffer.ledger"  # the highest id ever committed, rewritten after each commit
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is truncated to after a checkpoint
 # Error names that mean the file is damaged; anything else (locked, cannot
 # open, I/O error) is the environment's problem and must not cost the data.
@@ -54,6 +54,8 @@ class Opened:
     max_read: int  # rows up to this id were handed to a previous run's sender
     damage: str = ""  # what was wrong with the files found, "" when nothing
     moved_to: str = ""  # where a damaged file went, "" when it stayed
+    lost: int = 0  # at most this many committed events were not in the file (damage says why)
+    ledger_problem: str = ""  # a copy of the ledger missing or garbled, with nothing found lost
 
 
 class StoreFiles:
@@ -69,7 +71,7 @@ class StoreFiles:
         self._connect_to = connect_to
         self.conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
-        self._ledger_fd: int | None = None
+        self._ledger = Ledger(directory, self.file)
         self._identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file this run opened
         self._wal_identity: dict[str, tuple[int, int]] = {}  # the same for the -wal and -shm SQLite writes
         self._reserve_size = 0
@@ -78,7 +80,7 @@ class StoreFiles:
         os.makedirs(self.directory, exist_ok=True)
         self._lock_fd = lock_directory(self.directory)
         reserve.size = reserve_size(self.directory)
-        lost = _read_ledger(os.path.join(self.directory, LEDGER_NAME))
+        recorded = self._ledger.read()
         try:
             opened = self._connect(reserve.size)
         except Damaged as e:
@@ -88,16 +90,26 @@ class StoreFiles:
                 self._close_connection()
                 raise OSError(f"buffer.path: cannot open {self.file}: {e}") from e
             opened = self._replace(f"{e} ({e.sqlite_errorname})", reserve.size)
-        if lost > opened.max_id and not opened.damage:
-            # Rows the last run committed are not in the file: it was truncated, or
-            # its WAL deleted or overwritten, after the process stopped.
-            opened.damage = (f"the last run committed rows up to id {lost}, the file holds ids up to "
-                             f"{opened.max_id}: rows committed since its last checkpoint are lost")
-        opened.max_id = max(opened.max_id, lost)
-        self._ledger_fd = os.open(os.path.join(self.directory, LEDGER_NAME), os.O_RDWR | os.O_CREAT, 0o600)
-        self.write_ledger(opened.max_id)
+        self._compare(recorded, opened)
+        opened.max_id = max(opened.max_id, recorded.max_id)
+        self._ledger.open(opened.max_id)
         reserve.hold()
         return opened
+
+    def _compare(self, recorded: Recorded, opened: Opened) -> None:
+        """What the ledger says against what the file holds: rows lost since the last run, or a damaged ledger."""
+        copies = f" ({'; '.join(recorded.problems)})" if recorded.problems else ""
+        if recorded.max_id > opened.max_id and not opened.damage:
+            # Rows the last run committed are not in the file: it was truncated, or
+            # its WAL deleted or overwritten, after the process stopped.
+            opened.lost = recorded.max_id - opened.max_id
+            opened.damage = (f"up to {opened.lost} events are lost: the last run committed rows up to id "
+                             f"{recorded.max_id}, the file holds ids up to {opened.max_id}; rows committed since "
+                             f"its last checkpoint went with a deleted or overwritten WAL or a truncated file{copies}")
+        elif recorded.problems and opened.max_id and not opened.damage:
+            opened.ledger_problem = "; ".join(recorded.problems) + (
+                "" if self._ledger.xattrs else
+                f"; {self.directory} keeps no extended attributes, so rows lost since the last run cannot be told")
 
     def _replace(self, damage: str, reserve_size: int) -> Opened:
         self._close_connection()
@@ -166,10 +178,7 @@ class StoreFiles:
         self._configure(conn, self._reserve_size)
 
     def write_ledger(self, max_id: int) -> None:
-        # Not fsynced: it survives what the WAL survives (a killed process) and is
-        # only ever compared with what the file holds at the next start.
-        if self._ledger_fd is not None:
-            os.pwrite(self._ledger_fd, b"%020d\n" % max_id, 0)
+        self._ledger.write(max_id)
 
     def displaced(self) -> str:
         """Why the file at buffer.path is no longer the one this run holds, or ""."""
@@ -183,10 +192,10 @@ class StoreFiles:
 
     def close(self) -> None:
         self._close_connection()
-        for fd in (self._ledger_fd, self._lock_fd):
-            if fd is not None:
-                os.close(fd)  # the lock goes with its descriptor
-        self._ledger_fd = self._lock_fd = None
+        self._ledger.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with its descriptor
+        self._lock_fd = None
 
     def _close_connection(self) -> None:
         conn, self.conn = self.conn, None
@@ -241,14 +250,6 @@ def move_aside(file: str) -> str:
         if os.path.exists(file + suffix):
             os.replace(file + suffix, target + suffix)
     return target
-
-
-def _read_ledger(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            return int(f.read(20) or b"0")
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 @contextmanager

@@ -482,34 +482,59 @@ async def test_a_database_displaced_under_a_running_buffer_stops_new_appends_and
 
 
 def copy_files(src: Path, dst: Path) -> None:
-    """The files as they are now, without close: what kill -9 leaves."""
+    """The files as they are now, without close: what kill -9 leaves (extended attributes included)."""
     dst.mkdir()
     for name in (DB_NAME, DB_NAME + "-wal", "buffer.ledger"):
         if (src / name).exists():
-            shutil.copy(src / name, dst / name)
+            shutil.copy2(src / name, dst / name)
 
 
+@pytest.mark.parametrize("ledger", ["intact", "deleted", "garbled"])
 @pytest.mark.parametrize("damage", ["database truncated to 0 bytes", "WAL deleted", "WAL overwritten"])
-async def test_rows_lost_between_runs_are_reported_as_a_corruption(buffers, tmp_path, damage):
+async def test_rows_lost_between_runs_are_reported_as_a_corruption_with_how_many(buffers, tmp_path, damage, ledger):
+    # Issue 21, item 5: with buffer.ledger deleted or garbled too, the loss went unreported.
     buf, _, _ = await buffers.open()
     for i in range(10):
         await buf.append("p1", events(f"r{i}", 100), 100.0)
     crashed = tmp_path / "crashed"
     copy_files(buffers.path, crashed)
     if damage == "database truncated to 0 bytes":
-        (crashed / DB_NAME).write_bytes(b"")
+        with open(crashed / DB_NAME, "r+b") as f:
+            f.truncate(0)
         (crashed / (DB_NAME + "-wal")).unlink()
     elif damage == "WAL deleted":
         (crashed / (DB_NAME + "-wal")).unlink()
     else:
         wal = crashed / (DB_NAME + "-wal")
         wal.write_bytes(b"\0" * wal.stat().st_size)
-    after, observer, recovered = await buffers.open(crashed)
+    if ledger == "deleted":
+        (crashed / "buffer.ledger").unlink()
+    elif ledger == "garbled":
+        (crashed / "buffer.ledger").write_bytes(b"\x00garbage" * 5)
+    with structlog.testing.capture_logs() as logs:
+        after, observer, recovered = await buffers.open(crashed)
     assert recovered < 1000
     assert sample(observer, "forwarder_buffer_corruptions_total") == 1
+    [reported] = [e for e in logs if e["event"] == "buffer_corrupted"]
+    assert f"up to {1000 - recovered} events are lost" in reported["error"]
     await after.append("p1", events("new", 1), 101.0)  # new ids continue above what was lost
     [chunk] = await after.read(0)
     assert chunk.lease.ids[-1] > 1000
+
+
+async def test_a_garbled_ledger_with_nothing_lost_is_reported_and_written_afresh(buffers, tmp_path):
+    buf, _, _ = await buffers.open()
+    await buf.append("p1", events("a", 10), 100.0)
+    crashed = tmp_path / "crashed"
+    copy_files(buffers.path, crashed)
+    (crashed / "buffer.ledger").write_bytes(b"not a number at all, and longer than one")
+    with structlog.testing.capture_logs() as logs:
+        after, observer, recovered = await buffers.open(crashed)
+    assert recovered == 10
+    assert sample(observer, "forwarder_buffer_corruptions_total") == 0
+    [warned] = [e for e in logs if e["event"] == "buffer_ledger_damaged"]
+    assert "buffer.ledger was garbled" in warned["problem"]
+    assert (crashed / "buffer.ledger").read_bytes() == b"%020d\n" % 10
 
 
 async def test_a_backlog_reaches_the_database_file_by_the_next_checkpoint_not_only_the_wal(buffers, tmp_path):
