@@ -95,7 +95,9 @@ class Store:
             # Inserting more could leave no room to checkpoint or to delete rows:
             # the rest is refused until delivered rows give their space back.
             self._disk_full = True
-        if self._disk_full and not fitting:
+        if not (appends or acks or read):
+            chunks, appended = [], 0  # an idle cycle: only the checkpoint below
+        elif self._disk_full and not fitting:
             chunks, appended = self._commit_when_full(acks, read), 0
         else:
             try:
@@ -114,7 +116,8 @@ class Store:
                 chunks = self._commit_when_full(acks, read)
         if appended:
             self._space.settle(self._conn)  # a large group commit is checkpointed before anyone takes the room
-        if not self._displaced and (idle and self._unsettled or self._clock() - self._checkpointed >= CHECKPOINT_INTERVAL):
+        due = self._clock() - self._checkpointed >= CHECKPOINT_INTERVAL
+        if not self._displaced and (due or idle and self._unsettled):
             self._checkpoint("PASSIVE")
         why = self._wal_problem or self._space.why_full
         return Cycled(self._max_id, self._cursor, chunks, self._oldest_unread(), appended, self._disk_full,
@@ -129,12 +132,17 @@ class Store:
             self._displaced = self._files.displaced()
         if self._displaced:
             return ""
+        if self._files.conn is None:  # the last reconnect failed: its checkpoint was complete
+            self._files.reconnect()  # raises again while it cannot: the cycle fails, its acks are kept
+            self._wal_problem = ""
+            return ""
         lost = self._files.wal_lost()
         if not lost:
             return ""
         # The connection still reads the old WAL: copy it into the database file,
         # then start a new one. Until then nothing is acknowledged into a file
-        # that a restart would not find.
+        # that a restart would not find. The old connection is closed first: closing
+        # deletes the WAL and shared memory by name, which must not be the new ones.
         if self._checkpoint("TRUNCATE"):
             self._files.reconnect()
             self._wal_problem = ""

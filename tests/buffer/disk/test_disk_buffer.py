@@ -602,6 +602,25 @@ async def test_a_lost_wal_that_cannot_be_checkpointed_refuses_appends_and_says_w
     assert buf.problem is None
 
 
+async def test_a_lost_wal_whose_new_connection_fails_to_open_is_reopened_by_a_later_cycle(buffers):
+    calls = []
+
+    def flaky(file: str) -> sqlite3.Connection:
+        calls.append(file)
+        if len(calls) == 2:  # the reconnect after the lost WAL was checkpointed
+            raise sqlite3.OperationalError("unable to open database file")
+        return connect(file)
+
+    buf, _, _ = await buffers.open(connect_to=flaky)
+    await buf.append("p1", events("before", 10), 100.0)
+    (buffers.path / (DB_NAME + "-wal")).unlink()
+    with pytest.raises(sqlite3.OperationalError):  # answered 503: nothing was committed
+        await buf.append("p1", events("refused", 1), 100.0)
+    await buf.append("p1", events("after", 5), 100.0)
+    assert len(calls) == 3
+    assert [body for _, _, body in rows_on_disk(buffers.path)] == events("before", 10) + events("after", 5)
+
+
 def test_the_progress_invariants_refuse_a_cursor_past_what_was_committed():
     progress = Progress(committed=10, cursor=10, resent_upto=5)
     progress.check()
