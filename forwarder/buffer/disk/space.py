@@ -17,7 +17,7 @@ ROW_OVERHEAD = 64  # bytes a row costs beyond its body: id, project, received_at
 RECLAIM_STEPS = 1000  # bounds one reclaim; each step frees up to a quarter of what is free
 RECLAIM_MIN_STEP = 16  # pages
 FULL_DISK_ACKS = 500  # ids deleted per transaction on a full disk at first; halved until one fits
-FULL_DISK_ATTEMPTS = 12  # 500 halved to 1 in 9 steps, the reserve released once, and the last try
+FULL_DISK_ATTEMPTS = 12  # 500 halved to 1 takes 8 failures, the reserve released 1 more, the 10th raises
 HOLD_MARGIN = 256 * 1024  # bytes left free beside a re-taken reserve, for the WAL of the next deletes
 
 Checkpoint = Callable[[str], bool]  # runs PRAGMA wal_checkpoint(mode); False when it could not complete
