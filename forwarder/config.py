@@ -12,12 +12,14 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Iterable, Mapping
 
 from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error
 from forwarder.delivery.rate import CONTROLLERS, MIN_RATE
+from forwarder.reading import MiB, FileRefused, read_bounded
 
 ENV_PREFIX = "FORWARDER_"
+MAX_CONFIG_BYTES = MiB  # a configuration file beyond this is refused, never read whole
 
 # Published PutProjectEvents quota, requests/s per account; adjustable by AWS.
 _HIGH_QUOTA_REGIONS = frozenset({"us-east-1", "us-west-2", "eu-west-1"})
@@ -144,33 +146,27 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The keys a SIGHUP applies to a running daemon, and the stage that applies each
-# (through its ``reconfigure(section)``); every other key needs a restart.
-# config.example.toml marks exactly these "(live)" (tests/test_config.py checks).
-LIVE: dict[str, str] = {
-    "log.level": "log",
-    "batch.max_events": "batch",
-    "batch.flush_interval": "batch",
-    "retry.max_elapsed": "retry",
-    "retry.initial_backoff": "retry",
-    "retry.max_backoff": "retry",
-    "evidently.initial_rate": "rate",
-    "evidently.max_rate": "rate",
-}
+def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None, *,
+         regular_only: bool = False) -> Config:
+    """Read the TOML file (if any), apply environment overrides and validate; raises ConfigError only.
 
-
-def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the TOML file (if any), apply environment overrides and validate."""
+    ``regular_only``: refuse a FIFO or a device at ``path`` (a reload must not
+    wait for a writer); at start a pipe such as ``--config <(...)`` is read.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read(path)
-    return from_dict(raw, os.environ if environ is None else environ)
-
-
-def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
+        raw = _read(path, regular_only)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return from_dict(raw, os.environ if environ is None else environ)
+    except RecursionError:  # a value nested deep enough to reach the interpreter's limit while checked
+        raise ConfigError(f"config file {path} nests a value too deeply to be checked") from None
+
+
+def _read(path: str | os.PathLike[str], regular_only: bool) -> dict[str, Any]:
+    try:
+        return tomllib.loads(read_bounded(path, MAX_CONFIG_BYTES, regular_only=regular_only).decode())
+    except FileRefused as e:
+        raise ConfigError(f"config file {path} {e}") from None
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -181,6 +177,9 @@ def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): TOML files must be") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"config file {path} nests arrays or inline tables too deeply "
+                          "(more than a few hundred levels)") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
 
@@ -392,34 +391,14 @@ def _octal_mode(text: str) -> int | None:
     return mode if mode <= 0o777 else None
 
 
-def merge_live(old: Config, new: Config) -> Config:
-    """The running configuration after a reload: the live keys from ``new``, every other from ``old``."""
+def merge_live(old: Config, new: Config, keys: Iterable[str]) -> Config:
+    """The running configuration after a reload: ``keys`` (dotted) from ``new``, every other from ``old``."""
     changes: dict[str, dict[str, Any]] = {}
-    for key in LIVE:
+    for key in keys:
         section, name = key.split(".")
         changes.setdefault(section, {})[name] = getattr(getattr(new, section), name)
     return dataclasses.replace(old, **{section: dataclasses.replace(getattr(old, section), **values)
                                        for section, values in changes.items()})
-
-
-def reloaded(config: Config, path: str, stages: dict[str, Callable[[Config], None]], log: Any) -> Config:
-    """The configuration after re-reading ``path``: live keys applied by their stage (config.LIVE),
-    the others reported as needing a restart; ``config`` unchanged when the file is invalid."""
-    try:
-        new = load(path)
-    except ConfigError as e:
-        log.error("reload_failed", error=str(e), path=path)
-        return config
-    changed = changed_keys(config, new)
-    live = [k for k in changed if k in LIVE]
-    restart = [k for k in changed if k not in LIVE]
-    merged = merge_live(config, new)
-    for stage in sorted({LIVE[k] for k in live}):
-        stages[stage](merged)
-    log.info("reloaded", applied=live, needs_restart=restart)
-    if restart:
-        log.warning("config_needs_restart", keys=restart)
-    return merged
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

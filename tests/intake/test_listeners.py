@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from forwarder.config import ConfigError, from_dict
+from forwarder.config import ConfigError, IntakeConfig, from_dict
 from forwarder.intake.listeners import ListenerError, TlsCertificates, bind_unix
 from forwarder.emulator.harness import ForwarderProcess, wait_for
 from tests.tools import require_tool
@@ -279,11 +279,11 @@ async def test_a_bad_certificate_pair_stops_start_up_with_one_line_naming_the_ke
     assert key in await start_error(fwd)
 
 
-def test_a_reload_with_a_bad_pair_keeps_the_pair_in_use(tmp_path):
+async def test_a_reload_with_a_bad_pair_keeps_the_pair_in_use(tmp_path):
     cert, key = make_pair(tmp_path, "a")
     certificates = TlsCertificates(str(cert), str(key))
     before = certificates._current
     cert.write_text("garbage")
     with pytest.raises(ListenerError, match="intake.tls_cert_file"):
-        certificates.reload()
+        await certificates.reconfigure(IntakeConfig())
     assert certificates._current is before
