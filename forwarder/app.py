@@ -205,8 +205,11 @@ class Logging:
 
     LIVE_KEYS = ("log.level",)
 
+    def __init__(self, stream: Any = None) -> None:
+        self._stream = stream  # None: standard output
+
     async def reconfigure(self, log: LogConfig) -> None:
-        configure_logging(log.level, log.format)
+        configure_logging(log.level, log.format, self._stream)
 
 
 def watch_pipeline(metrics: Metrics, buffer: Buffer, batcher: Batcher, sender: Sender, limiter: RateLimiter) -> None:

@@ -29,8 +29,6 @@ Handler = Callable[[bool, web.BaseRequest], Awaitable[web.StreamResponse]]
 CLOSE_TIMEOUT = 5.0  # seconds requests in progress get to finish when the listeners close
 MAX_PEM_BYTES = MiB  # a certificate chain or key file beyond this is refused, never read whole
 
-# bind_unix binds under "<dir>/.<8 random>/s" first: this many bytes longer than the path.
-UNIX_TEMP_OVERHEAD = 12
 
 
 class ListenerError(OSError):
@@ -90,6 +88,9 @@ class UnixSocket:
 
 def bind_unix(path: str, mode: int) -> UnixSocket:
     """A listening Unix socket at ``path`` with permissions ``mode`` from its first instant.
+
+    (The temporary name is config.UNIX_TEMP_OVERHEAD bytes longer than the
+    directory; intake.unix_socket's length is validated with it.)
 
     The socket is bound inside a fresh 0700 directory next to ``path``, given
     its mode there, and renamed into place: no one can connect before the mode
