@@ -82,6 +82,8 @@ class Signals:
             if not task.done():
                 task.cancel()
             await asyncio.gather(task, stop, return_exceptions=True)
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]  # the reload handles its own errors: this is a bug
 
 
 class Deadline:
