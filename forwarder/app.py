@@ -195,6 +195,10 @@ class Forwarder:
             stages.append(self.auth)
         return stages
 
+    def reloaded_files(self) -> list[str]:
+        """The files reload_files() re-reads (certificates, tokens, credentials): what a watcher watches."""
+        return self._reload.files()
+
     def live_keys(self) -> dict[str, str]:
         """Each key a reload applies -> the stage that applies it; every other key needs a restart."""
         return self._reload.table()

@@ -75,17 +75,27 @@ class Reload:
     """The running configuration and the walk that changes it: one entry point for SIGHUP and watchers."""
 
     def __init__(self, config: Config, path: str | None, stages: Callable[[], Iterable[Live]], log: Any,
-                 reads: OffLoop | None = None) -> None:
+                 reads: OffLoop | None = None, load: Callable[[str], Config] | None = None) -> None:
         self.config = config
         self._path = path
         self._stages = stages
         self._log = log
         self._reads = reads or OffLoop(f"config file {path}")
+        # Validated as at start; a reload never waits for a FIFO's writer.
+        self._load = load or (lambda p: config_mod.load(p, regular_only=True))
         self._lock = asyncio.Lock()  # a SIGHUP and a watcher never walk at once
 
     def table(self) -> dict[str, str]:
         """Each live key -> the stage that applies it (what config.example.toml marks "(live)")."""
         return live_table(self._stages())
+
+    def files(self) -> list[str]:
+        """The paths the stages re-read on every reload (their FILE_KEYS' values in force): what to watch."""
+        paths = []
+        for stage in self._stages():
+            section = getattr(self.config, section_of(stage)) if file_keys(stage) else None
+            paths += [getattr(section, key.partition(".")[2]) for key in file_keys(stage)]
+        return [p for p in dict.fromkeys(paths) if p]
 
     async def reload(self) -> Config:
         """Re-read the configuration file and every stage's files; apply the live keys, report the others."""
@@ -111,7 +121,7 @@ class Reload:
             return None
         path = self._path
         try:
-            return await self._reads.run(lambda: config_mod.load(path, regular_only=True))
+            return await self._reads.run(lambda: self._load(path))
         except Exception as e:  # ConfigError, ReadTimeout, or what nobody foresaw: never the daemon's end
             self._log.error("reload_failed", path=path, error=describe(e), kept="the running configuration")
             return None

@@ -308,3 +308,19 @@ async def test_a_stop_during_a_reload_does_not_wait_for_it():
     signals.stop_requested()
     await asyncio.wait_for(waiting, 1.0)
 
+
+
+def test_the_files_a_reload_re_reads_are_those_the_stages_name(tmp_path):
+    from forwarder.intake.listeners import TlsCertificates
+    from tests.tools import make_ca_and_server_pair
+
+    _, cert, key = make_ca_and_server_pair(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t" * 32 + "\n")
+    config = from_dict({"intake": {"tls_cert_file": str(cert), "tls_key_file": str(key), "auth": "token",
+                                   "token_file": str(tokens)},
+                        "dead_letter": {"path": str(tmp_path / "dl.ndjson")}}, {})
+    fwd = Forwarder(config, registry=CollectorRegistry(), process_metrics=False)
+    tls = TlsCertificates(str(cert), str(key))
+    stages = [*fwd.live_stages(), tls]  # the listener's certificates exist once it listens
+    assert Reload(config, None, lambda: stages, Log()).files() == [str(tokens), str(cert), str(key)]
