@@ -76,6 +76,7 @@ class Forwarder:
         self._crash: BaseException | None = None
         self._closed = False
         watch_pipeline(self.metrics, self.buffer, self.flush_loop.batcher, self.sender, self.limiter)
+        self._reload.table()  # a stage declaring a key that does not exist fails here, not at the first SIGHUP
 
     @property
     def config(self) -> Config:

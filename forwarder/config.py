@@ -13,6 +13,7 @@ import os
 import re
 import reprlib
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
@@ -23,7 +24,7 @@ from forwarder.reading import MiB, FileRefused, read_bounded
 ENV_PREFIX = "FORWARDER_"
 MAX_CONFIG_BYTES = MiB  # a configuration file beyond this is refused, never read whole
 GiB, TiB = 1 << 30, 1 << 40
-MAX_RATE = 1_000_000.0  # requests/s: evidently.max_rate's ceiling, far above any quota
+MAX_RATE = 1_000_000  # requests/s: evidently.max_rate's ceiling, far above any quota
 # An AWS region name: us-east-1, eu-central-2, us-gov-west-1, cn-northwest-1.
 REGION_PATTERN = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}", re.ASCII)
 UNIX_PATH_MAX = 107  # bytes of a Unix socket address (sun_path), less its terminating NUL
@@ -167,8 +168,12 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
         raw = _read(path, regular_only)
     try:
         return from_dict(raw, os.environ if environ is None else environ)
+    except ConfigError:
+        raise
     except RecursionError:  # a value nested deep enough to reach the interpreter's limit while checked
         raise ConfigError(f"config file {path} nests a value too deeply to be checked") from None
+    except Exception as e:  # nothing in a configuration may end in a traceback: a bug here is one line too
+        raise ConfigError(f"config file {path} could not be checked: {type(e).__name__}: {_show(str(e))}") from e
 
 
 def _read(path: str | os.PathLike[str], regular_only: bool) -> dict[str, Any]:
@@ -384,6 +389,9 @@ def _validate(c: Config) -> None:
            f"evidently.region must be an AWS region name such as us-east-1 or eu-west-2, got {_show(c.evidently.region)}")
     _check(c.evidently.endpoint_url == "" or c.evidently.endpoint_url.startswith(("http://", "https://")),
            f"evidently.endpoint_url must start with http:// or https://, got {_show(c.evidently.endpoint_url)}")
+    if c.evidently.endpoint_url:
+        problem = _url_problem(c.evidently.endpoint_url)
+        _check(problem is None, f"evidently.endpoint_url {problem}, got {_show(c.evidently.endpoint_url)}")
     if c.evidently.default_project:
         problem = project_error(c.evidently.default_project)
         _check(problem is None, f"evidently.default_project is invalid: {problem}")
@@ -406,6 +414,33 @@ def _validate(c: Config) -> None:
     _range("shutdown.drain_timeout", c.shutdown.drain_timeout, 0, 3600, "seconds")
     _choice("log.level", c.log.level, ("debug", "info", "warning", "error"))
     _choice("log.format", c.log.format, ("json", "console"))
+
+
+# A host name as botocore accepts one for an endpoint: dot-separated labels of letters, digits and hyphens.
+_HOST_NAME = re.compile(r"((?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)\.?", re.ASCII | re.IGNORECASE)
+
+
+def _url_problem(url: str) -> str | None:
+    """Why botocore would refuse ``url`` as an endpoint (it raises at start), or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number from 0 to 65535)
+    except ValueError as e:
+        return f"is not a URL ({e})"
+    host = parts.hostname or ""
+    if not host:
+        return "names no host"
+    if not (is_ip_address(host) or (len(host) <= 255 and _HOST_NAME.fullmatch(host))):
+        return f"names an invalid host {_show(host)}"
+    return None
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _validate_unix_socket(path: str) -> None:

@@ -176,7 +176,7 @@ def test_a_file_the_daemon_may_not_read_is_a_config_error(tmp_path, monkeypatch)
     ({"retry": {"max_elapsed": 1e9}}, "retry.max_elapsed must be between 0.001 and 604800 seconds, got 1000000000.0"),
     ({"evidently": {"request_timeout": 1e6}}, "evidently.request_timeout must be between 0.001 and 3600 seconds"),
     ({"evidently": {"max_rate": 1e12, "initial_rate": 1.0}},
-     "evidently.max_rate must be between 0 and 1000000.0 requests/s, got 1000000000000.0"),
+     "evidently.max_rate must be between 0 and 1000000 requests/s, got 1000000000000.0"),
     ({"evidently": {"region": "../../etc"}}, "evidently.region must be an AWS region name such as us-east-1"),
     ({"evidently": {"region": "US-EAST-1"}}, "evidently.region must be an AWS region name"),
     ({"evidently": {"region": "us-east-1\n"}}, "evidently.region must be an AWS region name"),
@@ -256,3 +256,21 @@ def test_a_fifo_at_the_config_path_is_refused_on_reload_without_waiting_for_a_wr
     os.mkfifo(path)
     with pytest.raises(ConfigError, match="is not a regular file but a FIFO"):
         load(path, {}, regular_only=True)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://[::1", "evidently.endpoint_url is not a URL (Invalid IPv6 URL)"),
+    ("http://a b:1", "evidently.endpoint_url names an invalid host 'a b'"),
+    ("http://", "evidently.endpoint_url names no host"),
+    ("https://x:99999", "evidently.endpoint_url is not a URL (Port out of range 0-65535)"),
+])
+def test_an_endpoint_url_botocore_would_refuse_at_start_is_refused_by_the_configuration(url, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict({"evidently": {"endpoint_url": url}}, {})
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8081", "http://[::1]:8081", "https://evidently.us-east-1.amazonaws.com",
+                                 "http://localhost", "http://emulator.default.svc.cluster.local:8081/"])
+def test_endpoint_urls_of_every_usual_shape_are_accepted(url):
+    assert from_dict({"evidently": {"endpoint_url": url}}, {}).evidently.endpoint_url == url
