@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import structlog
 from aiohttp import web
@@ -30,7 +30,7 @@ from forwarder.intake.http import Intake
 from forwarder.lifecycle import Deadline, Signals
 from forwarder.observability import Metrics, Observer, configure_logging
 from forwarder.intake.probes import serve_metrics
-from forwarder.delivery.rate import RateLimiter
+from forwarder.delivery.rate import SHIPPED_CONTROLLERS, ControllerFactory, RateLimiter
 from forwarder.delivery.sender import Sender
 
 
@@ -47,7 +47,8 @@ class Forwarder:
     def __init__(self, config: Config, config_path: str | None = None, *,
                  transport: Transport | None = None, credentials: tuple[str, str] | None = None,
                  registry: CollectorRegistry | None = None, process_metrics: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 controllers: Mapping[str, ControllerFactory] = SHIPPED_CONTROLLERS) -> None:
         self.config = config
         self._config_path = config_path
         self.log = structlog.get_logger("forwarder")
@@ -57,8 +58,11 @@ class Forwarder:
         self.client = EvidentlyClient(config.evidently, credentials) if transport is None else None
         transport = transport or self.client
         ev = config.evidently
+        if ev.rate_controller not in controllers:  # a configuration validated against other controllers
+            raise StartupError(f"evidently.rate_controller must be one of {', '.join(controllers)}, "
+                               f"got {ev.rate_controller!r}")
         self.limiter = RateLimiter(ev.effective_initial_rate, ev.effective_max_rate,
-                                   ev.rate_controller, clock,
+                                   controllers[ev.rate_controller], clock,
                                    on_change=self.observer.rate_changed)
         self.sender = Sender(transport, self.buffer,
                              DeadLetterWriter(config.dead_letter.path, config.dead_letter.max_bytes),

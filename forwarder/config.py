@@ -12,10 +12,10 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error
-from forwarder.delivery.rate import CONTROLLERS, MIN_RATE
+from forwarder.delivery.rate import MIN_RATE, SHIPPED_CONTROLLERS
 
 ENV_PREFIX = "FORWARDER_"
 
@@ -159,12 +159,13 @@ LIVE: dict[str, str] = {
 }
 
 
-def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
+def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None,
+         controllers: Collection[str] = SHIPPED_CONTROLLERS) -> Config:
     """Read the TOML file (if any), apply environment overrides and validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read(path)
-    return from_dict(raw, os.environ if environ is None else environ)
+    return from_dict(raw, os.environ if environ is None else environ, controllers)
 
 
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -185,8 +186,13 @@ def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
 
 
-def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-    """Validate a {section: {key: value}} mapping with ``FORWARDER_*`` overrides from ``environ``."""
+def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+              controllers: Collection[str] = SHIPPED_CONTROLLERS) -> Config:
+    """Validate a {section: {key: value}} mapping with ``FORWARDER_*`` overrides from ``environ``.
+
+    ``evidently.rate_controller`` must name one of ``controllers``: the shipped
+    ones, unless a benchmark passes its own.
+    """
     known = {f.name: f for f in fields(Config)}
     for name, value in raw.items():
         if name not in known:
@@ -201,6 +207,7 @@ def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
     config = Config(**sections)
     try:
         _validate(config)
+        _choice("evidently.rate_controller", config.evidently.rate_controller, tuple(controllers))
     except ConfigError as e:  # say which variable set the value, when one did
         sources = [var for (s, k), (_, var) in from_env.items() if str(e).startswith(f"{s}.{k} ")]
         if sources:
@@ -357,7 +364,6 @@ def _validate(c: Config) -> None:
     _check(c.evidently.initial_rate <= c.evidently.effective_max_rate,
            f"evidently.initial_rate ({c.evidently.initial_rate}) must not exceed evidently.max_rate "
            f"({c.evidently.effective_max_rate})")
-    _choice("evidently.rate_controller", c.evidently.rate_controller, tuple(CONTROLLERS))  # registered ones included
     _check(c.evidently.request_timeout > 0, f"evidently.request_timeout must be above 0, got {c.evidently.request_timeout}")
     _check(c.retry.max_elapsed > 0, f"retry.max_elapsed must be above 0, got {c.retry.max_elapsed}")
     _check(c.retry.initial_backoff > 0, f"retry.initial_backoff must be above 0, got {c.retry.initial_backoff}")
