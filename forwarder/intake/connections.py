@@ -35,6 +35,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from forwarder.observability import Observer
 from forwarder.evidently.protocol import error_response, request_id
+from forwarder.tasks import supervise
 
 # Files the daemon needs beside the intake's connections: interpreter, buffer
 # database (3 files), dead-letter file, event loop, metrics port, logs.
@@ -398,15 +399,13 @@ class _Sweeper:
     def __init__(self, pool: Connections, clock: Callable[[], float]) -> None:
         self.pool = pool
         self._clock = clock
-        self._task = pool.loop.create_task(self._sweep_forever())
-        self._task.add_done_callback(self._done)
+        self._task = supervise(pool.loop.create_task(self._sweep_forever()), self._crashed)
 
     @property
     def alive(self) -> bool:
         return not self._task.done()
 
     async def stop(self) -> None:
-        self._task.remove_done_callback(self._done)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 
@@ -417,10 +416,8 @@ class _Sweeper:
             await asyncio.sleep(interval)
             self.pool.sweep(self._clock())
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.pool.observer.log.error("intake_sweep_crashed", error=repr(task.exception()),
-                                         exc_info=task.exception())
+    def _crashed(self, exc: BaseException) -> None:
+        self.pool.observer.log.error("intake_sweep_crashed", error=repr(exc), exc_info=exc)
 
 
 class _Acceptor:
@@ -476,8 +473,7 @@ class _Acceptor:
             conn.setblocking(False)
             protocol = IntakeProtocol(self.server, pool)
             pool.add(protocol)
-            protocol.accept_task = task = pool.loop.create_task(self._connect(conn, protocol))
-            task.add_done_callback(self._connected)
+            protocol.accept_task = supervise(pool.loop.create_task(self._connect(conn, protocol)), self._crashed)
 
     def _accept_failed(self, e: OSError) -> None:
         pool = self.pool
@@ -521,7 +517,5 @@ class _Acceptor:
         finally:
             protocol.accept_task = None
 
-    def _connected(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.pool.observer.limited("error", "intake_accept_crashed", error=repr(task.exception()),
-                                       exc_info=task.exception())
+    def _crashed(self, exc: BaseException) -> None:
+        self.pool.observer.limited("error", "intake_accept_crashed", error=repr(exc), exc_info=exc)
