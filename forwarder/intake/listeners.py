@@ -12,7 +12,6 @@ import socket
 import ssl
 import stat
 import tempfile
-import asyncio
 import functools
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -217,7 +216,6 @@ class Listeners:
         ``check_host`` is true on loopback TCP listeners, where Host must name this machine.
         """
         c = self._config
-        self._loop = asyncio.get_running_loop()
         limits = Limits(self._connection_limit(), c.idle_timeout, c.header_timeout, c.body_timeout,
                         c.max_header_bytes)
         self.connections = connections = Connections(limits, self._observer)
@@ -249,12 +247,8 @@ class Listeners:
         # adds a router, a middleware chain and a web.Request with match info to
         # every request, a visible share of a single-event request's CPU
         # (docs/intake.md). Six fixed routes need none of that.
-        return web.Server(functools.partial(handler, check_host), request_factory=self._make_request)
-
-    def _make_request(self, message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
-        self.connections.touch(protocol)  # type: ignore[union-attr]
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
-                               client_max_size=self._config.max_body_bytes)
+        assert self.connections is not None
+        return self.connections.server(functools.partial(handler, check_host), self._config.max_body_bytes)
 
     def _connection_limit(self) -> int:
         configured = self._config.max_connections
