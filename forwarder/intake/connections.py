@@ -119,7 +119,7 @@ class Connections:
         return self._sweeper is None or self._sweeper.alive
 
     def server(self, handler: Handler, client_max_size: int) -> web.Server:
-        """The HTTP server for one kind of listener; a request starting moves its connection to the end of the idle order."""
+        """The HTTP server for one kind of listener; a request starting makes its connection the most recent."""
         return make_server(handler, self, client_max_size)
 
     def listen(self, sock: socket.socket, server: web.Server, tls: ssl.SSLContext | None) -> None:
@@ -171,7 +171,7 @@ class Connections:
         self.observer.limited("error", "intake_internal_error", message=message, exc_info=exc)
 
     def head_too_large(self, protocol: IntakeProtocol, size: int, answerable: bool) -> None:
-        """``protocol`` received a request head over intake.max_header_bytes: a 431 if it can still answer, and close."""
+        """``protocol`` got a request head over intake.max_header_bytes: a 431 if it can still answer, then close."""
         limit = self.limits.max_header_bytes
         answer = None
         if answerable:
