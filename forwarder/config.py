@@ -378,8 +378,8 @@ def _validate(c: Config) -> None:
 
 def _validate_datagram(c: IntakeConfig) -> None:
     # The socket is bound as <path>.new and renamed into place (its mode set first).
-    _check(len(os.fsencode(c.datagram_socket)) <= 103,
-           f"intake.datagram_socket must be at most 103 bytes long, got {len(os.fsencode(c.datagram_socket))}")
+    _check(len(os.fsencode(c.datagram_socket)) < 108,
+           f"intake.datagram_socket must be shorter than 108 bytes, got {len(os.fsencode(c.datagram_socket))}")
     _check(_octal_mode(c.datagram_socket_mode) is not None,
            f"intake.datagram_socket_mode must be octal permission bits like \"0660\", got {c.datagram_socket_mode!r}")
     _range("intake.datagram_port", c.datagram_port, 0, 65535)

@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry
 from forwarder.buffer.memory import MemoryBuffer
 from forwarder.config import BufferConfig, ConfigError, IntakeConfig, from_dict
 from forwarder.intake.datagram.stage import DatagramIntake
-from forwarder.intake.datagram.sockets import SocketError, udp_drops
+from forwarder.intake.datagram.sockets import udp_drops
+from forwarder.intake.unix_socket import UnixSocketError
 from forwarder.buffer.disk.buffer import DiskBuffer
 from forwarder.observability import Metrics, Observer
 from forwarder.emulator.harness import free_port, wait_for
@@ -305,7 +306,7 @@ async def test_a_socket_another_process_receives_on_is_not_taken_over(stages, so
     live = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     live.bind(str(sock_dir / "s"))
     try:
-        with pytest.raises(SocketError, match="intake.datagram_socket: another process receives on"):
+        with pytest.raises(UnixSocketError, match="intake.datagram_socket: .* is in use by another process"):
             await start(stages, IntakeConfig(datagram_socket=str(sock_dir / "s")))
         live.setblocking(False)
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"still mine", str(sock_dir / "s"))
@@ -316,7 +317,7 @@ async def test_a_socket_another_process_receives_on_is_not_taken_over(stages, so
 
 async def test_a_path_that_is_not_a_socket_is_refused(stages, sock_dir):
     (sock_dir / "s").write_text("not a socket")
-    with pytest.raises(SocketError, match="exists and is not a socket"):
+    with pytest.raises(UnixSocketError, match="exists and is not a socket"):
         await start(stages, IntakeConfig(datagram_socket=str(sock_dir / "s")))
     assert (sock_dir / "s").read_text() == "not a socket"
 
@@ -402,7 +403,7 @@ async def test_a_bug_in_decoding_or_appending_crashes_the_appender_task_and_is_r
     ({"datagram_port": 8125, "datagram_host": "10.0.0.7"}, "intake.datagram_host must be a loopback address"),
     ({"datagram_port": 8125, "datagram_host": "localhost"}, "intake.datagram_host must be a loopback address"),
     ({"datagram_port": 70000}, "intake.datagram_port must be between 0 and 65535"),
-    ({"datagram_socket": "/run/" + "x" * 100}, "intake.datagram_socket must be at most 103 bytes long"),
+    ({"datagram_socket": "/run/" + "x" * 103}, "intake.datagram_socket must be shorter than 108 bytes"),
     ({"datagram_socket_mode": "rw-rw----"}, "intake.datagram_socket_mode must be octal permission bits"),
     ({"datagram_max_bytes": 100}, "intake.datagram_max_bytes must be between 1024 and 1048576"),
 ])
