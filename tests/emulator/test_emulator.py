@@ -16,9 +16,6 @@ import boto3
 import botocore.config
 import orjson
 import pytest
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 
@@ -28,6 +25,7 @@ from forwarder.emulator import Emulator, FaultConfig
 from forwarder.emulator.cli import add_cli_arguments, credentials_from_args, faults_from_args
 from forwarder.emulator.decisions import MAX_BODY_BYTES
 from forwarder.emulator.harness import ForwarderProcess, delivered
+from tests import support
 
 ARN = "arn:aws:evidently:us-east-1:123456789012:project/shop"
 SIGNED = {
@@ -356,10 +354,9 @@ async def test_the_raw_signed_request_records_the_access_key_from_the_credential
 
 def signed_headers(url: str, body: bytes, key: str = "AKIDGOOD", secret: str = "good-secret",
                    region: str = "us-east-1") -> dict[str, str]:
-    """The headers botocore's SigV4 signer gives a POST of ``body`` to ``url``."""
-    request = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": "application/json"})
-    SigV4Auth(Credentials(key, secret), "evidently", region).add_auth(request)
-    return dict(request.headers.items())
+    """The headers botocore's SigV4 signer gives a POST of ``body`` to ``url`` (aiohttp adds Host and the length)."""
+    _, headers = support.sign(url, body, key, secret, region)
+    return {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")}
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import boto3
+import orjson
 import botocore.config
 import botocore.exceptions
 import pytest
@@ -247,3 +248,49 @@ async def test_a_missing_signature_gets_missing_authentication_token(sigv4_forwa
         assert r.headers["x-amzn-ErrorType"] == "MissingAuthenticationTokenException"
         assert "Missing Authentication Token" in (await r.json())["message"]
     assert sigv4_forwarder.buffer.depth == 0
+
+
+# --- one Authorization header ---------------------------------------------------
+
+@pytest.mark.parametrize("first, second", [
+    (f"Bearer {TOKEN_A}", "Bearer wrong-token-wrong-token"),
+    ("Bearer wrong-token-wrong-token", f"Bearer {TOKEN_A}"),
+    (f"Bearer {TOKEN_A}", f"Bearer {TOKEN_A}"),
+])
+def test_two_authorization_headers_are_refused_even_when_one_is_a_valid_token(tmp_path: Path, first: str,
+                                                                               second: str) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    obs = observer()
+    check = TokenAuthenticator(write(tmp_path / "tokens", f"{TOKEN_A}\n"), obs)
+    assert check(make_mocked_request("POST", "/events", headers=[("Authorization", f"Bearer {TOKEN_A}")]), b"") is None
+    answer = check(make_mocked_request("POST", "/events", headers=[("Authorization", first),
+                                                                   ("Authorization", second)]), b"")
+    assert answer is not None and answer.status == 400
+    assert answer.headers["x-amzn-ErrorType"] == "BadRequestException"
+    assert "more than one Authorization header" in json.loads(answer.body)["message"]
+    assert refusals(obs, "duplicate_header") == 1
+
+
+@pytest.mark.parametrize("valid_first", [True, False])
+def test_two_authorization_headers_are_refused_even_when_one_is_a_valid_signature(tmp_path: Path,
+                                                                                   valid_first: bool) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from forwarder.intake.auth import SigV4Authenticator
+    from tests import support
+
+    obs = observer()
+    check = SigV4Authenticator(write(tmp_path / "credentials", credentials_text(("AKIDAPP", "app-secret"))),
+                               REGION, obs)
+    body = orjson.dumps({"events": [EVENT]})
+    target, headers = support.sign("http://localhost/events/projects/shop", body, "AKIDAPP", "app-secret", REGION)
+    assert check(make_mocked_request("POST", target, headers=headers), body) is None  # alone, it verifies
+    forged = headers["Authorization"].replace("AKIDAPP", "AKIDOTHER")
+    pairs = [(k, v) for k, v in headers.items() if k.lower() != "authorization"]
+    both = [("Authorization", headers["Authorization"]), ("Authorization", forged)]
+    answer = check(make_mocked_request("POST", target, headers=pairs + (both if valid_first else both[::-1])), body)
+    assert answer is not None and answer.status == 403
+    assert answer.headers["x-amzn-ErrorType"] == "IncompleteSignatureException"
+    assert "more than one Authorization header" in json.loads(answer.body)["message"]
+    assert refusals(obs, "duplicate_header") == 1
