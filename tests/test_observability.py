@@ -10,7 +10,7 @@ from forwarder.app import Forwarder
 from forwarder.observability import MAX_PROJECT_LABELS, Metrics, RateLimitedLog, configure_logging
 from tests.fakes import FakeClock
 from forwarder.emulator.harness import free_port
-from tests.intake.test_http import make_config
+from tests.support import make_config
 
 
 class Recorder:
@@ -64,5 +64,22 @@ async def test_metrics_can_be_served_on_their_own_port(tmp_path, emulator, sessi
         async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
             assert r.status == 200
             assert b"forwarder_queue_depth" in await r.read()
+    finally:
+        await fwd.shutdown()
+
+
+async def test_a_loopback_metrics_listener_answers_only_a_host_naming_this_machine(tmp_path, emulator, session):
+    port = free_port()
+    fwd = Forwarder(make_config(tmp_path, emulator.url, metrics={"port": port}), credentials=("k", "s"),
+                    registry=CollectorRegistry(), process_metrics=False)
+    await fwd.start()
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        async with session.get(url, headers={"Host": "rebound.attacker.example"}) as r:
+            assert r.status == 403 and r.headers["x-amzn-ErrorType"] == "AccessDeniedException"
+            assert "does not name this machine" in (await r.json())["message"]
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+            async with session.get(url, headers={"Host": host}) as r:
+                assert r.status == 200, host
     finally:
         await fwd.shutdown()
