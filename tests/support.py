@@ -19,7 +19,6 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry
 
 from forwarder.config import Config, from_dict
 from forwarder.observability import Metrics, Observer
@@ -78,8 +77,7 @@ def process_sections(endpoint: str, **extra: dict) -> dict:
 
 def observer(log: Any = None) -> Observer:
     """An observer with its own metrics registry (no process collectors), logging to ``log`` if given."""
-    metrics = Metrics(CollectorRegistry(), process_collectors=False)
-    return Observer(metrics) if log is None else Observer(metrics, log)
+    return Observer(Metrics(process_collectors=False), log)
 
 
 # --- clients and answers --------------------------------------------------------------------------
@@ -117,3 +115,16 @@ def sign(url: str, body: bytes, key: str, secret: str, region: str, service: str
     received["Host"] = urlsplit(url).netloc
     parts = urlsplit(prepared.url)
     return parts.path + (f"?{parts.query}" if parts.query else ""), received
+
+
+# --- forwarder processes --------------------------------------------------------------------------
+
+async def post_numbered(session: Any, fwd: Any, start: int, n: int, project: str = "p") -> None:
+    """Post ``numbered(start, n)`` to a ``ForwarderProcess`` and require all of them accepted."""
+    status, body = await fwd.post(session, project, numbered(start, n))
+    assert status == 200 and body["failedEventCount"] == 0, body
+
+
+async def queue_empty(session: Any, fwd: Any) -> bool:
+    """Whether a ``ForwarderProcess`` reports nothing left to deliver."""
+    return await fwd.metric(session, "forwarder_queue_depth") == 0

@@ -1,16 +1,15 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from forwarder.buffer.contract import BufferFull, Lease, Receipt
 from forwarder.buffer.memory import MemoryBuffer
 from forwarder.config import BufferConfig
-from forwarder.observability import Metrics, Observer
+from tests import support
 
 
 def make(**config):
-    observer = Observer(Metrics(CollectorRegistry(), process_collectors=False))
+    observer = support.observer()
     return MemoryBuffer(BufferConfig(**config), observer), observer.metrics.registry
 
 

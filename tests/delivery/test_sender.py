@@ -8,18 +8,17 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
 from forwarder.delivery.batcher import Batch
 from forwarder.buffer.contract import Lease, Receipt
 from forwarder.clock import Clock
 from forwarder.config import RetryConfig
-from forwarder.observability import Metrics, Observer
 from forwarder.delivery.rate import RateLimiter
 from forwarder.delivery.retry import CallResult, RetryReason, no_answer
 from forwarder.delivery.admission import MAX_PROBE_INTERVAL, OUTAGE_AFTER
 from forwarder.delivery.sender import Sender
 from tests.fakes import VirtualTime
+from tests import support
 
 FAST = RetryConfig(max_elapsed=0.5, initial_backoff=0.001, max_backoff=0.01)
 OK = CallResult(200)
@@ -83,11 +82,6 @@ class Scripted:
         return result
 
 
-def events(n, tag="e"):
-    return [orjson.dumps({"data": orjson.dumps({"id": f"{tag}{i}"}).decode(), "timestamp": 1, "type": "t"})
-            for i in range(n)]
-
-
 class Rig:
     """A sender on virtual time with its buffer, dead-letter file and metrics."""
 
@@ -97,7 +91,7 @@ class Rig:
         self.transport = transport or Scripted(answer, vt.time)
         self.ledger = Ledger(vt.wall)
         self.dead = DeadLetters(dead_failures)
-        observer = Observer(Metrics(CollectorRegistry(), process_collectors=False))
+        observer = support.observer()
         self.registry = observer.metrics.registry
         self.limiter = RateLimiter(rate, rate, clock=vt.time)
         self.sender = Sender(self.transport, self.ledger, self.dead, self.limiter, observer, retry, concurrency,
@@ -119,7 +113,7 @@ class Rig:
 
 
 async def test_partial_failure_resends_only_throttled_events_and_dead_letters_invalid_ones(virtual_time):
-    evs = events(5)
+    evs = support.events(5)
 
     def answer(n, project, sent):
         if n == 0:
@@ -142,7 +136,7 @@ async def test_partial_failure_resends_only_throttled_events_and_dead_letters_in
 
 
 async def test_one_refused_event_in_a_batch_that_fails_as_a_whole_is_isolated_by_bisection(virtual_time):
-    evs = events(50)
+    evs = support.events(50)
     poison = evs[37]
 
     def answer(n, project, sent):
@@ -162,7 +156,7 @@ async def test_throttling_slows_the_send_rate_down(virtual_time):
         return CallResult(429, "ThrottlingException", "Rate exceeded") if n < 3 else OK
 
     rig = Rig(virtual_time, answer, rate=50.0)
-    await rig.run([rig.ledger.batch("p", events(1))])
+    await rig.run([rig.ledger.batch("p", support.events(1))])
     assert rig.limiter.rate < 50.0
     assert rig.metric("forwarder_throttled_total") == 3.0
     assert rig.metric("forwarder_retries_total", {"reason": "throttled"}) == 3.0
@@ -174,7 +168,7 @@ async def test_a_project_answering_404_opens_its_circuit_without_stalling_anothe
 
     rig = Rig(virtual_time, answer, retry=RetryConfig(max_elapsed=30.0, initial_backoff=0.1, max_backoff=20.0),
               concurrency=2)
-    a, b = events(10, "a"), events(200, "b")
+    a, b = support.events(10, "a"), support.events(200, "b")
     batches = [rig.ledger.batch("A", a)] + [rig.ledger.batch("B", b[i:i + 50]) for i in range(0, 200, 50)]
     await rig.run(batches)
     first_refusal = min(t for p, _, t in rig.transport.calls if p == "A")
@@ -191,7 +185,7 @@ async def test_a_project_answering_404_opens_its_circuit_without_stalling_anothe
 async def test_a_circuit_is_closed_once_its_project_has_nothing_left_to_send(virtual_time):
     rig = Rig(virtual_time, lambda n, p, s: CallResult(403, "AccessDeniedException", "denied"),
               retry=RetryConfig(max_elapsed=5.0, initial_backoff=0.1, max_backoff=2.0))
-    await rig.run([rig.ledger.batch("A", events(3))])
+    await rig.run([rig.ledger.batch("A", support.events(3))])
     assert len(rig.dead.entries) == 3
     assert rig.metric("forwarder_circuit_open", {"project": "A"}) == 0  # the alert must not fire forever
 
@@ -200,7 +194,7 @@ async def test_events_that_keep_failing_are_dead_lettered_at_max_elapsed_with_th
     rig = Rig(virtual_time, lambda n, p, s: CallResult(500, "InternalServerException", "boom"),
               retry=RetryConfig(20.0, 0.01, 5.0))
     started = virtual_time.time()
-    await rig.run([rig.ledger.batch("p", events(3))])
+    await rig.run([rig.ledger.batch("p", support.events(3))])
     assert virtual_time.time() - started >= 20.0
     assert [e["errorCode"] for e in rig.dead.entries] == ["InternalServerException"] * 3
     assert rig.dead.entries[0]["attempts"] >= 2
@@ -218,8 +212,8 @@ async def test_close_returns_batches_that_could_not_be_delivered(virtual_time):
 
     rig = Rig(virtual_time, None, concurrency=1, transport=Stuck())
     await rig.sender.start(rig.crashes.append)
-    await rig.sender.send(rig.ledger.batch("p", events(2)))
-    await rig.sender.send(rig.ledger.batch("q", events(3)))
+    await rig.sender.send(rig.ledger.batch("p", support.events(2)))
+    await rig.sender.send(rig.ledger.batch("q", support.events(3)))
     assert not await rig.sender.drain(0.05)
     left = await rig.sender.close()
     assert sorted(len(b.events) for b in left) == [2, 3]
@@ -235,7 +229,7 @@ async def test_a_worker_that_crashes_on_a_bookkeeping_bug_is_reported(virtual_ti
 
     rig.ledger.ack = broken_ack
     await rig.sender.start(rig.crashes.append)
-    await rig.sender.send(rig.ledger.batch("p", events(1)))
+    await rig.sender.send(rig.ledger.batch("p", support.events(1)))
     while rig.sender.alive:
         await asyncio.sleep(0.01)
     assert rig.crashes == [bug]
@@ -248,7 +242,7 @@ async def test_a_worker_that_crashes_on_a_bookkeeping_bug_is_reported(virtual_ti
 ])
 async def test_an_answer_that_confirms_nothing_is_retried_as_a_possible_duplicate(virtual_time, answer):
     rig = Rig(virtual_time, lambda n, p, s: answer if n == 0 else OK)
-    evs = events(10)
+    evs = support.events(10)
     await rig.run([rig.ledger.batch("p", evs)])
     assert [len(sent) for _, sent, _ in rig.transport.calls] == [10, 10]
     assert rig.ledger.acked == Counter(evs)
@@ -258,7 +252,7 @@ async def test_an_answer_that_confirms_nothing_is_retried_as_a_possible_duplicat
 
 
 async def test_a_failed_dead_letter_write_neither_resends_delivered_events_nor_loses_the_refused_one(virtual_time):
-    evs = events(4)
+    evs = support.events(4)
 
     def answer(n, project, sent):
         return CallResult(200, failed=((2, "ValidationException", "bad"),)) if n == 0 else OK
@@ -282,7 +276,7 @@ async def test_an_outage_sends_one_probe_at_a_time_and_teaches_the_rate_limiter_
     rig = Rig(vt, answer, retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.1, max_backoff=20.0),
               concurrency=4, rate=200.0)
     rate_before = rig.limiter.rate
-    batches = [rig.ledger.batch("p", events(50, f"b{i}-")) for i in range(40)]
+    batches = [rig.ledger.batch("p", support.events(50, f"b{i}-")) for i in range(40)]
     await rig.run(batches)
     down_calls = [t for _, _, t in rig.transport.calls if t < up_at]
     # Once the outage is recognized, calls are probes spaced by the probe backoff (capped at 1 s).
@@ -301,7 +295,7 @@ async def test_the_end_of_an_outage_resumes_backed_off_retries_at_once(virtual_t
     up_at = 30.0
     rig = Rig(vt, lambda n, p, s: OK if vt.time() >= up_at else DOWN,
               retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.5, max_backoff=60.0), rate=1000.0)
-    batches = [rig.ledger.batch("p", events(5, f"b{i}-")) for i in range(20)]
+    batches = [rig.ledger.batch("p", support.events(5, f"b{i}-")) for i in range(20)]
     await rig.run(batches)
     # Every batch went out right after the probe that found the service back,
     # not at the end of its own (up to 60 s) backoff.
@@ -338,7 +332,7 @@ def test_every_event_ends_exactly_once_delivered_or_dead_lettered(script, sizes,
         vt = VirtualTime(asyncio.get_running_loop())
         try:
             rig = Rig(vt, answer, retry=RetryConfig(20.0, 0.01, 1.0), dead_failures=dead_failures, seed=seed)
-            batches = [rig.ledger.batch(f"p{i % 2}", events(n, f"b{i}-")) for i, n in enumerate(sizes)]
+            batches = [rig.ledger.batch(f"p{i % 2}", support.events(n, f"b{i}-")) for i, n in enumerate(sizes)]
             await rig.run(batches)
         finally:
             vt.restore()

@@ -18,8 +18,7 @@ from forwarder.app import Forwarder
 from forwarder.intake.aiohttp_fence import IntakeProtocol, Phase, http_error
 from forwarder.intake.connections import ACCEPT_BATCH, FIXED_FILES, Limits, connection_limit, overdue
 from forwarder.emulator.harness import wait_for
-from tests.intake.test_http import make_config
-from tests.intake.test_intake_inputs import head_and_body
+from tests.support import head_and_body, make_config
 
 LIMITS = Limits(max_connections=4, idle_timeout=60.0, header_timeout=5.0, body_timeout=7.0, max_header_bytes=4096)
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"

@@ -15,9 +15,10 @@ from forwarder.config import BufferConfig
 from forwarder.buffer.disk.buffer import DB_NAME, BufferDisplaced, DiskBuffer, Progress
 from forwarder.buffer.disk.space import ROW_OVERHEAD, fitting, insert_cost
 from forwarder.buffer.disk.store import Append, Store, _ranges, connect
-from forwarder.observability import Metrics, Observer
+from forwarder.observability import Observer
 from tests.fakes import FakeClock
 from forwarder.emulator.harness import wait_for
+from tests import support
 
 
 def events(prefix: str, n: int, size: int = 20) -> list[bytes]:
@@ -46,7 +47,7 @@ class Buffers:
 
     async def open(self, path: Path | None = None, connect_to=connect, clock=time.monotonic,
                    on_crash=None, **config) -> tuple[DiskBuffer, Observer, int]:
-        observer = Observer(Metrics(process_collectors=False))
+        observer = support.observer()
         buf = DiskBuffer(BufferConfig(type="disk", path=str(path or self.path), **config), observer, connect_to, clock)
         recovered = await buf.open(on_crash)
         self.open_buffers.append(buf)
@@ -395,7 +396,7 @@ def write_garbage(path: Path) -> None:
 
 
 async def truncate_a_real_buffer(path: Path) -> None:
-    buf = DiskBuffer(BufferConfig(type="disk", path=str(path)), Observer(Metrics(process_collectors=False)))
+    buf = DiskBuffer(BufferConfig(type="disk", path=str(path)), support.observer())
     await buf.open()
     for i in range(10):
         await buf.append("p1", events(f"r{i}", 300, size=200), 100.0)
@@ -454,7 +455,7 @@ async def test_a_second_forwarder_cannot_open_a_buffer_in_use_whatever_files_wer
         if leftover.name != DB_NAME:
             leftover.unlink()
     second = DiskBuffer(BufferConfig(type="disk", path=str(buffers.path)),
-                        Observer(Metrics(process_collectors=False)))
+                        support.observer())
     with pytest.raises(OSError, match="in use by another forwarder"):
         await second.open()
     await second.close()
@@ -548,7 +549,7 @@ async def test_close_is_idempotent_and_later_appends_fail(buffers):
 
 async def test_close_without_open_does_nothing(tmp_path):
     buf = DiskBuffer(BufferConfig(type="disk", path=str(tmp_path / "never")),
-                     Observer(Metrics(process_collectors=False)))
+                     support.observer())
     await buf.close()
     assert not (tmp_path / "never").exists()
 

@@ -26,8 +26,8 @@ import pytest
 
 from forwarder.config import BufferConfig
 from forwarder.buffer.disk.buffer import DB_NAME, DiskBuffer
-from forwarder.observability import Metrics, Observer
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
+from tests import support
 
 pytestmark = pytest.mark.e2e
 
@@ -51,10 +51,6 @@ async def start(procs, session, tmp_path: Path, sections: dict) -> ForwarderProc
     fwd = procs(ForwarderProcess(tmp_path, copy.deepcopy(sections)))
     await fwd.ready(session)
     return fwd
-
-
-def numbered(start: int, n: int) -> list[dict]:
-    return [{"data": {"i": i}} for i in range(start, start + n)]
 
 
 async def post_all(fwd: ForwarderProcess, session, total: int, per_request: int = 50) -> set[int]:
@@ -206,7 +202,7 @@ async def test_sigterm_in_memory_mode_drains_every_acknowledged_event_within_dra
 
 
 async def make_truncated_buffer(path: Path) -> None:
-    buf = DiskBuffer(BufferConfig(type="disk", path=str(path)), Observer(Metrics(process_collectors=False)))
+    buf = DiskBuffer(BufferConfig(type="disk", path=str(path)), support.observer())
     await buf.open()
     for i in range(10):
         await buf.append("p1", [b'{"data":"{}","timestamp":1,"type":"x"}'] * 500, time.time())

@@ -95,6 +95,7 @@ async def test_a_second_forwarder_on_the_same_socket_fails_to_start_and_leaves_t
         await first.shutdown()
 
 
+@pytest.mark.e2e
 async def test_a_real_forwarder_process_delivers_datagram_events_and_removes_its_socket_on_exit(
         tmp_path, procs, session, sock_dir):
     emulator = procs(EmulatorProcess(tmp_path))

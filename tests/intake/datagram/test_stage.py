@@ -13,7 +13,6 @@ from typing import AsyncIterator, Iterator
 
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 
 from forwarder.buffer.memory import MemoryBuffer
 from forwarder.config import BufferConfig, ConfigError, IntakeConfig, from_dict
@@ -21,8 +20,9 @@ from forwarder.intake.datagram.stage import DatagramIntake
 from forwarder.intake.datagram.sockets import udp_drops
 from forwarder.intake.unix_socket import UnixSocketError
 from forwarder.buffer.disk.buffer import DiskBuffer
-from forwarder.observability import Metrics, Observer
+from forwarder.observability import Observer
 from forwarder.emulator.harness import free_port, wait_for
+from tests import support
 
 REASONS = ("not_json", "truncated", "oversized", "invalid_event", "missing_project", "invalid_project")
 
@@ -50,7 +50,7 @@ class Stage:
 
     def __init__(self, intake: IntakeConfig, buffer: BufferConfig | None = None, default_project: str = "",
                  make_buffer=MemoryBuffer, **kwargs) -> None:
-        self.observer = Observer(Metrics(CollectorRegistry(), process_collectors=False))
+        self.observer = support.observer()
         self.buffer = make_buffer(buffer or BufferConfig(), self.observer)
         self.crashes: list[BaseException] = []
         self.intake = DatagramIntake(intake, default_project, self.buffer, self.observer, **kwargs)
