@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import msgspec
 import orjson
@@ -217,17 +217,21 @@ def request_events(body: object) -> list:
     return events
 
 
-def ndjson_events(body: bytes) -> list:
-    """One event per non-blank line; a malformed line stays in place as an error marker."""
-    out: list = []
-    for line in body.splitlines():
+def ndjson_lines(body: bytes) -> Iterator[tuple[int, bytes, Any]]:
+    """(line number, line, parsed value or the orjson.JSONDecodeError) for each non-blank line of NDJSON."""
+    for number, line in enumerate(body.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            out.append(orjson.loads(line))
+            yield number, line, orjson.loads(line)
         except orjson.JSONDecodeError as e:
-            out.append(_BadLine(str(e)))
-    return out
+            yield number, line, e
+
+
+def ndjson_events(body: bytes) -> list:
+    """One event per non-blank line; a malformed line stays in place as an error marker."""
+    return [_BadLine(str(value)) if isinstance(value, orjson.JSONDecodeError) else value
+            for _, _, value in ndjson_lines(body)]
 
 
 class _BadLine:
