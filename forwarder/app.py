@@ -121,9 +121,6 @@ class Forwarder:
                       send_rate=round(self.limiter.rate, 2), max_rate=self.limiter.max_rate)
         systemd.notify("READY=1\nSTATUS=accepting events")
 
-    def request_stop(self) -> None:
-        self._signals.stop_requested()
-
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (or a crashed task), then shut down; returns the exit code."""
         self._signals.install()

@@ -17,7 +17,7 @@ import pytest
 
 from forwarder.config import to_toml
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, wait_for
-from tests.support import numbered, post_numbered, process_sections, queue_empty
+from tests.support import post_numbered, process_sections, queue_empty
 from tests.upstream import Reply, Upstream
 
 pytestmark = pytest.mark.e2e

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
-from pathlib import Path
 
-import boto3
-import botocore.config
 import botocore.exceptions
 import pytest
 from prometheus_client import CollectorRegistry
 
 from forwarder.app import Forwarder
-from forwarder.config import from_dict
 from forwarder.emulator.harness import ForwarderProcess, delivered, wait_for
 from tests.support import JSON, boto_client, make_config
 from tests.tools import require_tool
@@ -227,6 +224,6 @@ async def test_the_daemon_run_freezes_its_start_up_objects_out_of_the_cyclic_gc(
         await wait_for(frozen, 10.0, "run() to freeze the start-up objects")
         assert fwd.intake.port  # frozen after start-up, not before
     finally:
-        fwd.request_stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # what a service manager sends: run() handles it (installed first)
         assert await run == 0
         gc.unfreeze()
