@@ -20,6 +20,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
+from forwarder.buffer.contract import Chunk, Receipt
 from forwarder.config import Config, from_dict
 from forwarder.observability import Metrics, Observer
 
@@ -43,6 +44,12 @@ def event_dicts(n: int, start: int = 0, **data: Any) -> list[dict]:
 def numbered(start: int, n: int) -> list[dict]:
     """Events as the shortest client sends them (data an object, no timestamp or type), ``i`` from ``start``."""
     return [{"data": {"i": i}} for i in range(start, start + n)]
+
+
+def receipt(chunk: Chunk, start: int = 0, stop: int | None = None) -> Receipt:
+    """The receipt of ``chunk``'s events ``start:stop``, as a batch holding them would carry it."""
+    stop = len(chunk.events) if stop is None else stop
+    return Receipt([(chunk.lease, chunk.first + start, chunk.first + stop)])
 
 
 # --- configuration and observers ------------------------------------------------------------------

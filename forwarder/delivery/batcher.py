@@ -138,10 +138,6 @@ class Batcher:
     def oldest(self) -> float | None:
         return min((o.received_at for o in self._open.values()), default=None)
 
-    @property
-    def open_events(self) -> int:
-        return sum(len(o.events) for o in self._open.values())
-
 
 class Sink(Protocol):
     async def send(self, batch: Batch) -> None: ...

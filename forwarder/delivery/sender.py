@@ -92,10 +92,6 @@ class Sender:
 
     # state read by metrics and readiness
 
-    @property
-    def limiter(self) -> RateLimiter:
-        return self.admission.limiter
-
     def oldest(self) -> float | None:
         times = [b.received_at for b in self._taken.values()]
         scheduled = self._schedule.oldest()

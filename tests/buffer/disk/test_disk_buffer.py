@@ -173,7 +173,7 @@ async def test_ack_lowers_depth_at_once_and_deletes_exactly_the_acked_rows(buffe
     await buf.append("p1", events("a", 5, size=10), 100.0)
     [chunk] = await buf.read(0)
     acked = [0, 2, 4]  # not consecutive: the rows between must stay
-    await buf.ack(chunk.receipt().subset(acked))
+    await buf.ack(support.receipt(chunk).subset(acked))
     assert (buf.depth, buf.nbytes) == (2, 20)
     await buf.close()
     assert [body for _, _, body in rows_on_disk(buffers.path)] == [chunk.events[1], chunk.events[3]]
@@ -183,7 +183,7 @@ async def test_acks_are_deleted_without_waiting_for_close(buffers):
     buf, _, _ = await buffers.open()
     await buf.append("p1", events("a", 4), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt())
+    await buf.ack(support.receipt(chunk))
 
     async def deleted() -> bool:
         return rows_on_disk(buffers.path) == []
@@ -219,7 +219,7 @@ async def test_a_failed_commit_fails_its_appends_but_keeps_its_acks(buffers):
     buf, _, _ = await buffers.open(connect_to=failing_connect)
     await buf.append("p1", events("a", 2), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt())
+    await buf.ack(support.receipt(chunk))
     FailingOnce.error = sqlite3.OperationalError("disk I/O error")
     with pytest.raises(sqlite3.OperationalError):
         await buf.append("p1", events("b", 1), 100.0)
@@ -258,7 +258,7 @@ async def test_a_full_disk_refuses_appends_but_still_commits_acks_and_reads(buff
     chunks = await read_all(buf)  # reading works on a full disk...
     assert sum(len(c.events) for c in chunks) == stored
     for chunk in chunks:
-        await buf.ack(chunk.receipt())  # ...and so does deleting
+        await buf.ack(support.receipt(chunk))  # ...and so does deleting
 
     async def deleted() -> bool:
         return rows_on_disk(buffers.path) == []
@@ -271,7 +271,7 @@ async def test_appends_resume_by_themselves_once_the_disk_has_room_again(buffers
     buf, _, _ = await buffers.open(connect_to=capped(40), clock=clock, max_events=1_000_000)
     await fill(buf)
     for chunk in await read_all(buf):
-        await buf.ack(chunk.receipt())
+        await buf.ack(support.receipt(chunk))
     with pytest.raises(BufferFull):  # refused at once while the disk counts as full
         await buf.append("p1", events("x", 1), 100.0)
     clock.advance(1.5)  # past DISK_FULL_RETRY: the next append tries the disk again
@@ -300,9 +300,9 @@ async def test_a_full_buffer_rejects_the_whole_request_and_readiness_returns_bel
     assert len(rows_on_disk(buffers.path)) == 16
     await buf.append("p1", events("c", 4), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt(0, 1))
+    await buf.ack(support.receipt(chunk, 0, 1))
     assert buf.full  # 19 of 20: still above the hysteresis line
-    await buf.ack(chunk.receipt(1, 2))
+    await buf.ack(support.receipt(chunk, 1, 2))
     assert not buf.full  # 18 of 20
 
 
@@ -345,7 +345,7 @@ async def test_reopening_recovers_pending_rows_and_reads_them_first(buffers):
     buf, _, _ = await buffers.open()
     await buf.append("p1", events("a", 3, size=10), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt(0, 1))
+    await buf.ack(support.receipt(chunk, 0, 1))
     await buf.append("p2", events("b", 2, size=10), 101.0)
     await buf.close()
 
@@ -377,7 +377,7 @@ async def test_new_rows_after_a_restart_are_not_counted_as_duplicates(buffers):
     buf, _, _ = await buffers.open()
     await buf.append("p1", events("a", 3), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt())
+    await buf.ack(support.receipt(chunk))
     await buf.close()
     again, observer, recovered = await buffers.open()
     await again.append("p1", events("b", 2), 101.0)

@@ -67,7 +67,7 @@ class Stage:
         out = []
         for chunk in await self.buffer.read(0):
             out += [(chunk.project, e) for e in chunk.events]
-            await self.buffer.ack(chunk.receipt())
+            await self.buffer.ack(support.receipt(chunk))
         return out
 
     async def wait_depth(self, n: int) -> None:
