@@ -66,7 +66,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     """The daemon on its local defaults, delivering to an in-process emulator."""
     from forwarder.app import serve
-    from forwarder.emulator import Emulator
+    from forwarder.emulator.server import Emulator
 
     state = os.path.abspath(args.state_dir)
     raw = {

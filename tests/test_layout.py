@@ -40,3 +40,10 @@ def test_every_test_that_starts_daemon_processes_is_marked_e2e():
                 unmarked.append(f"{path.relative_to(TESTS.parent)}::{node.name}")
     assert unmarked == [], "these start forwarder or emulator processes without @pytest.mark.e2e:\n" + "\n".join(
         unmarked)
+
+
+def test_package_init_files_are_empty_faces_that_import_nothing():
+    packages = TESTS.parent / "forwarder"
+    importing = [str(path.relative_to(TESTS.parent)) for path in sorted(packages.rglob("__init__.py"))
+                 if any(isinstance(node, (ast.Import, ast.ImportFrom)) for node in ast.parse(path.read_text()).body)]
+    assert importing == [], "import from the module that defines a name, not from its package: " + ", ".join(importing)

@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from forwarder.app import Forwarder
 from forwarder.config import from_dict
-from forwarder.emulator import Emulator, FaultConfig
+from forwarder.emulator.faults import FaultConfig
+from forwarder.emulator.server import Emulator
 from forwarder.emulator.cli import add_cli_arguments, credentials_from_args, faults_from_args
 from forwarder.emulator.decisions import MAX_BODY_BYTES
 from forwarder.emulator.harness import ForwarderProcess, delivered
@@ -687,7 +688,7 @@ def test_cli_rejects_a_rate_above_one():
 
 async def test_run_emulator_announces_its_url_serves_and_exits_cleanly_on_sigterm(http):
     code = (
-        "from forwarder.emulator import FaultConfig; from forwarder.emulator.cli import run_emulator;"
+        "from forwarder.emulator.faults import FaultConfig; from forwarder.emulator.cli import run_emulator;"
         "run_emulator('127.0.0.1', 0, FaultConfig())"
     )
     process = await asyncio.create_subprocess_exec(
