@@ -4,10 +4,11 @@ Each is a ``ratelimit.Controller`` built by a factory under a name; the fleet
 passes its controllers to the configuration's validation and to ``Forwarder``
 (``controllers=``), and a forwarder picks one by ``evidently.rate_controller``
 like a shipped one: nothing of the limiter is patched, and a production
-configuration still accepts only the shipped controllers. A controller sees what the limiter shows every controller: each
-success once slow start is over, and one throttle per round trip (throttles of
-calls sent before the last decrease never reach it). Why each was tried and what
-it measured: docs/scaling.md.
+configuration still accepts only the shipped controllers. A controller sees
+what the limiter shows every controller: each success once slow start is over,
+and one throttle per round trip (throttles of calls sent before the last
+decrease never reach it). Why each was tried and what it measured:
+docs/scaling.md.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forwarder.evidently.events import (EventError, encode_all, encode_event, encode_wire_body, ndjson_events, ndjson_lines,
-                                       request_events)
+from forwarder.evidently.events import (EventError, encode_all, encode_event, encode_wire_body, ndjson_events,
+                                       ndjson_lines, request_events)
 
 NOW = 1_790_000_000.5
 

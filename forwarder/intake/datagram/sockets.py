@@ -24,7 +24,9 @@ PROC_UDP = (Path("/proc/net/udp"), Path("/proc/net/udp6"))
 
 
 class SocketError(OSError):
-    """A UDP socket cannot be opened; the message names the key and what to fix (unix_socket.UnixSocketError for files).
+    """A UDP socket cannot be opened; the message names the key and what to fix.
+
+    A socket file that cannot be bound raises unix_socket.UnixSocketError.
 
     An OSError, so that ``forwarder run`` reports it as it reports a port in use.
     """
