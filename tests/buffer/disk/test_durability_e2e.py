@@ -56,7 +56,7 @@ async def start(procs, session, tmp_path: Path, sections: dict) -> ForwarderProc
 async def post_all(fwd: ForwarderProcess, session, total: int, per_request: int = 50) -> set[int]:
     acked: set[int] = set()
     for start_at in range(0, total, per_request):
-        status, body = await fwd.post(session, "p1", numbered(start_at, per_request))
+        status, body = await fwd.post(session, "p1", support.numbered(start_at, per_request))
         assert status == 200, body
         acked.update(range(start_at, start_at + per_request))
     return acked
@@ -123,7 +123,7 @@ class Client:
             await asyncio.sleep(self.pace)
 
     async def _post_until_acknowledged(self, start_at: int, deadline: float) -> None:
-        body = orjson.dumps({"events": numbered(start_at, 50)})
+        body = orjson.dumps({"events": support.numbered(start_at, 50)})
         while time.monotonic() < deadline:
             try:
                 async with self.session.post(f"{self.url}/events/projects/p1", data=body,
@@ -242,7 +242,7 @@ async def test_a_full_disk_buffer_answers_429_until_evidently_is_back(tmp_path, 
 
     acked: set[int] = set()
     for start_at in range(0, 1100, 50):
-        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps({"events": numbered(start_at, 50)}),
+        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps({"events": support.numbered(start_at, 50)}),
                                 headers={"Content-Type": "application/json"}) as r:
             if r.status == 200:
                 acked.update(range(start_at, start_at + 50))
@@ -316,7 +316,7 @@ async def test_a_full_disk_refuses_new_events_keeps_delivering_and_recovers_by_i
     await wait_delivered(emulator, session, acked, timeout=60)
 
     async def accepting_again() -> bool:
-        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps({"events": numbered(10**6, 50)}),
+        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps({"events": support.numbered(10**6, 50)}),
                                 headers={"Content-Type": "application/json"}) as r:
             return r.status == 200
     await wait_for(accepting_again, 30, "new events accepted once the disk has room")
