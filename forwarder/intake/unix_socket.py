@@ -28,7 +28,8 @@ import socket
 import stat
 from dataclasses import dataclass
 
-SUN_PATH_MAX = 107  # bytes of a socket path, without sun_path's terminating NUL
+from forwarder.config import UNIX_PATH_MAX
+
 _PROC_FD = "/proc/self/fd"
 _TEMP = "s"  # the socket's name inside the private directory
 
@@ -72,9 +73,9 @@ def bind_unix(path: str, mode: int, kind: int, key: str) -> UnixSocket:
     """
     path = os.path.abspath(path)
     directory, name = os.path.split(path)
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
         raise UnixSocketError(f"{key}: {path} is {len(os.fsencode(path))} bytes long; a socket path holds at most "
-                              f"{SUN_PATH_MAX}")
+                              f"{UNIX_PATH_MAX}")
     try:
         parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:

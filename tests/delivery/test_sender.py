@@ -4,84 +4,22 @@ import asyncio
 import random
 from collections import Counter
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from forwarder.buffer.contract import Lease, Receipt
-from forwarder.delivery.batch import Batch
 from forwarder.clock import Clock
 from forwarder.config import RetryConfig
 from forwarder.delivery.rate import RateLimiter
 from forwarder.delivery.retry import CallResult, RetryReason, no_answer
 from forwarder.delivery.admission import MAX_PROBE_INTERVAL, OUTAGE_AFTER
 from forwarder.delivery.sender import Sender
-from tests.fakes import VirtualTime
+from tests.fakes import DeadLetters, Ledger, Scripted, VirtualTime
 from tests import support
 
 FAST = RetryConfig(max_elapsed=0.5, initial_backoff=0.001, max_backoff=0.01)
 OK = CallResult(200)
 DOWN = CallResult(503, "ServiceUnavailableException", "down")
-
-
-class Ledger:
-    """A buffer stand-in: hands out leases and records which events come back acknowledged (once each)."""
-
-    def __init__(self, wall) -> None:
-        self.acked: Counter[bytes] = Counter()
-        self.depth = 0
-        self._wall = wall
-        self._events: dict[int, list[bytes]] = {}
-
-    def batch(self, project: str, evs: list[bytes]) -> Batch:
-        lease = Lease(map(len, evs))
-        self._events[id(lease)] = list(evs)
-        self.depth += len(evs)
-        batch = Batch(project, self._wall())
-        batch.fill(evs, lease, 0)
-        return batch
-
-    async def ack(self, receipt: Receipt) -> None:
-        for lease, start, stop in receipt.runs:
-            positions, _, repeats = lease.resolve(start, stop)
-            assert repeats == 0, "an event was acknowledged twice"
-            self.acked.update(self._events[id(lease)][p] for p in positions)
-            self.depth -= len(positions)
-
-
-class DeadLetters:
-    def __init__(self, failures: int = 0) -> None:
-        self.entries: list[dict] = []
-        self.failures = failures  # the next writes that fail (e.g. disk full)
-
-    async def write(self, data: bytes) -> None:
-        if self.failures:
-            self.failures -= 1
-            raise OSError(28, "No space left on device")
-        self.entries.extend(orjson.loads(line) for line in data.splitlines())
-
-    def events(self) -> list[bytes]:
-        return [orjson.dumps(e["event"]) for e in self.entries]
-
-
-class Scripted:
-    """A transport answering from a function of (call number, project, events, time)."""
-
-    def __init__(self, answer, clock=lambda: 0.0) -> None:
-        self.answer = answer
-        self.clock = clock
-        self.calls: list[tuple[str, list[bytes], float]] = []
-        self.delivered: Counter[bytes] = Counter()
-
-    async def put_events(self, project, events):
-        self.calls.append((project, list(events), self.clock()))
-        result = self.answer(len(self.calls) - 1, project, events)
-        if result.status == 200 or result.maybe_delivered:
-            failed = {i for i, _, _ in result.failed}
-            self.delivered.update(e for i, e in enumerate(events) if i not in failed)
-        await asyncio.sleep(0)
-        return result
 
 
 class Rig:
@@ -396,7 +334,7 @@ async def test_a_new_initial_backoff_reaches_the_outage_breakers_probes(virtual_
     up_at = 10.0
     rig = Rig(vt, lambda n, p, s: OK if vt.time() >= up_at else DOWN, concurrency=1,
               retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.001, max_backoff=0.01))
-    rig.sender.reconfigure(RetryConfig(max_elapsed=600.0, initial_backoff=0.8, max_backoff=0.01))
+    await rig.sender.reconfigure(RetryConfig(max_elapsed=600.0, initial_backoff=0.8, max_backoff=0.01))
     await rig.run([rig.ledger.batch("p", support.events(1))])
     times = [t for _, _, t in rig.transport.calls]
     # The retries' own waits stay under max_backoff (0.01 s): the first probe waits the new initial backoff.

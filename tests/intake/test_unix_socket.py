@@ -12,7 +12,8 @@ from typing import Iterator
 import pytest
 
 from forwarder.intake import unix_socket
-from forwarder.intake.unix_socket import SUN_PATH_MAX, UnixSocket, UnixSocketError, bind_unix
+from forwarder.config import UNIX_PATH_MAX
+from forwarder.intake.unix_socket import UnixSocket, UnixSocketError, bind_unix
 
 KINDS = pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["stream", "datagram"])
 KEY = "intake.some_socket"
@@ -170,12 +171,12 @@ def test_remove_deletes_only_the_file_this_socket_created_comparing_device_and_i
 
 @KINDS
 def test_a_path_of_the_longest_length_a_socket_takes_binds(shared, kind):
-    # The temporary name costs no bytes: a path of exactly SUN_PATH_MAX bytes works.
-    deep = shared / ("d" * (SUN_PATH_MAX - len(str(shared)) - 4))
+    # The temporary name costs no bytes: a path of exactly UNIX_PATH_MAX bytes works.
+    deep = shared / ("d" * (UNIX_PATH_MAX - len(str(shared)) - 4))
     deep.mkdir()
     path = deep / "s"
-    path = Path(str(path) + "x" * (SUN_PATH_MAX - len(os.fsencode(str(path)))))
-    assert len(os.fsencode(str(path))) == SUN_PATH_MAX
+    path = Path(str(path) + "x" * (UNIX_PATH_MAX - len(os.fsencode(str(path)))))
+    assert len(os.fsencode(str(path))) == UNIX_PATH_MAX
     bound = bind(path, kind)
     assert reachable(path, kind, bound)
     bound.sock.close()
@@ -184,9 +185,9 @@ def test_a_path_of_the_longest_length_a_socket_takes_binds(shared, kind):
 
 @KINDS
 def test_a_path_too_long_for_a_socket_names_the_key_and_the_limit(shared, kind):
-    path = shared / ("x" * (SUN_PATH_MAX + 1 - len(str(shared)) - 1))
-    with pytest.raises(UnixSocketError, match=f"{KEY}: .* is {SUN_PATH_MAX + 1} bytes long; a socket path holds "
-                                              f"at most {SUN_PATH_MAX}"):
+    path = shared / ("x" * (UNIX_PATH_MAX + 1 - len(str(shared)) - 1))
+    with pytest.raises(UnixSocketError, match=f"{KEY}: .* is {UNIX_PATH_MAX + 1} bytes long; a socket path holds "
+                                              f"at most {UNIX_PATH_MAX}"):
         bind(path, kind)
 
 

@@ -403,7 +403,7 @@ async def test_a_bug_in_decoding_or_appending_crashes_the_appender_task_and_is_r
     ({"datagram_port": 8125, "datagram_host": "10.0.0.7"}, "intake.datagram_host must be a loopback address"),
     ({"datagram_port": 8125, "datagram_host": "localhost"}, "intake.datagram_host must be a loopback address"),
     ({"datagram_port": 70000}, "intake.datagram_port must be between 0 and 65535"),
-    ({"datagram_socket": "/run/" + "x" * 103}, "intake.datagram_socket must be shorter than 108 bytes"),
+    ({"datagram_socket": "/run/" + "x" * 103}, "intake.datagram_socket must be at most 107 bytes long"),
     ({"datagram_socket_mode": "rw-rw----"}, "intake.datagram_socket_mode must be octal permission bits"),
     ({"datagram_max_bytes": 100}, "intake.datagram_max_bytes must be between 1024 and 1048576"),
 ])
