@@ -39,6 +39,7 @@ from botocore.parsers import create_parser
 from forwarder import __version__
 from forwarder.config import EvidentlyConfig
 from forwarder.delivery.retry import CallResult, RetryReason, no_answer, parse_retry_after
+from forwarder.observability import cause
 
 _OPERATION = "evidently.PutProjectEvents"
 _BODY_KEY = "forwarder_encoded_body"
@@ -232,8 +233,9 @@ class EvidentlyClient:
                 botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as e:
             # No connection, so nothing was sent.
             return no_answer(RetryReason.CONNECTION, _describe(e), maybe_delivered=False)
-        except (botocore.exceptions.ReadTimeoutError, aiohttp.SocketTimeoutError, TimeoutError):
-            return no_answer(RetryReason.TIMEOUT, "no answer before the read timeout", maybe_delivered=True)
+        except (botocore.exceptions.ReadTimeoutError, aiohttp.SocketTimeoutError, TimeoutError) as e:
+            return no_answer(RetryReason.TIMEOUT, f"{type(e).__name__}: no answer within evidently.request_timeout "
+                             f"({self._config.request_timeout:g} s)", maybe_delivered=True)
         except (botocore.exceptions.BotoCoreError, aiohttp.ClientError, OSError) as e:
             # Connected, then the connection broke (reset, closed mid-answer): the
             # request may have been stored, so a resend is a possible duplicate.
@@ -253,8 +255,29 @@ class EvidentlyClient:
             await exit_(None, None, None)
 
 
+def describe(result: CallResult) -> str:
+    """A call's failure as a person reads it: its code or class, then its message ("" for a success)."""
+    if result.failed:
+        _, code, message = result.failed[0]
+        return f"{cause(code, message)} ({len(result.failed)} events of the batch)"
+    if result.status == 200:
+        return ""
+    return cause(result.code or f"HTTP{result.status}", result.message)
+
+
 def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:300]
+    """An error that kept a call from being answered, with the host and what to do where it helps."""
+    name = type(e).__name__
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(e.certificate_error, "verify_message", None) or str(e.certificate_error)
+        return (f"{name}: TLS certificate verification failed for {e.host}:{e.port}: {reason}; "
+                "trust its CA with AWS_CA_BUNDLE=<PEM file> (or the system store)")[:500]
+    if isinstance(e, aiohttp.ClientSSLError):
+        return f"{name}: TLS handshake with {e.host}:{e.port} failed: {e.os_error}"[:500]
+    if isinstance(e, aiohttp.ClientConnectorError):
+        reason = e.os_error.strerror or str(e.os_error)
+        return f"{name}: cannot connect to {e.host}:{e.port}: {reason}"[:500]
+    return f"{name}: {e}"[:500]
 
 
 def _from_client_error(e: botocore.exceptions.ClientError) -> CallResult:

@@ -49,7 +49,8 @@ class Effects:
                 case Deliver(indexes=indexes):
                     await self._buffer.ack(_part(batch, indexes).receipt)
                     self.last_delivery = self._clock.monotonic()
-                    self._observer.events_sent(len(indexes))
+                    self._observer.batch_delivered(batch.project, len(indexes),
+                                                   max(0.0, self._clock.wall() - batch.received_at))
                 case Reject(indexes=indexes, code=code, message=message):
                     await self.dead_letter(_part(batch, indexes), code, message)
                 case Resend(indexes=indexes, reason=reason, retry_after=retry_after, code=code, message=message):
@@ -62,7 +63,7 @@ class Effects:
                 case Hold(code=code, message=message):
                     self.reschedule(batch, self._admission.refused(batch.project, id(batch), code, message))
 
-    async def dead_letter(self, batch: Batch, code: str, message: str) -> None:
+    async def dead_letter(self, batch: Batch, code: str, message: str, **why: object) -> None:
         wall = self._clock.wall()
         try:
             await self._dead_letters.write(deadletter.lines(
@@ -76,16 +77,18 @@ class Effects:
             return
         batch.reject = None
         await self._buffer.ack(batch.receipt)
-        self._observer.dead_lettered(code, len(batch.events), batch.project, message)
+        self._observer.dead_lettered(code, len(batch.events), batch.project, message, **why)
 
-    async def expire(self, batch: Batch) -> None:
-        """Past retry.max_elapsed: dead-lettered with the last error it got."""
-        await self.dead_letter(batch, batch.last_code or "Expired", batch.last_message or "retry.max_elapsed reached")
+    async def expire(self, batch: Batch, **why: object) -> None:
+        """Past retry.max_elapsed (or a grace, ``why``): dead-lettered with the last error it got."""
+        await self.dead_letter(batch, batch.last_code or "Expired", batch.last_message or "retry.max_elapsed reached",
+                               **why)
 
     def retry(self, batch: Batch, reason: RetryReason, retry_after: float | None) -> None:
         delay = self.backoff(batch, retry_after)
         batch.last_reason = reason
-        self._observer.retry_scheduled(reason, len(batch.events), batch.project, delay, batch.last_code)
+        self._observer.retry_scheduled(reason, len(batch.events), batch.project, delay, batch.last_code,
+                                       batch.last_message)
         self.reschedule(batch, self._clock.monotonic() + delay)
 
     def backoff(self, batch: Batch, retry_after: float | None) -> float:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from forwarder.delivery.admission import Admission
 from forwarder.delivery.batcher import Batch
-from forwarder.delivery.client import Transport
+from forwarder.delivery.client import Transport, describe
 from forwarder.clock import Clock
 from forwarder.config import RetryConfig
 from forwarder.delivery.effects import Acker, DeadLetterSink, Effects
@@ -143,18 +143,20 @@ class Sender:
         if batch.reject is not None:  # its dead-letter write failed before: no call, write it again
             await self._effects.dead_letter(batch, *batch.reject)
             return None
-        if self._expired(batch):
+        why = self._expired(batch)
+        if why is not None:
             self.admission.released(batch.project, id(batch))
-            await self._effects.expire(batch)
+            await self._effects.expire(batch, **why)
             return None
         held = self.admission.hold(batch.project, id(batch))
         if held is not None:
             self._effects.hold_back(batch, *held)
             return None
         probe, sent_at = await self.admission.turn()
-        if probe and self._expired(batch):  # it may have waited out a long outage
+        why = self._expired(batch) if probe else None
+        if why is not None:  # it may have waited out a long outage
             self.admission.release()
-            await self._effects.expire(batch)
+            await self._effects.expire(batch, **why)
             return None
         duplicates = batch.attempt(self._clock.wall())
         if duplicates:
@@ -169,8 +171,9 @@ class Sender:
         self._observer.request_done(outcome.label, self._clock.monotonic() - started)
         batch.last_code, batch.last_message = result.code, result.message
         batch.ambiguous = outcome.ambiguous
-        self.admission.learn(batch.project, outcome, sent_at, probe)
+        self.admission.learn(batch.project, outcome, sent_at, probe, describe(result))
         return outcome
 
-    def _expired(self, batch: Batch) -> bool:
-        return batch.expired(self._clock.wall(), self.admission.retry.max_elapsed)
+    def _expired(self, batch: Batch) -> dict[str, object] | None:
+        """Why the batch ends now (dead-lettered), or None."""
+        return self.admission.expired(batch.project, batch.last_code, batch.first_attempt_at)
