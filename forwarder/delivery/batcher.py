@@ -137,6 +137,10 @@ class Batcher:
     def oldest(self) -> float | None:
         return min((o.received_at for o in self._open.values()), default=None)
 
+    def open_by_project(self) -> dict[str, int]:
+        """Read-only, for /status: events in open batches per project."""
+        return {project: len(o.events) for project, o in self._open.items()}
+
     @property
     def open_events(self) -> int:
         return sum(len(o.events) for o in self._open.values())

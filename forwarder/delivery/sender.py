@@ -108,6 +108,16 @@ class Sender:
             times.append(scheduled)
         return min(times, default=None)
 
+    def events_by_project(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Read-only, for /status: (events waiting in the schedule, events a worker holds) per project."""
+        waiting: dict[str, int] = {}
+        taken: dict[str, int] = {}
+        for batch in self._schedule.batches():
+            waiting[batch.project] = waiting.get(batch.project, 0) + len(batch.events)
+        for batch in self._taken.values():
+            taken[batch.project] = taken.get(batch.project, 0) + len(batch.events)
+        return waiting, taken
+
     def stalled(self) -> str | None:
         """Why nothing has been delivered for a while although there is work, or None."""
         if self._resolved_all() or self._clock.monotonic() - self._effects.last_delivery < STALLED_AFTER:
