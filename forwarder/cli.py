@@ -53,7 +53,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from forwarder.preflight import problems
+
     config = _load(args.config)
+    found = problems(config)
+    for problem in found:
+        print(f"forwarder: configuration error: {problem}", file=sys.stderr)
+    if found:
+        return 2
+    ev = config.evidently
+    print(f"# evidently.region = {ev.region!r} from {ev.region_source}")
     print(config_mod.to_toml(config), end="")
     return 0
 

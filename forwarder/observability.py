@@ -458,8 +458,8 @@ class Observer:
         self.metrics.duplicates.inc(n)
 
     def dead_lettered(self, code: str, n: int, project: str, message: str, event_ids: list[str] | None = None,
-                      **why: Any) -> None:
-        """Events written to the dead-letter file; ``why``: what ended their retries (e.g. a grace)."""
+                      reason: str = "refused by Evidently", grace: float | None = None) -> None:
+        """Events written to the dead-letter file; ``reason``: what ended them (``grace``: a missing project's)."""
         label = self.metrics.project_label(project)
         self.metrics.events_failed.labels(code).inc(n)
         self.metrics.project_dead_lettered.labels(label).inc(n)
@@ -468,10 +468,8 @@ class Observer:
             tally = self.projects[label] = ProjectTally()
         tally.dead_lettered += n
         tally.last_dead_letter = cause(code, message)
-        fields: dict[str, Any] = {"code": code, "project": project, "events": n, "error": cause(code, message)[:300]}
-        if event_ids is not None:
-            fields["event_ids"] = event_ids[:MAX_LOGGED_IDS]
-        self.limited("error", "dead_lettered", **fields, **why)
+        self.limited("error", "dead_lettered", code=code, project=project, events=n, error=cause(code, message),
+                     reason=reason, grace=grace, event_ids=None if event_ids is None else event_ids[:MAX_LOGGED_IDS])
 
     def circuit_changed(self, project: str, is_open: bool, reason: str = "", retry_in: float = 0.0,
                         message: str = "") -> None:
