@@ -295,7 +295,8 @@ def _describe(e: BaseException) -> str:
     name = type(e).__name__
     if isinstance(e, aiohttp.ClientConnectorCertificateError):
         reason = getattr(e.certificate_error, "verify_message", None) or str(e.certificate_error)
-        return (f"{name}: TLS certificate verification failed for {e.host}:{e.port}: {reason}; "
+        return (f"{name}: TLS certificate verification failed for {e.host}:{e.port}: certificate verify failed: "
+                f"{reason}; "
                 "trust its CA with AWS_CA_BUNDLE=<PEM file> (or the system store)")[:500]
     if isinstance(e, aiohttp.ClientSSLError):
         return f"{name}: TLS handshake with {e.host}:{e.port} failed: {e.os_error}"[:500]

@@ -47,7 +47,7 @@ class CredentialsWatch:
     """Looks for credentials until some are found, with a growing interval; reports each change."""
 
     def __init__(self, lookup: Callable[[], Awaitable[str | None]], on_missing: Callable[[str], None],
-                 on_found: Callable[[str], None], sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 on_found: Callable[[str], Awaitable[None]], sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._lookup = lookup  # the method of the credentials found (e.g. "env", "iam-role"), None if none
         self._on_missing = on_missing
         self._on_found = on_found
@@ -71,4 +71,4 @@ class CredentialsWatch:
             interval = min(MAX_LOOKUP_INTERVAL, interval * 2)
             if self.method is None:
                 self._on_missing(HOW_TO_PROVIDE)  # rate-limited by the observer: once a minute
-        self._on_found(self.method)
+        await self._on_found(self.method)
