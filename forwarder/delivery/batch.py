@@ -75,6 +75,11 @@ class Batch:
     def events(self) -> list[bytes]:
         return [event for event, _, _ in self._entries]
 
+    def event_id(self, i: int) -> str | None:
+        """The eventId the intake answered for its ``i``-th event (None when the buffer did not say)."""
+        _, lease, position = self._entries[i]
+        return lease.event_id(position)
+
     def receipt(self) -> Receipt:
         """What acknowledges these events to the buffer."""
         receipt = Receipt()

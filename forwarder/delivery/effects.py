@@ -52,10 +52,12 @@ class Effects:
         for effect in outcome.effects:
             match effect:
                 case Deliver(indexes=indexes):
-                    await self._buffer.ack(batch.part(indexes).receipt())
+                    part = batch.part(indexes)
+                    await self._buffer.ack(part.receipt())
                     self.last_delivery = self._clock.monotonic()
                     self._observer.batch_delivered(batch.project, len(indexes),
-                                                   max(0.0, self._clock.wall() - batch.received_at))
+                                                   max(0.0, self._clock.wall() - batch.received_at),
+                                                   lambda: (part.event_id(0), part.event_id(-1)))
                 case Reject(indexes=indexes, code=code, message=message):
                     await self.dead_letter(batch.part(indexes), code, message)
                 case Resend(indexes=indexes, reason=reason, retry_after=retry_after, code=code, message=message):
@@ -72,10 +74,11 @@ class Effects:
     async def dead_letter(self, batch: Batch, code: str, message: str, **why: object) -> None:
         """Write the events to the dead-letter file, then acknowledge them; a failed write is tried again later."""
         wall = self._clock.wall()
+        event_ids = [batch.event_id(i) for i in range(len(batch))]
         try:
             await self._dead_letters.write(deadletter.lines(
                 batch.project, batch.events, code, message, batch.attempts,
-                batch.first_attempt_at or wall, batch.last_attempt_at or wall))
+                batch.first_attempt_at or wall, batch.last_attempt_at or wall, event_ids))
         except Exception as e:  # the events stay ours: write them again later, never send them again
             failures = batch.rejected(code, message)
             self._observer.dead_letter_failed(len(batch), e)
@@ -83,7 +86,8 @@ class Effects:
             self._schedule.put_later(batch, self._clock.monotonic() + delay)
             return
         await self._buffer.ack(batch.receipt())
-        self._observer.dead_lettered(code, len(batch), batch.project, message, **why)  # type: ignore[arg-type]
+        self._observer.dead_lettered(code, len(batch), batch.project, message, event_ids,  # type: ignore[arg-type]
+                                     **why)
 
     async def expire(self, batch: Batch, **why: object) -> None:
         """Past retry.max_elapsed (or a missing project's grace, ``why``): dead-lettered with its last error."""

@@ -135,7 +135,7 @@ async def test_partial_failure_resends_only_throttled_events_and_dead_letters_in
     assert rig.dead.events() == [evs[3]]
     assert rig.dead.entries[0]["errorCode"] == "ValidationException"
     assert rig.dead.entries[0]["errorMessage"] == "data too big"
-    assert set(rig.dead.entries[0]) == {"project", "event", "errorCode", "errorMessage", "attempts",
+    assert set(rig.dead.entries[0]) == {"project", "event", "eventId", "errorCode", "errorMessage", "attempts",
                                         "first_attempt_at", "last_attempt_at"}
     assert rig.ledger.acked == Counter(evs)
     assert rig.metric("forwarder_throttled_total") == 1.0
