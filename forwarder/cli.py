@@ -56,15 +56,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from forwarder.preflight import problems
 
     config = _load(args.config)
-    found = problems(config)
-    for problem in found:
-        print(f"forwarder: configuration error: {problem}", file=sys.stderr)
-    if found:
-        return 2
     ev = config.evidently
     print(f"# evidently.region = {ev.region!r} from {ev.region_source}")
-    print(config_mod.to_toml(config), end="")
-    return 0
+    print(config_mod.to_toml(config), end="", flush=True)
+    found = problems(config)  # every file the configuration names, opened as the daemon will
+    for problem in found:
+        print(f"forwarder: configuration error: {problem}", file=sys.stderr)
+    return 2 if found else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
