@@ -10,8 +10,9 @@ them; nobody else assigns its fields.
 from __future__ import annotations
 
 import enum
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from itertools import repeat
+from itertools import chain
 
 from forwarder.buffer.contract import Lease, Receipt
 from forwarder.delivery.outcome import Plan
@@ -28,15 +29,17 @@ class FlushReason(str, enum.Enum):
 class Batch:
     """Events of one project, each with its receipt, and everything that happened to them."""
 
-    __slots__ = ("_project", "_received_at", "_entries", "_flush_reason", "_attempts", "_first_attempt_at",
+    __slots__ = ("_project", "_received_at", "_runs", "_size", "_flush_reason", "_attempts", "_first_attempt_at",
                  "_last_attempt_at", "_last_code", "_last_message", "_last_reason", "_maybe_stored",
                  "_rejection", "_write_failures")
 
     def __init__(self, project: str, received_at: float) -> None:
         self._project = project
         self._received_at = received_at  # wall clock of the oldest event
-        # (event bytes, lease, position in the lease): an event and what acknowledges it, together
-        self._entries: list[tuple[bytes, Lease, int]] = []
+        # Runs of events read under one lease, the run's first at position ``first``:
+        # each event travels with what acknowledges it (its lease and position).
+        self._runs: list[tuple[Lease, int, list[bytes]]] = []
+        self._size = 0
         self._flush_reason = FlushReason.SIZE
         self._attempts = 0
         self._first_attempt_at = 0.0  # wall clock; 0 until the first attempt (or deferral)
@@ -52,7 +55,12 @@ class Batch:
 
     def fill(self, events: Sequence[bytes], lease: Lease, first: int) -> None:
         """Add events read under ``lease``, the first at position ``first``."""
-        self._entries.extend(zip(events, repeat(lease), range(first, first + len(events))))
+        runs = self._runs
+        if runs and runs[-1][0] is lease and runs[-1][1] + len(runs[-1][2]) == first:
+            runs[-1][2].extend(events)
+        else:
+            runs.append((lease, first, list(events)))
+        self._size += len(events)
 
     def seal(self, reason: FlushReason) -> None:
         self._flush_reason = reason
@@ -60,7 +68,7 @@ class Batch:
     # reading
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._size
 
     @property
     def project(self) -> str:
@@ -73,7 +81,9 @@ class Batch:
 
     @property
     def events(self) -> list[bytes]:
-        return [event for event, _, _ in self._entries]
+        """The events, in order, as the call carries them."""
+        runs = self._runs
+        return list(runs[0][2]) if len(runs) == 1 else list(chain.from_iterable(events for _, _, events in runs))
 
     def event_id(self, i: int) -> str | None:
         """The eventId the intake answered for its ``i``-th event (None when the buffer did not say)."""
@@ -82,10 +92,7 @@ class Batch:
 
     def receipt(self) -> Receipt:
         """What acknowledges these events to the buffer."""
-        receipt = Receipt()
-        for _, lease, position in self._entries:
-            receipt.add(lease, position, position + 1)
-        return receipt
+        return Receipt([(lease, first, first + len(events)) for lease, first, events in self._runs])
 
     @property
     def flush_reason(self) -> FlushReason:
@@ -168,9 +175,23 @@ class Batch:
 
     def subset(self, indexes: Iterable[int]) -> Batch:
         """The same history for some of the events (a split or a partial resend), in the order given."""
-        other = Batch(self.project, self.received_at)
-        for name in Batch.__slots__[3:]:
+        other = Batch(self._project, self._received_at)
+        for name in Batch.__slots__[4:]:
             setattr(other, name, getattr(self, name))
-        entries = self._entries
-        other._entries = [entries[i] for i in indexes]
+        for lease, position, event in self._located(indexes):
+            other.fill((event,), lease, position)
         return other
+
+    def _located(self, indexes: Iterable[int]) -> Iterable[tuple[Lease, int, bytes]]:
+        """(lease, position, event) of the events at ``indexes``."""
+        starts: list[int] = []  # the batch index of each run's first event
+        offset = 0
+        for _, _, events in self._runs:
+            starts.append(offset)
+            offset += len(events)
+        for i in indexes:
+            if not 0 <= i < offset:
+                raise IndexError(f"index {i} is beyond the batch's {offset} events")
+            r = bisect_right(starts, i) - 1
+            lease, first, events = self._runs[r]
+            yield lease, first + i - starts[r], events[i - starts[r]]
