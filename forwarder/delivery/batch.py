@@ -87,8 +87,12 @@ class Batch:
 
     def event_id(self, i: int) -> str | None:
         """The eventId the intake answered for its ``i``-th event (None when the buffer did not say)."""
-        _, lease, position = self._entries[i]
-        return lease.event_id(position)
+        i = i + self._size if i < 0 else i
+        for lease, first, events in self._runs:
+            if i < len(events):
+                return lease.event_id(first + i)
+            i -= len(events)
+        raise IndexError("batch index out of range")
 
     def receipt(self) -> Receipt:
         """What acknowledges these events to the buffer."""

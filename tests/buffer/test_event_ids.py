@@ -67,3 +67,18 @@ async def test_disk_buffer_leases_name_the_event_ids_even_when_a_read_splits_an_
         assert ids_of(first) | ids_of(second) == expected
     finally:
         await buf.close()
+
+
+def test_a_batch_names_the_event_ids_of_its_events_across_leases_and_in_its_subsets():
+    from forwarder.buffer.contract import Lease
+    from forwarder.delivery.batch import Batch
+
+    one = Lease([1] * 4, origins=[(0, 7, 0), (2, 8, 5)])  # positions 2.. continue append 8 from index 5
+    two = Lease([1] * 3, origins=[(0, 9, 0)])
+    batch = Batch("p", 1.0)
+    batch.fill([b"a", b"b", b"c"], one, 1)
+    batch.fill([b"d", b"e"], two, 0)
+    assert [batch.event_id(i) for i in range(5)] == [
+        event_id(7, 1), event_id(8, 5), event_id(8, 6), event_id(9, 0), event_id(9, 1)]
+    assert batch.event_id(-1) == event_id(9, 1)
+    assert [batch.subset([1, 3]).event_id(i) for i in (0, 1)] == [event_id(8, 5), event_id(9, 0)]
