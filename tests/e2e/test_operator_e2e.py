@@ -12,8 +12,6 @@ the debug line of the batch that delivered it.
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import orjson
 import pytest
@@ -160,7 +158,7 @@ async def test_a_missing_project_is_dead_lettered_within_its_grace_while_the_rea
     await fwd.ready(session)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await post(session, fwd, "gone", 4)
+    given = {r["eventId"] for r in (await post(session, fwd, "gone", 4))["eventResults"]}
     await post(session, fwd, "real", 4)
 
     line = await a_line_says(fwd, "ResourceNotFoundException: Project gone does not exist", levels=("warning",))
@@ -169,11 +167,13 @@ async def test_a_missing_project_is_dead_lettered_within_its_grace_while_the_rea
     assert "gone" in out and "ResourceNotFoundException" in out and f"grace {grace:g} s" in out
 
     async def dead_lettered() -> bool:
-        return len(fwd.dead_letters()) == 4
-    await wait_for(dead_lettered, grace + 5, "the missing project's events in the dead-letter file", interval=0.1)
+        return len(fwd.dead_letters()) == 4 and any(r["event"] == "dead_lettered" for r in log_records(fwd))
+    await wait_for(dead_lettered, grace + 5, "the missing project's events dead-lettered (file and log line)",
+                   interval=0.1)
     assert loop.time() - started < grace + 5
     [letter] = [r for r in log_records(fwd) if r["event"] == "dead_lettered"]
     assert letter["grace"] == grace and "retry.not_found_grace" in letter["reason"]
+    assert {e["eventId"] for e in fwd.dead_letters()} == set(letter["event_ids"]) == given  # the ids the app got
     for i in range(4, 8):  # the real project keeps delivering
         await post(session, fwd, "real", 1, start=i)
 
