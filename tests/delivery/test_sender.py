@@ -403,7 +403,7 @@ async def test_a_new_initial_backoff_reaches_the_outage_breakers_probes(virtual_
     up_at = 10.0
     rig = Rig(vt, lambda n, p, s: OK if vt.time() >= up_at else DOWN, concurrency=1,
               retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.001, max_backoff=0.01))
-    rig.sender.reconfigure(RetryConfig(max_elapsed=600.0, initial_backoff=0.8, max_backoff=0.01))
+    await rig.sender.reconfigure(RetryConfig(max_elapsed=600.0, initial_backoff=0.8, max_backoff=0.01))
     await rig.run([rig.ledger.batch("p", events(1))])
     times = [t for _, _, t in rig.transport.calls]
     # The retries' own waits stay under max_backoff (0.01 s): the first probe waits the new initial backoff.
@@ -464,7 +464,7 @@ class Chaos:
        stop_at=st.one_of(st.none(), st.floats(0.0, 30.0)))
 @example(script=["refused"] * OUTAGE_AFTER + ["raise"], sizes=[5], seed=0, dead_failures=0, stop_at=None)
 @example(script=["not_found", "raise"], sizes=[5, 5], seed=0, dead_failures=0, stop_at=None)
-@example(script=["refused"] * OUTAGE_AFTER + ["slow"], sizes=[5, 5], seed=0, dead_failures=0, stop_at=7.0)
+@example(script=["refused"] * OUTAGE_AFTER + ["slow"], sizes=[5, 5], seed=0, dead_failures=0, stop_at=2.0)
 def test_whatever_calls_do_every_event_ends_exactly_once_delivered_dead_lettered_or_still_scheduled(
         script, sizes, seed, dead_failures, stop_at):
     """Answers, failed entries, exceptions, timeouts, a shutdown cancelling calls: each event is acknowledged
