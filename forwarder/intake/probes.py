@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 
-from forwarder.intake.answers import json_response, metrics_response
 from forwarder.buffer.contract import Buffer
-from forwarder.config import Config
+from forwarder.config import Config, is_loopback_address
+from forwarder.evidently.protocol import error_response
+from forwarder.intake.answers import json_response, metrics_response
+from forwarder.intake.checks import HostCheck, Refusal
 from forwarder.intake.listeners import Listeners
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
@@ -75,20 +77,36 @@ class Probes:
 
 async def serve_metrics(registry: CollectorRegistry, config: Config,
                         status: Callable[[], dict[str, Any]]) -> web.AppRunner | None:
-    """/metrics and /status on their own listener when metrics.port is set; cleanup() the runner to stop it."""
+    """/metrics and /status on their own listener when metrics.port is set; cleanup() the runner to stop it.
+
+    On loopback it answers only a ``Host`` naming this machine, as the intake
+    does (a web page's DNS-rebound name must not read the metrics or the status).
+    """
     if not config.metrics.port:
         return None
+    host = config.metrics.host or config.intake.host
+    hosts = HostCheck(host)
+    loopback = False
 
-    async def metrics(_: web.Request) -> web.Response:
-        return metrics_response(registry)
+    def refused(request: web.Request) -> web.Response | None:
+        if loopback:
+            try:
+                hosts.check(request.headers.get(hdrs.HOST))
+            except Refusal as e:
+                return error_response(e.status, e.error_type, e.message)
+        return None
 
-    async def status_document(_: web.Request) -> web.Response:
-        return json_response(status())
+    async def metrics(request: web.Request) -> web.Response:
+        return refused(request) or metrics_response(registry)
+
+    async def status_document(request: web.Request) -> web.Response:
+        return refused(request) or json_response(status())
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status_document)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, config.metrics.host or config.intake.host, config.metrics.port).start()
+    await web.TCPSite(runner, host, config.metrics.port).start()
+    loopback = all(is_loopback_address(address[0]) for address in runner.addresses)
     return runner

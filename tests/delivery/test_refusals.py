@@ -8,7 +8,8 @@ import pytest
 
 from forwarder.config import RetryConfig
 from forwarder.delivery.retry import CallResult, RetryReason, no_answer
-from tests.delivery.test_sender import OK, Rig, events
+from tests.delivery.test_sender import OK, Rig
+from tests.support import events
 
 
 class Lines:
