@@ -10,11 +10,11 @@ from prometheus_client import CollectorRegistry
 
 from forwarder import status_view
 from forwarder.app import Forwarder
-from forwarder.emulator import Emulator
+from forwarder.emulator.server import Emulator
 from forwarder.emulator.faults import FaultConfig
 from forwarder.emulator.harness import free_port, wait_for
 from forwarder.observability import MAX_PROJECT_LABELS
-from tests.intake.test_http import make_config
+from tests.support import make_config
 
 
 async def started(tmp_path, emulator_url, **sections) -> Forwarder:

@@ -218,7 +218,7 @@ async def test_connection_and_tls_failures_name_the_host_and_port_and_what_to_do
                         credentials=("k", "s"))
     await c.start()
     try:
-        refused = await c.put_events("p", events(1))
+        refused = await c.put_events("p", support.events(1))
     finally:
         await c.close()
     assert f"cannot connect to 127.0.0.1:{port}" in describe(refused)
@@ -234,7 +234,7 @@ async def test_connection_and_tls_failures_name_the_host_and_port_and_what_to_do
                         credentials=("k", "s"))
     await c.start()
     try:
-        untrusted = await c.put_events("p", events(1))
+        untrusted = await c.put_events("p", support.events(1))
     finally:
         await c.close()
         await runner.cleanup()
