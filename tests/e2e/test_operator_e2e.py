@@ -12,17 +12,45 @@ the debug line of the batch that delivered it.
 from __future__ import annotations
 
 import asyncio
+import ssl
+from pathlib import Path
 
 import orjson
 import pytest
 
-from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, forwarder_command, wait_for
-from tests.e2e.test_chain_e2e import REGION, central_sections, sidecar_process, start_central
+from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, forwarder_command, free_port, wait_for
 from tests.tools import make_ca_and_server_pair
 
 pytestmark = pytest.mark.e2e
 
 WITHIN = 10.0  # seconds from the first event to the line naming the cause
+REGION = "eu-west-1"  # what the central tier verifies signatures against
+SIDECAR_KEY, SIDECAR_SECRET = "AKIDSIDECAR", "sidecar-secret"
+
+
+async def start_central(procs, session, tmp_path: Path, emulator: EmulatorProcess) -> ForwarderProcess:
+    """A central tier: TLS with a certificate of its own CA, SigV4 against the sidecar's key, to the emulator."""
+    creds = tmp_path / "central-credentials"
+    creds.write_text(f"[sidecars]\naws_access_key_id = {SIDECAR_KEY}\naws_secret_access_key = {SIDECAR_SECRET}\n")
+    make_ca_and_server_pair(tmp_path)
+    central = procs(ForwarderProcess(tmp_path, {
+        "intake": {"port": free_port(), "auth": "sigv4", "credentials_file": str(creds),
+                   "tls_cert_file": str(tmp_path / "server.crt"), "tls_key_file": str(tmp_path / "server.key")},
+        "evidently": {"endpoint_url": emulator.url, "region": REGION},
+        "batch": {"flush_interval": 0.1},
+    }, name="central", tls=ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))))
+    await central.ready(session)
+    return central
+
+
+def sidecar_process(tmp_path: Path, central: ForwarderProcess, **evidently: object) -> ForwarderProcess:
+    """A sidecar delivering to the central tier, trusting its CA and signing with the sidecar's key."""
+    return ForwarderProcess(tmp_path, {
+        "evidently": {"endpoint_url": central.url, "region": REGION, **evidently},
+        "batch": {"flush_interval": 0.1},
+        "retry": {"initial_backoff": 0.05, "max_backoff": 0.5},
+    }, env={"AWS_ACCESS_KEY_ID": SIDECAR_KEY, "AWS_SECRET_ACCESS_KEY": SIDECAR_SECRET,
+            "AWS_CA_BUNDLE": str(tmp_path / "ca.crt")}, name="sidecar")
 
 
 def log_records(proc: ForwarderProcess) -> list[dict]:
@@ -71,7 +99,7 @@ async def emulator(tmp_path, procs, session) -> EmulatorProcess:
 
 async def test_a_sidecar_that_does_not_trust_the_central_tiers_ca_says_so_and_status_shows_it(
         tmp_path, procs, session, emulator):
-    central = await start_central(procs, session, tmp_path, central_sections(tmp_path, emulator))
+    central = await start_central(procs, session, tmp_path, emulator)
     other = tmp_path / "other-ca"
     other.mkdir()
     make_ca_and_server_pair(other)  # a CA that did not sign the central tier's certificate
@@ -96,7 +124,7 @@ async def test_a_sidecar_that_does_not_trust_the_central_tiers_ca_says_so_and_st
 
 async def test_a_sidecar_signing_for_the_wrong_region_shows_the_central_tiers_message_and_holds_its_events(
         tmp_path, procs, session, emulator):
-    central = await start_central(procs, session, tmp_path, central_sections(tmp_path, emulator))
+    central = await start_central(procs, session, tmp_path, emulator)
     sidecar = procs(sidecar_process(tmp_path, central, region="us-west-2"))  # the central tier verifies eu-west-1
     await sidecar.ready(session)
     await post(session, sidecar, "checkout", 5)
