@@ -1,11 +1,13 @@
-"""The ``forwarder`` command: run, check-config, emulator, dev, replay."""
+"""The ``forwarder`` command: run, check-config, status, emulator, dev, replay."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from forwarder import __version__
@@ -51,9 +53,42 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from forwarder.preflight import problems
+
     config = _load(args.config)
-    print(config_mod.to_toml(config), end="")
-    return 0
+    ev = config.evidently
+    print(f"# evidently.region = {ev.region!r} from {ev.region_source}")
+    print(config_mod.to_toml(config), end="", flush=True)
+    found = problems(config)  # every file the configuration names, opened as the daemon will
+    for problem in found:
+        print(f"forwarder: configuration error: {problem}", file=sys.stderr)
+    return 2 if found else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from forwarder.status_view import StatusError, fetch, render, status_url
+
+    url = args.url or status_url(_load(args.config) if args.config else None)
+    try:
+        while True:
+            try:
+                doc = fetch(url, args.timeout)
+            except StatusError as e:
+                print(f"forwarder status: {e}", file=sys.stderr)
+                if not args.watch:
+                    return 2
+                doc = None
+            if args.watch and not args.json:
+                print("\x1b[H\x1b[2J", end="")  # clear the terminal, like top
+            if args.json:
+                print(json.dumps(doc, indent=2), flush=True)
+            else:
+                print(render(doc, url) if doc is not None else f"(no answer from {url})", flush=True)
+            if not args.watch:
+                return 0 if doc.get("state") == "ok" else 1  # scripts can tell "stuck" from "fine"
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
@@ -150,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate and print the effective configuration")
     check.add_argument("--config", help="TOML file")
     check.set_defaults(func=cmd_check_config)
+
+    st = sub.add_parser("status", help="what a running forwarder does and why it is stuck (GET /status)")
+    st.add_argument("--url", help="the forwarder's intake or metrics listener, e.g. http://127.0.0.1:8080 "
+                                  "(default: from --config, else http://127.0.0.1:8080)")
+    st.add_argument("--config", help="TOML file of the forwarder to ask (its metrics or intake listener)")
+    st.add_argument("--watch", type=float, nargs="?", const=2.0, default=0.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 2) until interrupted, like top")
+    st.add_argument("--json", action="store_true", help="print the document as JSON")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    st.set_defaults(func=cmd_status)
 
     emulator = sub.add_parser("emulator", help="a local Evidently PutProjectEvents server", flags=_emulator_flags)
     emulator.set_defaults(func=cmd_emulator)

@@ -55,6 +55,9 @@ FORWARDER_SERIES = frozenset({
     "forwarder_buffer_corruptions_total", "forwarder_build_info", "forwarder_buffer_write_errors_total",
     "forwarder_outage", "forwarder_outage_seconds_total", "forwarder_outage_probes_total",
     "forwarder_dead_letter_write_errors_total", "forwarder_internal_errors_total",
+    "forwarder_project_events_delivered_total", "forwarder_project_events_dead_lettered_total",
+    "forwarder_delivery_age_seconds_bucket", "forwarder_delivery_age_seconds_sum",
+    "forwarder_delivery_age_seconds_count", "forwarder_delivery_blocked",
 })
 DEFAULT_COLLECTOR_SERIES = frozenset({
     "process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
