@@ -237,8 +237,21 @@ class _Poster:
                 wait = min(_seconds(retry_after), MAX_WAIT) if retry_after is not None else _backoff(attempt)
             if wait >= self._remaining():
                 raise _Stopped(f"timed out after {self.timeout:g} s")
-            await self.sleep(wait)
+            await self._pause(wait)
             attempt += 1
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait before a retry; a stop (Ctrl-C) ends the wait at once."""
+        if self.stop is None:
+            await self.sleep(seconds)
+            return
+        waits = [asyncio.ensure_future(self.sleep(seconds)), asyncio.ensure_future(self.stop.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
 
 def _backoff(attempt: int) -> float:

@@ -120,7 +120,7 @@ def _sigv4(region: str | None) -> Signer:
     if credentials is None:
         raise TargetError("--auth sigv4 found no AWS credentials in the standard chain "
                           "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role)")
-    region = region or session.get_config_variable("region")
+    region = region or os.environ.get("AWS_REGION") or session.get_config_variable("region")
     if not region:
         raise TargetError("--auth sigv4 needs a region: --region, AWS_REGION or AWS_DEFAULT_REGION "
                           "(the forwarder's evidently.region)")
