@@ -43,7 +43,7 @@ def _load(path: str | None) -> config_mod.Config:
 
 def _cannot(what: str, e: OSError) -> CommandError:
     """``cannot start: [Errno 98] ... address already in use`` as one line."""
-    return CommandError(f"{what}: {e.strerror or e}" if e.filename else f"{what}: {e}")
+    return CommandError(f"{what}: {e.filename + ': ' if e.filename else ''}{e.strerror or e}")
 
 
 def version_text() -> str:
@@ -340,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     health = sub.add_parser("healthcheck", help="exit 0 when the daemon of this configuration answers",
-                            description="Probe the listener the configuration has: the TCP intake (HTTPS with "
-                                        "intake.tls_cert_file), else intake.unix_socket, else metrics.port.")
+                            description="GET /healthz on the listener the configuration has: the TCP intake "
+                                        "(HTTPS with intake.tls_cert_file), else intake.unix_socket. Exit 0 when "
+                                        "it answers 200, else 1.")
     health.add_argument("--config", help="TOML file (without it: the defaults and FORWARDER_* variables)")
     health.add_argument("--timeout", type=_positive(float), default=3.0, help="seconds for the probe")
     health.set_defaults(func=cmd_healthcheck)

@@ -1,9 +1,11 @@
 """``forwarder healthcheck``: probe the listener a configuration actually has, from the same host.
 
-For a container's HEALTHCHECK and scripts: the TCP intake when there is one
-(HTTPS when ``intake.tls_cert_file`` is set), else the Unix socket
-(``intake.unix_socket``), else the metrics-only port (``metrics.port``); exit 0
-when it answers 200, 1 with one line saying what failed.
+For a container's HEALTHCHECK and scripts: ``/healthz`` on the TCP intake when
+there is one (HTTPS when ``intake.tls_cert_file`` is set; a wildcard host is
+probed on loopback), else on the Unix socket (``intake.unix_socket``; the
+configuration guarantees one of the two). The metrics-only port
+(``metrics.port``) serves ``/metrics`` alone and is not probed. Exit 0 when
+``/healthz`` answers 200, 1 with one line saying what failed.
 """
 
 from __future__ import annotations
@@ -45,29 +47,18 @@ def local_host(host: str) -> str:
         return host  # a name
 
 
-def intake_listener(config: Config) -> Listener | None:
-    """The intake's TCP listener, else its Unix socket; None when it has neither."""
+def intake_listener(config: Config) -> Listener:
+    """The intake's TCP listener, else its Unix socket (intake.port = -1 requires one)."""
     intake = config.intake
     if intake.port != -1:
         scheme = "https" if intake.tls_cert_file else "http"
         return Listener(f"{scheme}://{local_host(intake.host)}:{intake.port}")
-    if intake.unix_socket:
-        return Listener("http://localhost", intake.unix_socket)
-    return None
-
-
-def probe_target(config: Config) -> tuple[Listener, str]:
-    """The listener to probe and the path it answers 200 on."""
-    listener = intake_listener(config)
-    if listener is not None:
-        return listener, "/healthz"
-    host = config.metrics.host or config.intake.host
-    return Listener(f"http://{local_host(host)}:{config.metrics.port}"), "/metrics"
+    return Listener("http://localhost", intake.unix_socket)
 
 
 async def probe(config: Config, timeout: float = TIMEOUT) -> str | None:
-    """None when the daemon answers 200; otherwise what went wrong, in one line."""
-    listener, path = probe_target(config)
+    """None when the daemon answers 200 on /healthz; otherwise what went wrong, in one line."""
+    listener, path = intake_listener(config), "/healthz"
     where = f"{listener.unix_socket or listener.base}{path}"
     if listener.unix_socket:
         connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=listener.unix_socket)
