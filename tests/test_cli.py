@@ -121,3 +121,46 @@ def test_dev_state_goes_to_the_xdg_state_directory_not_the_working_tree(tmp_path
     assert default_state_dir() == str(tmp_path / "home" / ".local" / "state" / "forwarder" / "dev")
     monkeypatch.delenv("XDG_STATE_HOME")
     assert default_state_dir() == str(tmp_path / "home" / ".local" / "state" / "forwarder" / "dev")
+
+
+def test_replay_dry_run_prints_what_would_be_sent_per_project_and_error_code(tmp_path):
+    from forwarder.delivery.deadletter import lines
+    path = tmp_path / "dead-letter.ndjson"
+    event = b'{"data":"{}","timestamp":1,"type":"aws.evidently.custom"}'
+    path.write_bytes(lines("checkout", [event, event], "ThrottlingException", "slow", 3, 1.0, 2.0)
+                     + lines("search", [event], "ValidationException", "bad", 1, 1.0, 1.0))
+    done = forwarder("replay", str(path), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"would send 3 events from {path}; unreadable lines 0",
+        "  per project:", "           2  checkout", "           1  search",
+        "  per error code:", "           2  ThrottlingException", "           1  ValidationException",
+    ]
+    assert not (tmp_path / "dead-letter.ndjson.replayed").exists()
+
+
+def test_replay_takes_address_auth_limits_and_file_from_the_forwarder_config_unless_given(tmp_path):
+    from forwarder.cli import _replay_settings, build_parser
+    config = tmp_path / "forwarder.toml"
+    config.write_text(f"""
+[intake]
+port = -1
+unix_socket = "{tmp_path}/intake.sock"
+auth = "token"
+token_file = "{tmp_path}/tokens"
+max_body_bytes = 65536
+max_events_per_request = 100
+[evidently]
+region = "eu-west-1"
+[dead_letter]
+path = "{tmp_path}/dl.ndjson"
+""")
+    settings = _replay_settings(build_parser().parse_args(["replay", "--config", str(config)]))
+    assert settings == {"file": f"{tmp_path}/dl.ndjson", "intake": f"unix://{tmp_path}/intake.sock", "auth": "token",
+                        "token_file": f"{tmp_path}/tokens", "region": "eu-west-1", "max_body_bytes": 65536,
+                        "max_events": 100}
+    given = _replay_settings(build_parser().parse_args(
+        ["replay", "other.ndjson", "--config", str(config), "--intake", "https://central:8080", "--auth", "sigv4",
+         "--max-events", "7"]))
+    assert (given["file"], given["intake"], given["auth"], given["max_events"]) == (
+        "other.ndjson", "https://central:8080", "sigv4", 7)

@@ -255,3 +255,23 @@ def test_the_progress_line_is_drawn_on_a_terminal_only():
         progress.finish()
     assert "replay: 500/1,000 events (50%), 250 events/s" in terminal.getvalue()
     assert pipe.getvalue() == ""
+
+
+async def test_a_hanging_intake_is_cut_at_the_deadline_of_the_whole_run(tmp_path):
+    path = dead_letter_file(tmp_path, ["a", "b"])
+    hang = asyncio.Event()
+    answered: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        if answered:
+            await hang.wait()  # the second request never gets an answer
+        answered.append(request.match_info["project"])
+        events = orjson.loads(await request.read())["events"]
+        return web.json_response({"eventResults": [{"eventId": "x"} for _ in events], "failedEventCount": 0})
+
+    app = web.Application()
+    app.router.add_post("/events/projects/{project}", handle)
+    async with local_server(app) as url:
+        report = await asyncio.wait_for(replay(str(path), url, timeout=0.2), 5)
+        hang.set()
+    assert report.stopped == "timed out after 0.2 s" and report.accepted == 1
