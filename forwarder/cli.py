@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -146,6 +147,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot start: {e}") from None
     except OSError as e:
         raise _cannot("cannot start", e) from None
+    finally:
+        if args.temporary and not args.state_dir:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -354,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--emulator-port", type=int, default=DEV_EMULATOR_PORT, help="the emulator's port on 127.0.0.1")
     dev.add_argument("--state-dir", help="buffer and dead-letter directory "
                                          "(default: $XDG_STATE_HOME/forwarder/dev, else ~/.local/state/forwarder/dev)")
-    dev.add_argument("--temporary", action="store_true", help="keep state in a new temporary directory instead")
+    dev.add_argument("--temporary", action="store_true",
+                     help="keep state in a new temporary directory instead, removed on exit")
     dev.set_defaults(func=cmd_dev)
 
     emulator = sub.add_parser("emulator", help="a local Evidently PutProjectEvents server", flags=_emulator_flags)

@@ -105,6 +105,12 @@ async def test_replay_delivers_every_dead_letter_exactly_once_across_an_interrup
     dead_letters.parent.mkdir()
     write_dead_letters(dead_letters)
 
+    if "AWS_CA_BUNDLE" in env:  # an intake whose CA is not trusted: one line naming the fix, nothing sent
+        untrusted = {k: v for k, v in env.items() if k != "AWS_CA_BUNDLE"}
+        code, out, err = await finish(replay_process(tmp_path, dead_letters, forwarder, flags, untrusted))
+        assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in err and "--ca-bundle or AWS_CA_BUNDLE" in err, err
+        assert err.count("\n") == 1 and committed(dead_letters) == 0
+
     # 1. Interrupted once some requests were answered.
     first = replay_process(tmp_path, dead_letters, forwarder, flags, env)
 
