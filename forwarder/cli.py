@@ -372,7 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CommandError as e:
-        print(f"forwarder {args.command}: {e}", file=sys.stderr)
+        # The daemon's own commands say "forwarder:" (what logs and alerts already match); the tools name themselves.
+        prefix = "forwarder" if args.command in ("run", "check-config") else f"forwarder {args.command}"
+        print(f"{prefix}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
