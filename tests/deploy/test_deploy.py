@@ -163,6 +163,16 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_systemd_unit_exposure_is_at_most_1_3(tmp_path: Path) -> None:
+    """`systemd-analyze security --offline`: today's exposure (1.3, "OK") or better."""
+    systemd_analyze = require_tool("systemd-analyze")
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/forwarder", sys.executable))
+    result = run([systemd_analyze, "security", "--offline=yes", "--threshold=13", str(unit)], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-500:]
+    assert re.search(r"Overall exposure level for forwarder.service: (0\.\d|1\.[0-3]) ", result.stdout), result.stdout[-300:]
+
+
 REQUIRED_UNIT_SETTINGS = {
     "Service.Type": "notify",
     "Service.NotifyAccess": "main",
