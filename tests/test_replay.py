@@ -275,3 +275,17 @@ async def test_a_hanging_intake_is_cut_at_the_deadline_of_the_whole_run(tmp_path
         report = await asyncio.wait_for(replay(str(path), url, timeout=0.2), 5)
         hang.set()
     assert report.stopped == "timed out after 0.2 s" and report.accepted == 1
+
+
+async def test_a_200_without_one_result_per_event_stops_the_run_and_commits_nothing(tmp_path):
+    path = dead_letter_file(tmp_path, ["a", "a"])
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})  # not a forwarder's intake
+
+    app = web.Application()
+    app.router.add_post("/events/projects/{project}", handle)
+    async with local_server(app) as url:
+        with pytest.raises(ReplayError, match="without one result per event"):
+            await replay(str(path), url)
+    assert not os.path.exists(f"{path}.replayed")

@@ -192,7 +192,13 @@ class _Poster:
         commit(run[-1].end, len(run))
 
     def _count_results(self, run: list[Entry], payload: bytes) -> None:
-        results = orjson.loads(payload).get("eventResults", [])
+        try:
+            results = orjson.loads(payload)["eventResults"]
+            if len(results) != len(run):
+                raise ValueError(f"{len(results)} results for {len(run)} events")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ReplayError(f"the intake at {self.target.base} answered 200 without one result per event ({e}): "
+                              "is --intake a forwarder's intake?") from None
         for result in results:
             if "eventId" in result:
                 self.report.accepted += 1
