@@ -112,7 +112,7 @@ def default_state_dir() -> str:
 def cmd_dev(args: argparse.Namespace) -> int:
     """The daemon on its local defaults, delivering to an in-process emulator."""
     from forwarder.app import StartupError, serve
-    from forwarder.emulator import Emulator
+    from forwarder.emulator.server import Emulator
 
     state = args.state_dir or (tempfile.mkdtemp(prefix="forwarder-dev-") if args.temporary else default_state_dir())
     state = os.path.abspath(state)
