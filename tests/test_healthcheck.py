@@ -49,4 +49,5 @@ def test_no_daemon_is_unhealthy_in_one_line(tmp_path):
     config.write_text(f"[intake]\nport = {free_port()}\n")
     done = healthcheck(config)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("forwarder healthcheck: unhealthy: http://127.0.0.1:") and "Traceback" not in done.stderr
+    assert done.stderr.startswith("forwarder healthcheck: unhealthy: http://127.0.0.1:")
+    assert "Traceback" not in done.stderr

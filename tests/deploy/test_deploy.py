@@ -170,7 +170,8 @@ def test_systemd_unit_exposure_is_at_most_1_3(tmp_path: Path) -> None:
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/forwarder", sys.executable))
     result = run([systemd_analyze, "security", "--offline=yes", "--threshold=13", str(unit)], cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-500:]
-    assert re.search(r"Overall exposure level for forwarder.service: (0\.\d|1\.[0-3]) ", result.stdout), result.stdout[-300:]
+    exposure = re.search(r"Overall exposure level for forwarder.service: (0\.\d|1\.[0-3]) ", result.stdout)
+    assert exposure, result.stdout[-300:]
 
 
 REQUIRED_UNIT_SETTINGS = {
@@ -676,7 +677,8 @@ def test_dashboard_queries_use_only_exported_metrics() -> None:
 
 
 def test_stat_panels_of_labelled_or_state_series_show_0_not_no_data_while_scraped() -> None:
-    stats = {p["title"]: p["targets"][0]["expr"] for p in dashboard_panels(dashboard()["panels"]) if p["type"] == "stat"}
+    panels = dashboard_panels(dashboard()["panels"])
+    stats = {p["title"]: p["targets"][0]["expr"] for p in panels if p["type"] == "stat"}
     # forwarder_circuit_open has a series per open circuit only: none at all on a healthy forwarder.
     for title in ("Open circuits", "In outage"):
         assert re.search(r"\)\s+or\s+\(0 \* sum\(up\{", stats[title]), stats[title]

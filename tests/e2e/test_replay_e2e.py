@@ -14,7 +14,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
