@@ -18,7 +18,6 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from forwarder import config as config_mod
 from forwarder import systemd
 from forwarder.intake.auth import CredentialsError, make_authenticator
 from forwarder.delivery.batcher import Batcher, FlushLoop
@@ -26,7 +25,7 @@ from forwarder.buffer.contract import Buffer
 from forwarder.buffer.memory import MemoryBuffer
 from forwarder.delivery.client import EvidentlyClient, Transport
 from forwarder.clock import Clock
-from forwarder.config import Config
+from forwarder.config import Config, LogConfig
 from forwarder.intake.datagram.stage import DatagramIntake
 from forwarder.delivery.deadletter import DeadLetterWriter
 from forwarder.intake.http import Intake
@@ -35,6 +34,7 @@ from forwarder.observability import Metrics, Observer, configure_logging
 from forwarder.intake.probes import serve_metrics
 from forwarder.delivery.rate import RateLimiter
 from forwarder.delivery.sender import Sender
+from forwarder.reload import Live, Reload
 
 
 def make_buffer(config: Config, observer: Observer) -> Buffer:
@@ -51,9 +51,8 @@ class Forwarder:
                  transport: Transport | None = None, credentials: tuple[str, str] | None = None,
                  registry: CollectorRegistry | None = None, process_metrics: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.config = config
-        self._config_path = config_path
         self.log = structlog.get_logger("forwarder")
+        self._reload = Reload(config, config_path, self.live_stages, self.log)
         self.metrics = Metrics(registry, process_collectors=process_metrics)
         self.observer = Observer(self.metrics, self.log)
         self.buffer = make_buffer(config, self.observer)
@@ -74,11 +73,18 @@ class Forwarder:
         except CredentialsError as e:
             raise StartupError(str(e)) from None
         self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer)
+        self.logging = Logging()
         self._metrics_server: web.AppRunner | None = None
         self._signals = Signals(self.log)
         self._crash: BaseException | None = None
         self._closed = False
         watch_pipeline(self.metrics, self.buffer, self.flush_loop.batcher, self.sender, self.limiter)
+        self._reload.table()  # a stage declaring a key that does not exist fails here, not at the first SIGHUP
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force: the one started with, live keys as the last reload left them."""
+        return self._reload.config
 
     # state
 
@@ -135,7 +141,7 @@ class Forwarder:
             gc.collect()
             gc.freeze()
             while await self._signals.next() == "reload":
-                self.reload()
+                await self._signals.unless_stopped(self.reload())  # a stop does not wait for a reload
             await self.shutdown()
         finally:
             self._signals.uninstall()
@@ -185,25 +191,42 @@ class Forwarder:
         self.log.info("stopped", drained=drained, undelivered=left, dropped=dropped,
                       sent=int(self.metrics.registry.get_sample_value("forwarder_events_sent_total") or 0))
 
-    def reload(self) -> None:
-        """Re-read the configuration file; apply live keys, report the others."""
-        self.intake.reload_tls()  # certificate rotation needs no configuration change
-        if self.auth is not None:  # intake.credentials_file / token_file: key and token rotation
-            self.auth.reload()
-        if self._config_path is None:
-            self.log.warning("reload_ignored", reason="no configuration file")
-            return
-        self.config = config_mod.reloaded(self.config, self._config_path, self.live_stages(), self.log)
+    async def reload(self) -> None:
+        """Re-read the configuration file and the stages' files (SIGHUP); apply live keys, report the others."""
+        await self._reload.reload()
 
-    def live_stages(self) -> dict[str, Callable[[Config], None]]:
-        """Each stage named in config.LIVE, applying its section of a reloaded configuration."""
-        return {
-            "log": lambda c: configure_logging(c.log.level, c.log.format),
-            "batch": lambda c: self.flush_loop.reconfigure(c.batch),
-            "retry": lambda c: self.sender.reconfigure(c.retry),
-            "rate": lambda c: self.limiter.reconfigure(c.evidently.effective_initial_rate,
-                                                       c.evidently.effective_max_rate),
-        }
+    async def reload_files(self) -> None:
+        """Re-read the certificate, key, token and credentials files only, with the configuration in force."""
+        await self._reload.reload_files()
+
+    def live_stages(self) -> list[Live]:
+        """The stages a reload walks, each declaring its keys (LIVE_KEYS) and the files it re-reads (FILE_KEYS)."""
+        stages: list[Live] = [self.logging, self.flush_loop, self.sender, self.limiter]
+        if self.intake.tls is not None:
+            stages.append(self.intake.tls)
+        if self.auth is not None:
+            stages.append(self.auth)
+        return stages
+
+    def reloaded_files(self) -> list[str]:
+        """The files reload_files() re-reads (certificates, tokens, credentials): what a watcher watches."""
+        return self._reload.files()
+
+    def live_keys(self) -> dict[str, str]:
+        """Each key a reload applies -> the stage that applies it; every other key needs a restart."""
+        return self._reload.table()
+
+
+class Logging:
+    """The log stage: the level applies on reload; the format is the stream's shape, fixed at start."""
+
+    LIVE_KEYS = ("log.level",)
+
+    def __init__(self, stream: Any = None) -> None:
+        self._stream = stream  # None: standard output
+
+    async def reconfigure(self, log: LogConfig) -> None:
+        configure_logging(log.level, log.format, self._stream)
 
 
 def watch_pipeline(metrics: Metrics, buffer: Buffer, batcher: Batcher, sender: Sender, limiter: RateLimiter) -> None:

@@ -124,9 +124,11 @@ class FlushLoop:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def reconfigure(self, config: BatchConfig) -> None:
-        """New batch limits (live): see ``Batcher.reconfigure``."""
-        self.batcher.reconfigure(config)
+    LIVE_KEYS = ("batch.max_events", "batch.flush_interval")
+
+    async def reconfigure(self, batch: BatchConfig) -> None:
+        """New batch limits (reload): see ``Batcher.reconfigure``."""
+        self.batcher.reconfigure(batch)
 
     async def _run(self) -> None:
         while True:

@@ -63,7 +63,9 @@ class Sender:
     def alive(self) -> bool:
         return bool(self._workers) and all(not t.done() for t in self._workers)
 
-    def reconfigure(self, retry: RetryConfig) -> None:
+    LIVE_KEYS = ("retry.max_elapsed", "retry.initial_backoff", "retry.max_backoff")
+
+    async def reconfigure(self, retry: RetryConfig) -> None:
         """New retry limits (live): each batch is judged by them the next time it is taken,
         the next outage probe and circuit wait by the new backoff."""
         self._retry = retry

@@ -402,7 +402,7 @@ async def test_a_new_initial_backoff_reaches_the_outage_breakers_probes(virtual_
     up_at = 10.0
     rig = Rig(vt, lambda n, p, s: OK if vt.time() >= up_at else DOWN, concurrency=1,
               retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.001, max_backoff=0.01))
-    rig.sender.reconfigure(RetryConfig(max_elapsed=600.0, initial_backoff=0.8, max_backoff=0.01))
+    await rig.sender.reconfigure(RetryConfig(max_elapsed=600.0, initial_backoff=0.8, max_backoff=0.01))
     await rig.run([rig.ledger.batch("p", events(1))])
     times = [t for _, _, t in rig.transport.calls]
     # The retries' own waits stay under max_backoff (0.01 s): the first probe waits the new initial backoff.
