@@ -26,8 +26,8 @@ class CommandError(Exception):
 
 
 def _uvloop() -> None:
-    # Used when installed (the speed extra), not a dependency: benchmarks/RESULTS.md
-    # measured uvloop / asyncio at 0.82-1.02 for the intake and 0.93-1.02 for the sender.
+    # Used when installed (the speed extra), not a dependency: what it buys is in
+    # benchmarks/RESULTS.md, rows "uvloop vs asyncio".
     try:
         import uvloop
     except ImportError:

@@ -10,8 +10,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from forwarder.intake.auth import load_credentials
-from tests.deploy.test_deploy import (CENTRAL, SIDECAR_CHAINED, container_env, find, forwarder_container, tier_config,
-                               tier_documents, workload)
+from tests.deploy.manifests import (CENTRAL, SIDECAR_CHAINED, container_env, find, forwarder_container, tier_config,
+                                    tier_documents, workload)
 
 
 def central_secret_credentials(tmp_path: Path) -> dict[str, str]:
