@@ -1,7 +1,10 @@
 """Wiring and lifecycle: intake -> buffer -> flush loop (batcher) -> sender -> Evidently.
 
-Start-up checks everything that can fail (model, buffer, port) before saying
-ready; shutdown is a sequence of phases under one deadline, like uvicorn's.
+Start-up checks what it can before saying ready: the Evidently model, the
+buffer, the dead-letter directory, the listeners and the intake's credential
+files. It does not check AWS credentials (the chain may only resolve them at
+the first call, and an emulator needs dummy ones). Shutdown is a sequence of
+phases under one deadline, like uvicorn's.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ class Forwarder:
         try:
             await self._start()
         except BaseException:
-            await self.shutdown()
+            await self.shutdown(started=False)
             raise
 
     async def _start(self) -> None:
@@ -139,7 +142,8 @@ class Forwarder:
         await self.datagram.start(self._crashed)
         self._metrics_server = await serve_metrics(self.metrics.registry, self.config, self.status)
         ev = self.config.evidently
-        self.log.info("started", host=self.config.intake.host, port=port, buffer=self.config.buffer.type,
+        self.log.info("started", host=self.config.intake.host, port=port if self.config.intake.port != -1 else None,
+                      unix_socket=self.config.intake.unix_socket or None, buffer=self.config.buffer.type,
                       region=ev.region, region_source=ev.region_source,
                       endpoint=self.client.endpoint if self.client is not None else ev.endpoint_url or None,
                       credentials=self.credentials.method if self.credentials is not None else None,
@@ -175,8 +179,12 @@ class Forwarder:
             self._signals.uninstall()
         return 1 if self._crash is not None else 0
 
-    async def shutdown(self) -> None:
-        """Stop accepting, flush, drain within shutdown.drain_timeout, report, close (idempotent)."""
+    async def shutdown(self, started: bool = True) -> None:
+        """Stop accepting, flush, drain within shutdown.drain_timeout, report, close (idempotent).
+
+        ``started=False``: a start-up that failed; the same phases, without the draining and
+        stopped lines of a daemon that never said it started.
+        """
         if self._closed:
             return
         self._closed = True
@@ -186,8 +194,10 @@ class Forwarder:
         # 1. Stop accepting: new events get 503, /readyz says draining.
         self.intake.stop_accepting()
         await deadline.within(self.datagram.stop(), None)  # what the sockets took goes into the buffer
-        systemd.notify("STOPPING=1\nSTATUS=draining")
-        self.log.info("draining", queue_depth=self.buffer.depth, drain_timeout=self.config.shutdown.drain_timeout)
+        if started:
+            systemd.notify("STOPPING=1\nSTATUS=draining")
+            self.log.info("draining", queue_depth=self.buffer.depth,
+                          drain_timeout=self.config.shutdown.drain_timeout)
 
         # 2. Flush every partial batch into the sender.
         flushed = await deadline.within(self.flush_loop.stop(deadline.remaining()), False)
@@ -211,6 +221,8 @@ class Forwarder:
         if self._metrics_server is not None:
             await self._metrics_server.cleanup()
         await self.buffer.close()
+        if not started:
+            return
         self.log.info("stopped", drained=drained, undelivered=left, dropped=dropped,
                       sent=int(self.metrics.registry.get_sample_value("forwarder_events_sent_total") or 0))
 
