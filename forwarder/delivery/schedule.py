@@ -141,5 +141,9 @@ class Schedule:
         self._waiting = 0
         return batches
 
+    def batches(self) -> list[Batch]:
+        """Read-only: every batch in the schedule, in no particular order."""
+        return [entry[2] for entry in self._heap]
+
     def oldest(self) -> float | None:
         return min((entry.batch.received_at for entry in self._heap if not entry.taken), default=None)

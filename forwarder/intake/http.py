@@ -170,9 +170,10 @@ class Intake:
             body = decode_body(body, encoding, limit)
         now = self._wall()
         n, encoded, errors = read_events(body, kind == "ndjson", now, self._config.max_events_per_request)
+        append_id = 0
         if encoded:
             try:
-                await self._buffer.append(project, encoded, now)
+                append_id = await self._buffer.append(project, encoded, now)
             except BufferFull as e:
                 raise Refusal(429, "ThrottlingException", "the forwarder's buffer is full; retry later",
                               "buffer_full", n, {"Retry-After": str(max(1, round(e.retry_after)))}) from None
@@ -183,6 +184,6 @@ class Intake:
             self._observer.events_received(len(encoded))
         if errors:
             self._observer.events_rejected("validation", len(errors))
-        response = web.Response(body=self._ids.results(n, errors), content_type="application/json")
+        response = web.Response(body=self._ids.results(n, errors, append_id), content_type="application/json")
         response.headers[REQUEST_ID] = request_id()
         return response
