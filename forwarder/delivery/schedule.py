@@ -143,7 +143,7 @@ class Schedule:
 
     def batches(self) -> list[Batch]:
         """Read-only: every batch in the schedule, in no particular order."""
-        return [entry[2] for entry in self._heap]
+        return [entry.batch for entry in self._heap if not entry.taken]
 
     def oldest(self) -> float | None:
         return min((entry.batch.received_at for entry in self._heap if not entry.taken), default=None)
