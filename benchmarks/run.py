@@ -16,7 +16,8 @@ if __package__ in (None, ""):  # run as a script: benchmarks/run.py
 import aiohttp
 
 from benchmarks import (auth_bench, codec_bench, connection_limits, datagram_bench, direct_bench, drain_bench,
-                        intake_bench, latency_bench, machine, memory_bench, report, sender_bench, wrk)
+                        event_throttle_bench, intake_bench, latency_bench, machine, memory_bench, report,
+                        sender_bench, wrk)
 from benchmarks.context import Context
 from benchmarks.procs import DRIVER_CORE, ROOT, SERVER_CORE, pin_self, pinning
 
@@ -34,6 +35,7 @@ BENCHMARKS: dict[str, Bench] = {
     "uvloop": lambda ctx: _both(ctx, intake_bench.uvloop_intake, sender_bench.uvloop_sender),
     "codec": codec_bench.codec,
     "drain": drain_bench.drain,
+    "event-throttles": event_throttle_bench.event_throttles,
     "auth": auth_bench.auth,
     "connections": connection_limits.connections,
     "datagram": datagram_bench.datagram,
@@ -80,6 +82,11 @@ def method(use_wrk: bool) -> list[str]:
         "Backlog drain: `forwarder run` (default concurrency and initial_rate) and `forwarder emulator --quota 200`; "
         "40,000 events posted while the emulator answers 503 for 15 s (or to a forwarder that is then stopped "
         "and restarted on its disk buffer); timed from recovery (or restart) until the emulator holds every event.",
+        "Per-event throttles: `forwarder run` with its defaults (memory buffer, max_rate 1000) and the emulator "
+        "with --throttle-event-rate 0, 0.01 or 0.05; under the quota (--quota 1000) a paced load of 300 POSTs/s "
+        "of 1-10 events to 20 busy and 200 occasional projects for 30 s, goodput counted 2 s after the last POST, "
+        "then drained and checked exactly once against the emulator's recording; above the quota (--quota 100) "
+        "500-event POSTs at 1.3x what the quota carries for 20 s, figures after the first 2 s.",
         "intake.auth: three `forwarder run` (auth none, sigv4, token) with the emulator `--down`, alternated; "
         "sigv4 load is one request pre-signed by botocore before each window and replayed (valid for 5 minutes).",
         f"Logs and configurations of the last run: {LOGS.relative_to(ROOT)}/.",

@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 
 from forwarder.buffer.contract import Lease, Receipt
-from forwarder.delivery.batcher import Batch
+from forwarder.delivery.batch import Batch, FlushReason
 
 
 class FakeClock:
@@ -89,7 +89,8 @@ async def local_server(app: web.Application) -> AsyncIterator[str]:
 class Ledger:
     """A buffer stand-in: hands out leases and records which events come back acknowledged (once each)."""
 
-    def __init__(self, wall) -> None:
+    def __init__(self, wall, capacity: int = 50) -> None:
+        self.capacity = capacity  # batch.max_events of the batches it makes: room for resends to ride
         self.acked: Counter[bytes] = Counter()
         self.depth = 0
         self._wall = wall
@@ -101,6 +102,7 @@ class Ledger:
         self.depth += len(evs)
         batch = Batch(project, self._wall())
         batch.fill(evs, lease, 0)
+        batch.seal(FlushReason.DEADLINE, self.capacity)
         return batch
 
     async def ack(self, receipt: Receipt) -> None:

@@ -52,6 +52,10 @@ class Aimd:
     def resume(self, rate: float, now: float) -> None:
         self._rate, self._last = rate, now
 
+    def ease(self, rate: float, factor: float, now: float) -> float:
+        self._rate = rate * factor
+        return self._rate
+
 
 class ExperimentalCubic(ratelimit.Cubic):
     """CUBIC with the knobs the experiments turn (at their defaults: the shipped CUBIC).
@@ -144,6 +148,10 @@ class Dctcp:
 
     def resume(self, rate: float, now: float) -> None:
         self._rate, self._last = rate, now
+
+    def ease(self, rate: float, factor: float, now: float) -> float:
+        self._rate = rate * factor
+        return self._rate
 
 
 # What --controller may name: the shipped controllers, AIMD for comparison, DCTCP.

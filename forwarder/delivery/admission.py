@@ -194,7 +194,7 @@ class Admission:
         if outcome.throttled:
             self._observer.throttled(outcome.throttled, project)
         if outcome.rate is RateSignal.SUCCESS:
-            self.limiter.on_success()
+            self.limiter.on_success(outcome.entries, outcome.throttled)
         elif outcome.rate is RateSignal.THROTTLE:
             self.limiter.on_throttle(sent_at)
 

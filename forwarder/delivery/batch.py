@@ -31,7 +31,7 @@ class Batch:
 
     __slots__ = ("_project", "_received_at", "_runs", "_size", "_flush_reason", "_attempts", "_first_attempt_at",
                  "_last_attempt_at", "_last_code", "_last_message", "_last_reason", "_maybe_stored",
-                 "_rejection", "_write_failures")
+                 "_rejection", "_write_failures", "_capacity", "_solo")
 
     def __init__(self, project: str, received_at: float) -> None:
         self._project = project
@@ -50,6 +50,8 @@ class Batch:
         self._maybe_stored = False  # an attempt may have stored these events without confirming it
         self._rejection: tuple[str, str] | None = None  # (code, message) of a dead-letter write still to do
         self._write_failures = 0  # failed dead-letter writes in a row
+        self._capacity = 0  # events one call may carry (batch.max_events when it was sealed)
+        self._solo = False  # goes in calls of its own: a call it shared was refused for some event in it
 
     # filling (the batcher)
 
@@ -62,8 +64,10 @@ class Batch:
             runs.append((lease, first, list(events)))
         self._size += len(events)
 
-    def seal(self, reason: FlushReason) -> None:
+    def seal(self, reason: FlushReason, capacity: int) -> None:
+        """Full, due or drained; a call may carry ``capacity`` events (room for resends to ride along)."""
         self._flush_reason = reason
+        self._capacity = capacity
 
     # reading
 
@@ -125,6 +129,15 @@ class Batch:
         return self._rejection
 
     @property
+    def room(self) -> int:
+        """How many more events a call carrying this batch may take: 0 for a batch that goes alone."""
+        return 0 if self._solo else max(0, self._capacity - self._size)
+
+    @property
+    def solo(self) -> bool:
+        return self._solo
+
+    @property
     def outage_retry(self) -> bool:
         """Rescheduled because the service did not answer: due again as soon as an outage ends."""
         return self._last_reason is not None and self._last_reason.outage
@@ -164,6 +177,11 @@ class Batch:
         # back, its dead letter says why the project refused.
         self._first_attempt_at = self._first_attempt_at or wall
         self._last_code, self._last_message = code, message
+
+    def refused_with_others(self) -> None:
+        """A call it shared with other batches was refused for some of its events: from now on it goes
+        alone, so that its own call (and bisection) finds out whether the culprit is here."""
+        self._solo = True
 
     def rejected(self, code: str, message: str) -> int:
         """Its dead-letter write failed: the write is still to do; returns the failed writes in a row."""

@@ -72,9 +72,9 @@ class Batcher:
         return _Open(self._max, deadline, Batch(chunk.project, chunk.received_at))
 
     def _seal(self, project: str, reason: FlushReason) -> Batch:
-        batch = self._open.pop(project).batch
-        batch.seal(reason)
-        return batch
+        filling = self._open.pop(project)
+        filling.batch.seal(reason, filling.max_events)
+        return filling.batch
 
     def next_deadline(self) -> float | None:
         """The earliest deadline on the batcher's clock, or None when nothing is open."""

@@ -16,7 +16,7 @@ from forwarder.delivery import deadletter
 from forwarder.delivery.batch import Batch
 from forwarder.delivery.outcome import Bisect, Deliver, Hold, Plan, Reject, Resend
 from forwarder.delivery.retry import dead_letter_delay, retry_delay
-from forwarder.delivery.schedule import Schedule
+from forwarder.delivery.schedule import RIDE_WAIT, Schedule
 from forwarder.observability import Observer, RetryReason
 
 
@@ -97,7 +97,14 @@ class Effects:
     def _resend(self, batch: Batch, reason: RetryReason, retry_after: float | None) -> None:
         delay = self._backoff(batch, retry_after)
         self._observer.retry_scheduled(reason, len(batch), batch.project, delay, *batch.last_error)
-        self._schedule.put_later(batch, self._clock.monotonic() + delay)
+        due = self._clock.monotonic() + delay
+        if reason.outage or not batch.room:
+            self._schedule.put_later(batch, due)
+            return
+        # An answer about the events: they go with the project's next batch that has
+        # room, or alone after a while, which never takes them past retry.max_elapsed.
+        left = batch.first_attempt_at + self._retry.max_elapsed - self._clock.wall() - delay
+        self._schedule.ride(batch, due, min(RIDE_WAIT, max(0.0, left / 2)))
 
     def _backoff(self, batch: Batch, retry_after: float | None) -> float:
         return retry_delay(max(0, batch.attempts - 1), self._retry.initial_backoff, self._retry.max_backoff,
@@ -107,6 +114,11 @@ class Effects:
         """Its project's circuit is open (refused with ``code``): no call until ``due``."""
         batch.held(self._clock.wall(), code, message)
         self._schedule.put_later(batch, due)
+
+    def alone(self, batch: Batch) -> None:
+        """A call it shared was refused for some event in it: again at once, in a call of its own."""
+        batch.refused_with_others()
+        self._schedule.put_later(batch, self._clock.monotonic())
 
     def later(self, batch: Batch) -> None:
         """Its attempt failed inside the forwarder: try again after its next backoff step."""

@@ -9,6 +9,7 @@ effect's events.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Callable
@@ -98,6 +99,7 @@ class Plan:
     answered: bool  # the service answered: not an outage signal
     throttled: int  # throttling answers to count (whole request or entries)
     ambiguous: bool  # the events may have been stored although not confirmed
+    entries: int = 0  # events the service answered one by one (a 200): ``throttled`` of them are marks
 
     @property
     def refused_project(self) -> Hold | None:
@@ -182,7 +184,7 @@ def _resend(result: CallResult, size: int, reason: RetryReason, retry_after: flo
 
 def _answered(result: CallResult, size: int) -> Plan:
     if not result.failed:
-        return Plan("ok", (Deliver(tuple(range(size))),), RateSignal.SUCCESS, True, 0, False)
+        return Plan("ok", (Deliver(tuple(range(size))),), RateSignal.SUCCESS, True, 0, False, size)
     indexes = [i for i, _, _ in result.failed]
     if len(set(indexes)) != len(indexes) or not all(0 <= i < size for i in indexes):
         # Results that do not match the batch confirm nothing (the client checks this too).
@@ -207,8 +209,31 @@ def _partial(failed: tuple[tuple[int, str, str], ...], size: int) -> Plan:
         _, code, message = retry[0]
         reason = RetryReason.THROTTLED if throttled else RetryReason.PARTIAL
         effects.append(Resend(tuple(sorted(i for i, _, _ in retry)), reason, None, code, message))
-    # A 200 that took most of the batch says the request rate is fine: the
-    # throttled entries are retried with backoff. Cutting the rate on every
-    # partly throttled 200 drove it to the floor (docs/architecture.md, "Rate").
-    rate = RateSignal.THROTTLE if throttled * 2 > size else RateSignal.SUCCESS
-    return Plan("partial", tuple(effects), rate, True, throttled, False)
+    # The call went through: its throttled entries are marks, which the rate
+    # limiter answers in proportion to their share of the entries (DCTCP's
+    # alpha), not with the hard cut of a throttled request (docs/architecture.md, "Rate").
+    return Plan("partial", tuple(effects), RateSignal.SUCCESS, True, throttled, False, size)
+
+
+def split(outcome: Plan, sizes: list[int]) -> list[Plan] | None:
+    """The plan of a call that carried several batches, as one plan per batch (``sizes`` in call order).
+
+    None when the answer cannot be shared out: the service refused the call for
+    some events in it (``Bisect``), which may be in any of the batches.
+    """
+    if any(isinstance(e, Bisect) for e in outcome.effects):
+        return None
+    plans, start = [], 0
+    for size in sizes:
+        stop = start + size
+        effects = tuple(part for e in outcome.effects if (part := _within(e, start, stop)) is not None)
+        plans.append(Plan(outcome.label, effects, outcome.rate, outcome.answered, 0, outcome.ambiguous, 0))
+        start = stop
+    return plans
+
+
+def _within(effect: Effect, start: int, stop: int) -> Effect | None:
+    """The effect on the positions [start, stop), renumbered from 0; None if it names none of them."""
+    assert not isinstance(effect, Bisect)
+    indexes = tuple(i - start for i in effect.indexes if start <= i < stop)
+    return dataclasses.replace(effect, indexes=indexes) if indexes else None

@@ -17,12 +17,27 @@ idle period. Then the controller (``evidently.rate_controller``) owns the rate:
 Benchmarks build their own controllers (``Controller``) and pass them in; the
 configuration accepts only ``SHIPPED_CONTROLLERS`` unless told otherwise.
 
-Only throttling teaches the rate anything: 5xx, timeouts and an unreachable
-endpoint are an outage (``circuits.Endpoint``), not a quota. One decrease per
-round trip: throttles answering requests sent before the last decrease say
-nothing new (TCP's one reduction per window), nor do requests booked before it
-that went out just after, at the old pace (``STALE_BOOKING``). The figures
-behind each choice are in docs/architecture.md ("Rate") and docs/scaling.md.
+Only throttling teaches the rate anything, and two kinds say different things:
+
+* A whole request throttled (429, ``ThrottlingException``) is a loss: the call
+  did not go through, the quota is here. The controller cuts hard (``throttle``).
+  One decrease per round trip: throttles answering requests sent before the
+  last decrease say nothing new (TCP's one reduction per window), nor do
+  requests booked before it that went out just after, at the old pace
+  (``STALE_BOOKING``).
+* Throttled entries inside a 200 are marks, as ECN marks are to DCTCP: the call
+  went through, a few of its events did not. ``alpha`` is a moving average
+  (gain ``MARK_GAIN`` per window) of the fraction of entries throttled, and
+  once per ``MARK_WINDOW`` with marks the rate is cut by ``alpha / 2``
+  (``Controller.ease``) while the controller's growth carries on. A constant
+  1% of throttled entries then costs about 0.5% of the rate per second, which
+  the growth wins back, where a hard cut per mark drove the rate under the
+  load (issue 25). Slow start learns ``alpha`` but is not ended by marks: it
+  lasts about a second and ends at a whole-request throttle or ``max_rate``.
+
+5xx, timeouts and an unreachable endpoint are an outage (``circuits.Endpoint``),
+not a quota. The figures behind each choice are in docs/architecture.md
+("Rate") and docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -42,6 +57,10 @@ STALE_BOOKING = 0.3  # seconds: a call booked before a decrease and sent within 
 # the quota to all of it in under a second (benchmarks/RESULTS.md, "backlog drain").
 SLOW_START_INTERVAL = 0.25
 IDLE_RESTART = 10.0  # seconds without a call after which the next burst starts slow again
+# Per-event throttles (marks) cut the rate at most once per window, by alpha/2;
+# alpha moves by MARK_GAIN of the way to each window's throttled fraction (DCTCP's g).
+MARK_WINDOW = 1.0  # seconds
+MARK_GAIN = 1 / 16
 
 
 class Controller(Protocol):
@@ -51,6 +70,9 @@ class Controller(Protocol):
 
     def resume(self, rate: float, now: float) -> None:
         """Take over at ``rate`` after slow start, keeping what was learnt before it."""
+
+    def ease(self, rate: float, factor: float, now: float) -> float:
+        """A gentle cut (per-event throttles): ``rate * factor``, the growth carrying on from there."""
 
 
 class Cubic:
@@ -81,6 +103,12 @@ class Cubic:
         self._w_max = rate / self._beta
         self._k = self._zero_point()
         self._last_throttle = now
+
+    def ease(self, rate: float, factor: float, now: float) -> float:
+        # The whole curve moves down by the cut, its epoch stays: restarting the
+        # epoch at every small cut would keep CUBIC on its plateau, sinking.
+        self._w_max -= rate * (1 - factor)
+        return rate * factor
 
 
 class ScaledAimd:
@@ -120,6 +148,10 @@ class ScaledAimd:
         # max_rate for the next minute (docs/scaling.md, slow start).
         self._rate, self._last = rate, now
 
+    def ease(self, rate: float, factor: float, now: float) -> float:
+        self._rate = rate * factor  # the slow average, and so the growth, carry on
+        return self._rate
+
 
 class RateLimiter:
     """Paces PutProjectEvents calls at an allowed rate that adapts to throttling."""
@@ -143,7 +175,13 @@ class RateLimiter:
         self.initial_rate, self.max_rate = initial_rate, max_rate
         self.rate = max(MIN_RATE, min(initial_rate, max_rate))
         self._controller: Controller = self._make_controller(self.rate, max_rate, now)
+        self.alpha = 0.0  # moving average of the fraction of entries throttled inside 200s
+        self._open_window(now)
         self._enter_slow_start(now)
+
+    def _open_window(self, now: float) -> None:
+        self._window_start = now
+        self._window_entries = self._window_marks = 0
 
     def _enter_slow_start(self, now: float) -> None:
         self.slow_start = self.rate < self.max_rate
@@ -196,17 +234,30 @@ class RateLimiter:
             self._bucket_start, self._bucket_count = now, 0
         self._bucket_count += 1
 
-    def on_success(self) -> None:
+    def on_success(self, entries: int = 0, throttled: int = 0) -> None:
+        """The service took a call (a 200) of ``entries`` events, ``throttled`` of which it throttled."""
         now = self._clock()
         self._refill(now)
         if self.slow_start:
             self._grow(now)
+        else:
+            rate = self._controller.success(now)
+            # Do not grow far beyond what we actually send: an idle forwarder must
+            # not wake up with a rate the account has never tolerated.
+            ceiling = max(2 * self.measured, self.rate)
+            self._set(min(rate, ceiling), "success")
+        self._mark(entries, throttled, now)
+
+    def _mark(self, entries: int, throttled: int, now: float) -> None:
+        """DCTCP's rule: alpha follows each window's throttled fraction; a window with marks cuts alpha/2."""
+        self._window_entries += entries
+        self._window_marks += throttled
+        if now - self._window_start < MARK_WINDOW or not self._window_entries:
             return
-        rate = self._controller.success(now)
-        # Do not grow far beyond what we actually send: an idle forwarder must
-        # not wake up with a rate the account has never tolerated.
-        ceiling = max(2 * self.measured, self.rate)
-        self._set(min(rate, ceiling), "success")
+        self.alpha += MARK_GAIN * (self._window_marks / self._window_entries - self.alpha)
+        if self._window_marks and not self.slow_start:
+            self._set(self._controller.ease(self.rate, 1 - self.alpha / 2, now), "marked")
+        self._open_window(now)
 
     def _grow(self, now: float) -> None:
         if now - self._grown_at < SLOW_START_INTERVAL:
@@ -231,6 +282,9 @@ class RateLimiter:
             self._leave_slow_start(now)
         base = min(self.rate, self.measured) if self.measured else self.rate
         self._set(self._controller.throttle(base, now), "throttled")
+        # Marks of the calls before this cut are answered by it: the next gentle
+        # cut is a window away at the earliest.
+        self._open_window(now)
 
     def _set(self, rate: float, reason: str) -> None:
         self.rate = max(MIN_RATE, min(self.max_rate, rate))

@@ -18,7 +18,7 @@ from forwarder.delivery.admission import OUTAGE_AFTER, Admission, Lesson, Turn
 from forwarder.delivery.batch import Batch
 from forwarder.delivery.client import Transport, describe
 from forwarder.delivery.effects import Acker, DeadLetterSink, Effects
-from forwarder.delivery.outcome import Plan, plan
+from forwarder.delivery.outcome import Plan, plan, split
 from forwarder.delivery.rate import RateLimiter
 from forwarder.delivery.schedule import Schedule
 from forwarder.observability import Observer
@@ -134,21 +134,34 @@ class Sender:
                 self._idle.set()
 
     async def _handle(self, batch: Batch) -> None:
+        parts = [batch]  # the batches its call carries: it, and those that went along
         try:
-            answered = await self._attempt(batch)
+            answered = await self._attempt(batch, parts)
         except Exception as e:  # one bad batch must not kill the worker; nothing of it was resolved
-            self._observer.send_failed(batch.project, len(batch), e)
-            self._effects.later(batch)
+            for part in parts:
+                self._observer.send_failed(part.project, len(part), e)
+                self._effects.later(part)
+            self._untake(parts[1:])
             return
         if answered is not None:
-            outcome, lesson = answered
+            plans, lesson = answered
             self._act_on(lesson)
             # Not caught: effects that can fail on their own (the dead-letter write)
             # are handled where they fail; anything else is a bug and crashes loudly.
-            await self._effects.apply(batch, outcome, lesson.reopen_at)
+            for part, outcome in zip(parts, plans):
+                if outcome is None:  # refused for some event of a call it shared
+                    self._effects.alone(part)
+                else:
+                    await self._effects.apply(part, outcome, lesson.reopen_at)
+        self._untake(parts[1:])
 
-    async def _attempt(self, batch: Batch) -> tuple[Plan, Lesson] | None:
-        """Call PutProjectEvents for the batch when it may go; its plan and lesson, None if it did not go."""
+    def _untake(self, parts: list[Batch]) -> None:
+        for part in parts:
+            self._taken.pop(id(part), None)
+
+    async def _attempt(self, batch: Batch, parts: list[Batch]) -> tuple[list[Plan | None], Lesson] | None:
+        """Call PutProjectEvents for the batch when it may go, with the batches that go along (added to
+        ``parts``); a plan per part and the lesson, None if it did not go."""
         rejection = batch.rejection
         if rejection is not None:  # its dead-letter write failed before: no call, write it again
             await self._effects.dead_letter(batch, *rejection)
@@ -162,25 +175,39 @@ class Sender:
                 # As the probe it may have waited out a long outage: then it is not sent.
                 why = self._expired(batch) if turn.probe else None
                 if why is None:
-                    return await self._call(batch, turn)
+                    self._along(batch, parts, turn)
+                    return await self._call(parts, turn)
         self.admission.released(batch.project, id(batch))
         await self._effects.expire(batch, **why)
         return None
 
-    async def _call(self, batch: Batch, turn: Turn) -> tuple[Plan, Lesson]:
-        batch.attempt(self._clock.wall())
+    def _along(self, batch: Batch, parts: list[Batch], turn: Turn) -> None:
+        """Resends (and waiting fresh batches) of the project that fit go in this call too."""
+        if turn.project_probe:
+            return  # a probe of a refused project risks its own events only
+        for other in self._schedule.along(batch, lambda b: b.rejection is None and self._expired(b) is None):
+            self._taken[id(other)] = other
+            parts.append(other)
+
+    async def _call(self, parts: list[Batch], turn: Turn) -> tuple[list[Plan | None], Lesson]:
+        wall = self._clock.wall()
+        for part in parts:
+            part.attempt(wall)
+        events = parts[0].events if len(parts) == 1 else [e for part in parts for e in part.events]
         started = self._clock.monotonic()
         self.inflight += 1
         try:
-            result = await self._transport.put_events(batch.project, batch.events)
+            result = await self._transport.put_events(parts[0].project, events)
         finally:
             self.inflight -= 1
-        outcome = plan(result, len(batch))
+        outcome = plan(result, len(events))
         self._observer.request_done(outcome.label, self._clock.monotonic() - started)
-        duplicates = batch.result(result, outcome)
+        plans: list[Plan | None] = [outcome] if len(parts) == 1 else split(outcome, [len(p) for p in parts]) \
+            or [None] * len(parts)
+        duplicates = sum(part.result(result, p or outcome) for part, p in zip(parts, plans))
         if duplicates:
             self._observer.possible_duplicates(duplicates)
-        return outcome, self.admission.learn(turn, outcome, describe(result))
+        return plans, self.admission.learn(turn, outcome, describe(result))
 
     def _act_on(self, lesson: Lesson) -> None:
         """What the endpoint's outage breaker learned: log it; at the end of an outage its retries go at once."""

@@ -34,6 +34,8 @@ EXPECTED_ROWS = (
     "intake, 1 event/POST, intake.auth = sigv4",
     "intake, 1 event/POST, intake.auth = token",
     "connection flood:",
+    "goodput, 1% of events throttled, demand under the quota",
+    "accepted calls at a 100 calls/s quota, 1% of events throttled",
 )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from forwarder.delivery.outcome import (Bisect, Deliver, Hold, Plan, RateSignal, Reject, Resend, plan)
+from forwarder.delivery.outcome import (Bisect, Deliver, Hold, Plan, RateSignal, Reject, Resend, plan,
+                                        split)
 from forwarder.delivery.retry import CallResult, RetryReason, no_answer
 
 R = RetryReason
@@ -22,7 +23,7 @@ def client_error(effect):
 
 
 @pytest.mark.parametrize("result, size, expected", [
-    (CallResult(200), 50, Plan("ok", (Deliver(ALL),), SUCCESS, True, 0, False)),
+    (CallResult(200), 50, Plan("ok", (Deliver(ALL),), SUCCESS, True, 0, False, 50)),
     # throttling: the quota is here, the rate learns it
     (CallResult(429, "ThrottlingException", "slow", retry_after=2.0), 50,
      resend(R.THROTTLED, "ThrottlingException", "slow", 2.0, rate=THROTTLE, throttled=1)),
@@ -72,13 +73,31 @@ def test_a_partial_failure_delivers_the_rest_dead_letters_the_hopeless_and_resen
         Deliver((0, 2)),
         Reject((3, 5), "ValidationException", "bad data"),
         Resend((1, 4), R.THROTTLED, None, "ThrottlingException", "slow"),
-    ), SUCCESS, True, 1, False)
+    ), SUCCESS, True, 1, False, 6)
 
 
-@pytest.mark.parametrize("throttled, size, rate", [(1, 10, SUCCESS), (5, 10, SUCCESS), (6, 10, THROTTLE)])
-def test_a_partly_throttled_answer_cuts_the_rate_only_when_most_entries_were_throttled(throttled, size, rate):
+@pytest.mark.parametrize("throttled, size", [(1, 1), (1, 10), (6, 10), (50, 50)])
+def test_throttled_entries_of_a_200_are_marks_for_the_rate_however_many_not_a_throttled_request(throttled, size):
+    # A resend of one event throttled again is all of its entries: it must not cut like a 429 (issue 25).
     failed = tuple((i, "ThrottlingException", "") for i in range(throttled))
-    assert plan(CallResult(200, failed=failed), size).rate is rate
+    outcome = plan(CallResult(200, failed=failed), size)
+    assert (outcome.rate, outcome.entries, outcome.throttled) == (SUCCESS, size, throttled)
+
+
+def test_a_call_that_carried_several_batches_shares_its_answer_out_per_batch():
+    result = CallResult(200, failed=((1, "ThrottlingException", "slow"), (3, "ValidationException", "bad"),
+                                     (4, "ThrottlingException", "slow")))
+    first, second, third = split(plan(result, 6), [3, 2, 1])
+    assert first.effects == (Deliver((0, 2)), Resend((1,), R.THROTTLED, None, "ThrottlingException", "slow"))
+    assert second.effects == (Reject((0,), "ValidationException", "bad"),
+                              Resend((1,), R.THROTTLED, None, "ThrottlingException", "slow"))
+    assert third.effects == (Deliver((0,)),)
+    assert split(plan(CallResult(503), 3), [2, 1])[1].effects == (
+        Resend((0,), R.SERVER_ERROR, None, "HTTP503", ""),)
+
+
+def test_a_call_of_several_batches_refused_for_some_event_cannot_be_shared_out():
+    assert split(plan(CallResult(400, "ValidationException", "bad"), 6), [3, 3]) is None
 
 
 def test_retryable_entries_other_than_throttling_resend_as_partial():

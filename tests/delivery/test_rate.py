@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from forwarder.config import ConfigError, EvidentlyConfig, from_dict
-from forwarder.delivery.rate import SHIPPED_CONTROLLERS, MIN_RATE, Cubic, RateLimiter, ScaledAimd
+from forwarder.delivery.rate import (MARK_GAIN, MARK_WINDOW, MIN_RATE, SHIPPED_CONTROLLERS, Cubic, RateLimiter,
+                                     ScaledAimd)
 from tests.fakes import FakeClock
 
 
@@ -163,12 +164,15 @@ class Quota:
         return False
 
 
-async def drain(limiter: RateLimiter, vt, seconds: float, quota: float | None = None) -> tuple[list[float], list[bool]]:
-    """Calls as fast as the limiter allows for ``seconds``, answered at once against ``quota``:
-    the rate at the end of each second, and per call whether it was throttled after the first 2 s."""
+async def drain(limiter: RateLimiter, vt, seconds: float, quota: float | None = None,
+                marked: float = 0.0) -> tuple[list[float], list[bool]]:
+    """Calls of 50 events as fast as the limiter allows for ``seconds``, answered at once against
+    ``quota``, with a steady ``marked`` fraction of the entries of each 200 throttled: the rate at
+    the end of each second, and per call whether it was throttled after the first 2 s."""
     bucket = Quota(quota, vt.time) if quota else None
     start = vt.time()
     rates, throttled, next_mark = [], [], start + 1.0
+    answered = 0
     while vt.time() < start + seconds:
         sent_at = await limiter.acquire()
         if bucket is not None and not bucket.take():
@@ -176,7 +180,9 @@ async def drain(limiter: RateLimiter, vt, seconds: float, quota: float | None = 
             if vt.time() >= start + 2.0:
                 throttled.append(True)
         else:
-            limiter.on_success()
+            marks = int((answered + 1) * 50 * marked) - int(answered * 50 * marked)
+            answered += 1
+            limiter.on_success(50, marks)
             if vt.time() >= start + 2.0:
                 throttled.append(False)
         if vt.time() >= next_mark:
@@ -299,3 +305,138 @@ def test_a_controller_passed_in_by_its_caller_is_valid_for_it_alone_and_paces_th
         from_dict(raw, {})
     with pytest.raises(StartupError, match="evidently.rate_controller must be one of cubic, scaled, got 'halving'"):
         Forwarder(config, registry=CollectorRegistry(), process_metrics=False)
+
+
+# Per-event throttles: marks, answered in proportion (DCTCP's alpha)
+
+class Steady:
+    """A controller that holds its rate: whatever the limiter's rate does, the marks did."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+
+    def success(self, now: float) -> float:
+        return self._rate
+
+    def throttle(self, rate: float, now: float) -> float:
+        self._rate = rate / 2
+        return self._rate
+
+    def resume(self, rate: float, now: float) -> None:
+        self._rate = rate
+
+    def ease(self, rate: float, factor: float, now: float) -> float:
+        self._rate = rate * factor
+        return self._rate
+
+
+def limiter_past_slow_start(controller: str = "", rate: float = 100.0) -> tuple[RateLimiter, FakeClock]:
+    """At max_rate from the start, so the controller (a shipped one, or ``Steady``) owns the rate."""
+    clock = FakeClock(0.0)
+    factory = SHIPPED_CONTROLLERS[controller] if controller else (lambda rate, max_rate, now: Steady(rate))
+    limiter = RateLimiter(rate, rate, factory, clock=clock)
+    assert not limiter.slow_start
+    return limiter, clock
+
+
+def test_alpha_follows_the_throttled_fraction_of_entries_and_a_window_with_marks_cuts_alpha_over_two():
+    limiter, clock = limiter_past_slow_start()
+    clock.advance(MARK_WINDOW)
+    limiter.on_success(100, 10)  # 10% of a window's entries throttled
+    alpha = MARK_GAIN * 0.10
+    assert limiter.alpha == pytest.approx(alpha)
+    assert limiter.rate == pytest.approx(100.0 * (1 - alpha / 2))
+    rate = limiter.rate
+    clock.advance(MARK_WINDOW / 2)
+    limiter.on_success(100, 10)  # within the window: counted, no cut yet
+    assert (limiter.alpha, limiter.rate) == (pytest.approx(alpha), pytest.approx(rate))
+    clock.advance(MARK_WINDOW / 2)
+    limiter.on_success(100, 30)  # the window: 40 of 200 entries
+    alpha += MARK_GAIN * (0.20 - alpha)
+    assert limiter.alpha == pytest.approx(alpha)
+    assert limiter.rate == pytest.approx(rate * (1 - alpha / 2))
+    rate = limiter.rate
+    clock.advance(MARK_WINDOW)
+    limiter.on_success(200, 0)  # a window without marks: alpha decays, no cut
+    assert limiter.alpha == pytest.approx(alpha * (1 - MARK_GAIN))
+    assert limiter.rate == pytest.approx(rate)
+
+
+def test_a_call_whose_only_entry_was_throttled_cuts_a_little_not_like_a_whole_request_throttle():
+    # A resend of one event, throttled again: all of its one entry. It used to cut like a 429.
+    limiter, clock = limiter_past_slow_start("cubic")
+    clock.advance(MARK_WINDOW)
+    limiter.on_success(1, 1)
+    assert limiter.rate == pytest.approx(100.0 * (1 - MARK_GAIN / 2))
+    assert limiter.rate > 0.95 * 100.0
+
+
+@pytest.mark.parametrize("controller", ["cubic", "scaled"])
+@pytest.mark.parametrize(("marked", "floor"), [(0.01, 0.95), (0.05, 0.9)])
+async def test_a_constant_small_fraction_of_throttled_entries_moves_the_rate_by_a_bounded_amount(
+        virtual_time, controller, marked, floor):
+    limiter = RateLimiter(20.0, 200.0, SHIPPED_CONTROLLERS[controller], clock=virtual_time.time)
+    rates, _ = await drain(limiter, virtual_time, 60.0, marked=marked)
+    assert limiter.alpha == pytest.approx(marked, rel=0.1)  # it learns the fraction...
+    assert min(rates[2:]) >= floor * 200.0, rates  # ...and the cuts it takes stay small
+
+
+@pytest.mark.parametrize("controller", ["cubic", "scaled"])
+async def test_against_a_quota_with_1_percent_of_entries_throttled_the_rate_stays_at_the_quota(
+        virtual_time, controller):
+    limiter = RateLimiter(100.0, 1000.0, SHIPPED_CONTROLLERS[controller], clock=virtual_time.time)
+    rates, throttled = await drain(limiter, virtual_time, 30.0, quota=200.0, marked=0.01)
+    accepted = throttled.count(False) / 28.0
+    assert accepted >= 0.9 * 200.0
+    assert sum(throttled) / len(throttled) <= 0.10
+
+
+def test_a_whole_request_throttle_still_cuts_by_the_controllers_beta_whatever_the_marks():
+    limiter, clock = limiter_past_slow_start("cubic")
+    for _ in range(5):
+        clock.advance(MARK_WINDOW)
+        limiter.on_success(50, 1)
+    rate = limiter.rate
+    assert rate > 0.99 * 100.0
+    limiter.on_throttle(clock())
+    assert limiter.rate == pytest.approx(0.7 * rate)
+
+
+def test_after_a_whole_request_throttle_the_next_gentle_cut_is_a_window_away():
+    limiter, clock = limiter_past_slow_start()
+    clock.advance(MARK_WINDOW)
+    limiter.on_success(50, 0)  # alpha's window closes without marks
+    clock.advance(MARK_WINDOW - 0.1)
+    limiter.on_throttle(clock())
+    cut = limiter.rate
+    clock.advance(0.2)  # the marks of calls sent before the cut come back
+    limiter.on_success(50, 25)
+    assert limiter.rate == pytest.approx(cut)
+    clock.advance(MARK_WINDOW)
+    limiter.on_success(50, 0)
+    assert limiter.rate < cut  # a window later they count
+
+
+async def test_marks_in_slow_start_are_learnt_but_neither_cut_the_rate_nor_end_slow_start(virtual_time):
+    limiter = RateLimiter(20.0, 200.0, clock=virtual_time.time)
+    rates, _ = await drain(limiter, virtual_time, 0.9, marked=0.5)
+    assert limiter.slow_start and limiter.rate == 160.0  # 20 -> 40 -> 80 -> 160, 0.25 s apart
+    assert limiter.alpha == 0.0  # no window closed yet
+    await drain(limiter, virtual_time, 0.2, marked=0.5)
+    assert not limiter.slow_start and limiter.rate == 200.0  # max_rate reached: slow start's own end
+    assert limiter.alpha == pytest.approx(MARK_GAIN * 0.5)
+
+
+def test_cubic_eases_by_moving_its_curve_down_without_restarting_its_epoch():
+    cubic = Cubic(10.0, now=0.0)
+    cubic.throttle(100.0, now=0.0)
+    k = (100.0 * 0.3 / 0.4) ** (1 / 3)
+    assert cubic.ease(80.0, 0.9, now=1.0) == pytest.approx(72.0)
+    assert cubic.success(now=k) == pytest.approx(92.0)  # the plateau, 8 lower, at the same time
+
+
+def test_the_scaled_controller_eases_to_the_cut_rate_and_grows_on_from_it():
+    controller = ScaledAimd(50.0, 0.0, 100.0)
+    rate = controller.success(now=1.0)
+    assert controller.ease(rate, 0.9, now=1.0) == pytest.approx(0.9 * rate)
+    assert 0.9 * rate < controller.success(now=1.5) < 0.9 * rate + 2.5  # half a second of its growth

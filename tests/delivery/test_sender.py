@@ -76,6 +76,68 @@ async def test_partial_failure_resends_only_throttled_events_and_dead_letters_in
     assert rig.metric("forwarder_events_failed_total", {"code": "ValidationException"}) == 1.0
 
 
+PATIENT = RetryConfig(max_elapsed=60.0, initial_backoff=0.1, max_backoff=1.0)
+
+
+async def test_throttled_events_ride_with_their_projects_next_batch_instead_of_a_call_of_their_own(virtual_time):
+    first, fresh, other = support.events(10, "a"), support.events(10, "b"), support.events(3, "c")
+
+    def answer(n, project, sent):
+        return CallResult(200, failed=((1, "ThrottlingException", ""), (2, "ThrottlingException", ""))) \
+            if n == 0 else OK
+
+    rig = Rig(virtual_time, answer, retry=PATIENT)
+    await rig.sender.start(rig.crashes.append)
+    await rig.sender.send(rig.ledger.batch("p", first))
+    await asyncio.sleep(0.5)  # past the resend's backoff (at most 0.1 s)
+    await rig.sender.send(rig.ledger.batch("q", other))  # another project's batch does not take them
+    sent_at = virtual_time.time()
+    await rig.sender.send(rig.ledger.batch("p", fresh))
+    assert await rig.sender.drain(10.0)
+    calls = [(project, events, at) for project, events, at in rig.transport.calls]
+    assert calls == [("p", first, calls[0][2]), ("q", other, sent_at), ("p", fresh + first[1:3], sent_at)]
+    assert rig.ledger.acked == Counter(first + fresh + other)  # each once
+    assert rig.limiter.rate == 100_000.0  # two marks of ten entries: no hard cut
+
+
+async def test_a_resend_no_batch_comes_for_goes_alone_after_the_wait_taking_its_projects_other_resends(virtual_time):
+    from forwarder.delivery.schedule import RIDE_WAIT
+
+    batches = [support.events(30, "a"), support.events(30, "b")]  # too big to share a call
+
+    def answer(n, project, sent):
+        return CallResult(200, failed=((0, "ThrottlingException", ""),)) if n < 2 else OK
+
+    rig = Rig(virtual_time, answer, retry=PATIENT)
+    await rig.run([rig.ledger.batch("p", evs) for evs in batches])
+    (_, _, first), (_, _, second), (_, resent, at) = rig.transport.calls
+    assert sorted(resent) == sorted([batches[0][0], batches[1][0]])  # one call for both
+    assert at <= max(first, second) + 0.2 + RIDE_WAIT  # within the backoff (0.1 s each) and the wait
+    assert rig.ledger.acked == Counter(batches[0] + batches[1])
+
+
+async def test_a_shared_call_refused_for_one_event_sends_each_batch_alone_so_only_the_culprit_is_dead_lettered(
+        virtual_time):
+    first, fresh = support.events(4, "a"), support.events(3, "b")
+    poison = fresh[1]
+
+    def answer(n, project, sent):
+        if n == 0:
+            return CallResult(200, failed=((0, "ThrottlingException", ""),))
+        return CallResult(400, "ValidationException", "malformed") if poison in sent else OK
+
+    rig = Rig(virtual_time, answer, retry=PATIENT)
+    await rig.sender.start(rig.crashes.append)
+    await rig.sender.send(rig.ledger.batch("p", first))
+    await asyncio.sleep(0.5)
+    await rig.sender.send(rig.ledger.batch("p", fresh))
+    assert await rig.sender.drain(30.0)
+    assert rig.transport.calls[1][1] == fresh + first[:1]  # rode along, and was refused with it
+    assert rig.dead.events() == [poison]
+    assert rig.ledger.acked == Counter(first + fresh)
+    assert rig.transport.delivered == Counter(e for e in first + fresh if e != poison)
+
+
 async def test_one_refused_event_in_a_batch_that_fails_as_a_whole_is_isolated_by_bisection(virtual_time):
     evs = support.events(50)
     poison = evs[37]
