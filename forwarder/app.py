@@ -21,7 +21,7 @@ from forwarder.intake.auth import CredentialsError, make_authenticator
 from forwarder.delivery.batcher import Batcher, FlushLoop
 from forwarder.buffer.contract import Buffer
 from forwarder.buffer.memory import MemoryBuffer
-from forwarder.delivery.client import EvidentlyClient, Transport
+from forwarder.delivery.client import ClientCertError, EvidentlyClient, Transport
 from forwarder.clock import Clock
 from forwarder.config import Config
 from forwarder.intake.datagram.stage import DatagramIntake
@@ -32,6 +32,7 @@ from forwarder.observability import Metrics, Observer, configure_logging
 from forwarder.intake.probes import serve_metrics
 from forwarder.delivery.rate import RateLimiter
 from forwarder.delivery.sender import Sender
+from forwarder.watch import FileWatch
 
 
 def make_buffer(config: Config, observer: Observer) -> Buffer:
@@ -71,6 +72,8 @@ class Forwarder:
         except CredentialsError as e:
             raise StartupError(str(e)) from None
         self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer)
+        # Renewed certificates and rotated credentials are picked up with no signal (forwarder/watch.py).
+        self.files = FileWatch(watched_files(config), self._files_changed)
         self._metrics_server: web.AppRunner | None = None
         self._signals = Signals(self.log)
         self._crash: BaseException | None = None
@@ -106,11 +109,15 @@ class Forwarder:
         _check_writable(self.config.dead_letter.path, "dead_letter.path")
         self.observer.buffer_recovered(await self.buffer.open(self._crashed), self.config.buffer.path)
         if self.client is not None:
-            await self.client.start()
+            try:
+                await self.client.start()
+            except ClientCertError as e:
+                raise StartupError(str(e)) from None
         await self.sender.start(self._crashed)
         self.flush_loop.start(self._crashed)
         port = await self.intake.start()
         await self.datagram.start(self._crashed)
+        self.files.start(self._crashed)
         self._metrics_server = await serve_metrics(self.metrics.registry, self.config)
         self.log.info("started", host=self.config.intake.host, port=port, buffer=self.config.buffer.type,
                       region=self.config.evidently.region, endpoint_url=self.config.evidently.endpoint_url or None,
@@ -147,6 +154,7 @@ class Forwarder:
 
         # 1. Stop accepting: new events get 503, /readyz says draining.
         self.intake.stop_accepting()
+        await self.files.close()
         await deadline.within(self.datagram.stop(), None)  # what the sockets took goes into the buffer
         systemd.notify("STOPPING=1\nSTATUS=draining")
         self.log.info("draining", queue_depth=self.buffer.depth, drain_timeout=self.config.shutdown.drain_timeout)
@@ -173,11 +181,26 @@ class Forwarder:
         self.log.info("stopped", drained=drained, undelivered=left, dropped=dropped,
                       sent=int(self.metrics.registry.get_sample_value("forwarder_events_sent_total") or 0))
 
-    def reload(self) -> None:
-        """Re-read the configuration file; apply live keys, report the others."""
+    def reload_files(self) -> None:
+        """Re-read the certificates and credentials files (SIGHUP, or a change on disk); each keeps the old on error."""
         self.intake.reload_tls()  # certificate rotation needs no configuration change
         if self.auth is not None:  # intake.credentials_file / token_file: key and token rotation
             self.auth.reload()
+        if self.client is not None and self.config.evidently.client_cert_file:
+            try:
+                self.client.reload_client_cert()
+            except ClientCertError as e:
+                self.log.error("reload_failed", error=str(e), kept="the client certificate in use")
+            else:
+                self.log.info("client_cert_reloaded", cert_file=self.config.evidently.client_cert_file)
+
+    def _files_changed(self, paths: list[str]) -> None:
+        self.log.info("files_changed", paths=paths)
+        self.reload_files()
+
+    def reload(self) -> None:
+        """Re-read the certificates and credentials, and the configuration file; apply live keys, report the others."""
+        self.reload_files()
         if self._config_path is None:
             self.log.warning("reload_ignored", reason="no configuration file")
             return
@@ -192,6 +215,14 @@ class Forwarder:
             "rate": lambda c: self.limiter.reconfigure(c.evidently.effective_initial_rate,
                                                        c.evidently.effective_max_rate),
         }
+
+
+def watched_files(config: Config) -> list[str]:
+    """The files reload_files reads: TLS pair and client CAs, the credentials or token file, the client pair."""
+    i, ev = config.intake, config.evidently
+    auth = {"sigv4": i.credentials_file, "token": i.token_file}.get(i.auth, "")
+    return [path for path in (i.tls_cert_file, i.tls_key_file, i.tls_client_ca_file, auth,
+                              ev.client_cert_file, ev.client_key_file) if path]
 
 
 def watch_pipeline(metrics: Metrics, buffer: Buffer, batcher: Batcher, sender: Sender, limiter: RateLimiter) -> None:

@@ -38,7 +38,7 @@ class IntakeConfig:
     port: int = 8080
     max_body_bytes: int = 1_048_576
     max_events_per_request: int = 500
-    auth: str = "none"  # "none", "sigv4" (against credentials_file) or "token" (against token_file)
+    auth: str = "none"  # "none", "sigv4" (credentials_file), "token" (token_file) or "mtls" (tls_client_ca_file)
     credentials_file: str = ""  # AWS shared-credentials file: one profile per accepted key pair
     token_file: str = ""  # one bearer token per line
     allow_unauthenticated: bool = False  # auth = "none" on a non-loopback host, on purpose
@@ -47,6 +47,8 @@ class IntakeConfig:
     unix_socket_mode: str = "0660"  # octal permission bits of the socket file
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the TCP listener speaks TLS 1.2+
     tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # auth = "mtls": PEM bundle of the CAs whose client certificates are accepted
+    tls_allowed_identities: tuple[str, ...] = ()  # auth = "mtls": SAN URI/DNS or subject CN; () admits any
     # Connections (forwarder/intake/connections.py).
     max_connections: int = 4096  # lowered at start to fit RLIMIT_NOFILE
     idle_timeout: float = 60.0  # seconds a connection may wait for its next request's headers to complete
@@ -94,6 +96,11 @@ class EvidentlyConfig:
     max_rate: float = 0.0  # requests/s; 0 means the region's published quota
     request_timeout: float = 10.0
     rate_controller: str = "cubic"  # "scaled" for a fleet of many forwarders on one quota
+    # A client certificate chain and key (PEM) presented to an https endpoint_url: a central tier's mTLS intake
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    # false: calls go out unsigned (no AWS credentials needed), for a central tier with intake.auth = "mtls"
+    sign_requests: bool = True
 
     @property
     def effective_max_rate(self) -> float:
@@ -227,7 +234,8 @@ def _env_values(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[Any, 
     return out
 
 
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "tuple[str, ...]": "a list of strings"}
 
 
 def _parse_env(var: str, key: str, typ: Any, text: str) -> Any:
@@ -239,6 +247,8 @@ def _parse_env(var: str, key: str, typ: Any, text: str) -> Any:
             return float(text)
         if typ == "bool":
             return {"true": True, "false": False}[text.lower()]
+        if typ.startswith("tuple"):  # a list: comma-separated
+            return tuple(item.strip() for item in text.split(",") if item.strip())
     except (ValueError, KeyError):
         raise ConfigError(f"{key} must be {_TYPE_NAMES.get(typ, typ)}, got {text!r} (set by {var})") from None
     return text
@@ -252,6 +262,8 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
         want = by_name[key].type if isinstance(by_name[key].type, str) else by_name[key].type.__name__
         if want == "float" and isinstance(value, int) and not isinstance(value, bool):
             values[key] = value = float(value)
+        elif want.startswith("tuple") and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            values[key] = value = tuple(value)
         elif not _is_type(value, want):
             raise ConfigError(f"{section}.{key} must be {_TYPE_NAMES.get(want, want)}, got {value!r}")
         if want == "float" and not math.isfinite(value):
@@ -325,11 +337,12 @@ def _validate(c: Config) -> None:
     _range("intake.max_header_bytes", c.intake.max_header_bytes, 4096, 1_048_576)
     _range("intake.max_body_bytes", c.intake.max_body_bytes, 1024)
     _range("intake.max_events_per_request", c.intake.max_events_per_request, 1)
-    _choice("intake.auth", c.intake.auth, ("none", "sigv4", "token"))
+    _choice("intake.auth", c.intake.auth, ("none", "sigv4", "token", "mtls"))
     _check(c.intake.auth != "sigv4" or bool(c.intake.credentials_file),
            "intake.credentials_file must be set when intake.auth is 'sigv4'")
     _check(c.intake.auth != "token" or bool(c.intake.token_file),
            "intake.token_file must be set when intake.auth is 'token'")
+    _validate_mtls(c.intake)
     _check(c.intake.auth != "none" or is_loopback_host(c.intake.host) or c.intake.allow_unauthenticated,
            f"intake.host = {c.intake.host!r} is not a loopback address and intake.auth is 'none': anyone who reaches "
            "it could write events into your Evidently projects; set intake.auth = 'sigv4' or 'token', or "
@@ -351,6 +364,14 @@ def _validate(c: Config) -> None:
     if c.evidently.default_project:
         problem = project_error(c.evidently.default_project)
         _check(problem is None, f"evidently.default_project is invalid: {problem}")
+    _check(bool(c.evidently.client_cert_file) == bool(c.evidently.client_key_file),
+           "evidently.client_cert_file and evidently.client_key_file must be set together")
+    _check(not c.evidently.client_cert_file or c.evidently.endpoint_url.startswith("https://"),
+           "evidently.client_cert_file is presented over TLS only: evidently.endpoint_url must be an https:// URL "
+           "(a central tier's intake)")
+    _check(c.evidently.sign_requests or bool(c.evidently.endpoint_url),
+           "evidently.sign_requests = false needs evidently.endpoint_url (a central tier's intake): AWS itself "
+           "refuses unsigned calls")
     _range("evidently.concurrency", c.evidently.concurrency, 1, 1024)
     _rate("evidently.initial_rate", c.evidently.initial_rate)
     _rate("evidently.max_rate", c.evidently.max_rate)
@@ -368,6 +389,20 @@ def _validate(c: Config) -> None:
     _range("shutdown.drain_timeout", c.shutdown.drain_timeout, 0)
     _choice("log.level", c.log.level, ("debug", "info", "warning", "error"))
     _choice("log.format", c.log.format, ("json", "console"))
+
+
+def _validate_mtls(c: IntakeConfig) -> None:
+    mtls = c.auth == "mtls"
+    _check(not mtls or bool(c.tls_cert_file),
+           "intake.auth = 'mtls' needs the TLS listener: set intake.tls_cert_file and intake.tls_key_file")
+    _check(mtls == bool(c.tls_client_ca_file),
+           "intake.tls_client_ca_file must be set when intake.auth is 'mtls', and only then"
+           if mtls else "intake.tls_client_ca_file applies only with intake.auth = 'mtls'")
+    _check(mtls or not c.tls_allowed_identities, "intake.tls_allowed_identities applies only with intake.auth = 'mtls'")
+    for identity in c.tls_allowed_identities:
+        _check(bool(identity.strip()) and "*" not in identity.rstrip("*") and identity != "*",
+               f"intake.tls_allowed_identities: {identity!r} must be a SAN URI (spiffe://...), a DNS name or a "
+               "subject CN, with at most a trailing * (spiffe://cluster.local/ns/shop/*)")
 
 
 def _validate_datagram(c: IntakeConfig) -> None:
@@ -443,9 +478,15 @@ def to_toml(config: Config | Mapping[str, Mapping[str, Any]]) -> str:
             if isinstance(value, bool):
                 text = "true" if value else "false"
             elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                text = _toml_string(value)
+            elif isinstance(value, (list, tuple)):
+                text = "[" + ", ".join(_toml_string(v) for v in value) + "]"
             else:
                 text = repr(value)
             lines.append(f"{key} = {text}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -9,6 +9,7 @@ several forwarders can share a process (tests, the fleet simulation).
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 import time
 from typing import Any, Callable
@@ -37,7 +38,8 @@ prometheus_client.disable_created_metrics()
 # Why the intake refused a request's authentication (intake.auth): the label
 # values of forwarder_intake_auth_refusals_total, all present from the start.
 AUTH_REFUSAL_REASONS = ("missing", "malformed", "presigned", "wrong_scope", "expired", "unknown_key",
-                        "body_mismatch", "bad_signature", "wrong_token")
+                        "body_mismatch", "bad_signature", "wrong_token", "no_certificate", "identity_not_allowed",
+                        "bad_certificate")
 
 # Beyond this many distinct projects a `project` label reads "other", so a
 # client sending random project names cannot blow up the series count.
@@ -291,6 +293,11 @@ class Observer:
 
     def tls_handshake_failed(self, error: BaseException) -> None:
         self.metrics.intake_connections_closed.labels("tls_handshake_failed").inc()
+        if isinstance(error, ssl.SSLCertVerificationError):  # intake.auth = "mtls": a client certificate refused
+            self.metrics.auth_refusals.labels("bad_certificate").inc()
+            self.limited("warning", "auth_refused", reason="bad_certificate", auth="mtls",
+                         error=(error.verify_message or str(error))[:200])
+            return
         self.limited("info", "tls_handshake_failed", error=str(error)[:200])
 
     def auth_refused(self, reason: str, scheme: str, key: str, remote: str | None) -> None:

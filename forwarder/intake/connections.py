@@ -129,7 +129,7 @@ class IntakeProtocol(RequestHandler):
     tests/intake/test_connections.py exercises each of them.
     """
 
-    __slots__ = ("_pool", "_max_head", "_head_bytes", "_body", "_seen", "_since", "accept_task")
+    __slots__ = ("_pool", "_max_head", "_head_bytes", "_body", "_seen", "_since", "accept_task", "peer")
 
     def __init__(self, manager: web.Server, pool: "Connections", **kwargs: Any) -> None:
         # No TCP keep-alive probes: idle_timeout closes an idle connection long
@@ -147,6 +147,7 @@ class IntakeProtocol(RequestHandler):
         self._seen: tuple[Phase, int] | None = None  # what the sweep saw last, and since when
         self._since = 0.0
         self.accept_task: asyncio.Task[None] | None = None
+        self.peer: Any = None  # the client certificate's verdict, kept by intake/auth.py (auth = "mtls")
 
     # The state of this connection, as the sweep and the limit read it.
 

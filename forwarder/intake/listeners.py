@@ -150,22 +150,30 @@ def _check_replaceable(path: str) -> None:
 
 
 class TlsCertificates:
-    """The intake's certificate and key, re-read on reload without a restart.
+    """The intake's certificate and key (and, for mutual TLS, the client CA bundle), re-read without a restart.
 
     Listeners get ``context``, whose SNI callback (called for every handshake,
-    with or without SNI) hands each new connection the pair loaded last, so a
-    reload needs no new listener and connections already open keep theirs.
+    with or without SNI) hands each new connection the context loaded last, so a
+    reload needs no new listener and connections already open keep theirs. The
+    verification mode is the listener's context's (fixed at start); the CAs a
+    client certificate is checked against are those of the context handed over.
     """
 
-    def __init__(self, cert_file: str, key_file: str) -> None:
+    def __init__(self, cert_file: str, key_file: str, client_ca_file: str = "") -> None:
         self.cert_file = cert_file
         self.key_file = key_file
+        self.client_ca_file = client_ca_file
         self.context = self._load()
         self._current = self.context
         self.context.sni_callback = self._select
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file the contexts are loaded from."""
+        return tuple(f for f in (self.cert_file, self.key_file, self.client_ca_file) if f)
+
     def reload(self) -> None:
-        """Load the files again; on any error the pair in use stays (raises ListenerError)."""
+        """Load the files again; on any error the context in use stays (raises ListenerError)."""
         self._current = self._load()
 
     def _select(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
@@ -185,7 +193,23 @@ class TlsCertificates:
                                     f"intake.tls_cert_file {self.cert_file}") from None
             raise ListenerError(f"intake.tls_cert_file/intake.tls_key_file: cannot load {cert} and {key}: "
                                 f"{e.reason or e}") from None
+        if self.client_ca_file:
+            self._require_client_certificates(context)
         return context
+
+    def _require_client_certificates(self, context: ssl.SSLContext) -> None:
+        # CERT_OPTIONAL, not CERT_REQUIRED: a certificate presented is verified
+        # in the handshake (another CA's or an expired one fails it), while a
+        # connection without one is still served /healthz, /readyz and /metrics
+        # (the kubelet's HTTPS probes present none); posting events needs one
+        # (intake/auth.py, MtlsAuthenticator).
+        _read_pem(self.client_ca_file, "intake.tls_client_ca_file", "CERTIFICATE-----")
+        try:
+            context.load_verify_locations(cafile=self.client_ca_file)
+        except ssl.SSLError as e:
+            raise ListenerError(f"intake.tls_client_ca_file: cannot load {self.client_ca_file}: "
+                                f"{e.reason or e}") from None
+        context.verify_mode = ssl.CERT_OPTIONAL
 
 
 def _read_pem(path: str, key: str, marker: str) -> str:
@@ -226,7 +250,8 @@ class Listeners:
         metrics.intake_connection_limit.set(limits.max_connections)
         try:
             if c.port != -1:
-                self._tls = TlsCertificates(c.tls_cert_file, c.tls_key_file) if c.tls_cert_file else None
+                self._tls = (TlsCertificates(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file)
+                             if c.tls_cert_file else None)
                 sockets = bind_tcp(c.host, c.port)
                 self.port = sockets[0].getsockname()[1]
                 tcp = self._server(handler, is_loopback(sockets))
@@ -270,8 +295,13 @@ class Listeners:
                                        rlimit_nofile=nofile)
         return limit
 
+    @property
+    def tls_files(self) -> tuple[str, ...]:
+        """The files reload_tls reads (none without TLS)."""
+        return self._tls.files if self._tls is not None else ()
+
     def reload_tls(self) -> bool:
-        """Re-read intake.tls_cert_file and intake.tls_key_file (SIGHUP); keeps the old pair on error."""
+        """Re-read intake.tls_cert_file, tls_key_file and tls_client_ca_file; keeps the old ones on error."""
         if self._tls is None:
             return False
         try:
@@ -279,7 +309,8 @@ class Listeners:
         except ListenerError as e:
             self._observer.log.error("reload_failed", error=str(e))
             return False
-        self._observer.log.info("tls_reloaded", cert_file=self._tls.cert_file, key_file=self._tls.key_file)
+        self._observer.log.info("tls_reloaded", cert_file=self._tls.cert_file, key_file=self._tls.key_file,
+                                client_ca_file=self._tls.client_ca_file or None)
         return True
 
     async def close(self) -> None:
