@@ -66,12 +66,13 @@ class Forwarder:
                              self.limiter, self.observer, config.retry, ev.concurrency, Clock(monotonic=clock))
         self.flush_loop = FlushLoop(self.buffer, Batcher(config.batch, clock), self.sender, self.observer, clock)
         self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self,
-                             self.metrics.registry, upstream_connections=ev.concurrency)
+                             self.metrics.registry, upstream_connections=ev.concurrency, region=ev.region)
         try:
             self.auth = self.intake.authenticate = make_authenticator(config.intake, ev.region, self.observer)
         except CredentialsError as e:
             raise StartupError(str(e)) from None
-        self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer)
+        self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer,
+                                       region=ev.region)
         # Renewed certificates and rotated credentials are picked up with no signal (forwarder/watch.py).
         self.files = FileWatch(watched_files(config), self._files_changed)
         self._metrics_server: web.AppRunner | None = None

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
-from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error
+from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error, region_error
 from forwarder.delivery.rate import CONTROLLERS, MIN_RATE
 
 ENV_PREFIX = "FORWARDER_"
@@ -362,7 +362,8 @@ def _validate(c: Config) -> None:
     _check(c.evidently.endpoint_url == "" or c.evidently.endpoint_url.startswith(("http://", "https://")),
            f"evidently.endpoint_url must start with http:// or https://, got {c.evidently.endpoint_url!r}")
     if c.evidently.default_project:
-        problem = project_error(c.evidently.default_project)
+        problem = project_error(c.evidently.default_project) or region_error(c.evidently.default_project,
+                                                                               c.evidently.region)
         _check(problem is None, f"evidently.default_project is invalid: {problem}")
     _check(bool(c.evidently.client_cert_file) == bool(c.evidently.client_key_file),
            "evidently.client_cert_file and evidently.client_key_file must be set together")

@@ -46,7 +46,7 @@ AUTH_REFUSAL_REASONS = ("missing", "malformed", "presigned", "wrong_scope", "exp
 MAX_PROJECT_LABELS = 50
 WARNING_INTERVAL = 10.0  # seconds between two lines of the same repeated warning
 DATAGRAM_REJECT_REASONS = ("not_json", "truncated", "oversized", "invalid_event", "missing_project",
-                           "invalid_project")
+                           "invalid_project", "wrong_region")
 # Whole requests the intake refuses before reading their events (events_rejected reasons).
 INTAKE_REJECTIONS = ("malformed_http", "headers_too_large", "header_timeout", "body_timeout", "connection_limit",
                      "unsupported_media_type", "bad_encoding", "forbidden", "unknown_operation", "internal_error")
@@ -197,7 +197,7 @@ class Metrics:
             self.auth_refusals.labels(reason)
         self._projects: set[str] = set()
         # Known label values exist from the start at 0, so increase() sees the first burst.
-        for reason in ("validation", "body_too_large", "buffer_full", "buffer_error", "draining"):
+        for reason in ("validation", "wrong_region", "body_too_large", "buffer_full", "buffer_error", "draining"):
             self.events_rejected.labels(reason)
         for reason in INTAKE_REJECTIONS:
             self.events_rejected.labels(reason)
