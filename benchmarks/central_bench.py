@@ -117,10 +117,10 @@ async def start(ctx: Context, stack: ExitStack, variant: Variant, pki: pki_mod.P
     return Central(variant, fwd, trust)
 
 
-def load_args(central: Central, pki: pki_mod.Pki, body_file: str, duration: float) -> list[str]:
+def load_args(central: Central, pki: pki_mod.Pki, body_file: str, duration: float, connections: int) -> list[str]:
     url = central.fwd.url + PATH
     args = [sys.executable, "-m", "benchmarks.sidecars_load", "--url", url, "--body-file", body_file,
-            "--connections", str(CONNECTIONS), "--duration", str(duration)]
+            "--connections", str(connections), "--duration", str(duration)]
     if central.variant.tls:
         args += ["--cafile", str(pki.ca)]
     if central.variant.auth == "mtls":
@@ -154,7 +154,8 @@ async def window(ctx: Context, central: Central, pki: pki_mod.Pki, size: int, du
     c0 = counters()
     sampler = asyncio.create_task(oldest_ages(ctx, central, stop, ages)) if central.variant.deliver else None
     try:
-        run = await run_json(load_args(central, pki, str(body_file), duration), DRIVER_CORE, timeout=duration + 120)
+        run = await run_json(load_args(central, pki, str(body_file), duration, ctx.pick(CONNECTIONS, 32)), DRIVER_CORE,
+                             timeout=duration + 120)
     finally:
         stop.set()
         if sampler is not None:
@@ -180,7 +181,7 @@ async def central(ctx: Context) -> list[Row]:
             stack.callback(emu.stop)
             emulators[deliver] = await emu.launch(ctx.session)
         centrals = [await start(ctx, stack, v, pki, emulators) for v in VARIANTS]
-        for size in SIZES:
+        for size in ctx.pick(SIZES, (5,)):
             if not ctx.quick:  # one warm-up window each
                 for c in centrals:
                     await window(ctx, c, pki, size, 1.0)
@@ -198,7 +199,7 @@ def capacity(c: Central, size: int) -> float:
 def rows(centrals: list[Central]) -> list[Row]:
     by = {c.variant.name: c for c in centrals}
     out = []
-    for size in SIZES:
+    for size in (size for size in SIZES if centrals[0].runs[size]):
         tls = by["tls"]
         for c in centrals:
             if c.variant.name in ("tls-memory", "tls-down"):
@@ -227,7 +228,8 @@ def throughput_row(c: Central, tls: Central, size: int) -> Row:
         passed = bool(passed) and at_least(events, EVENTS_TARGET)
     per_round = ", ".join(f"{run['cpu_us_per_request']:.0f}" for run in c.runs[size])
     notes = [
-        f"measured: {measured:,.0f} req/s ({measured * size:,.0f} ev/s) from {CONNECTIONS} connections, p50 "
+        f"measured: {measured:,.0f} req/s ({measured * size:,.0f} ev/s) from {c.runs[size][0]['connections']} "
+        f"connections, p50 "
         f"{c.median(size, 'p50_ms'):.1f} ms, p99 {c.median(size, 'p99_ms'):.1f} ms, the server at "
         f"{c.median(size, 'core_share'):.2f} of its core (below 1: the load generator was the limit)",
         f"CPU per request, window and delivery of its backlog (median): {c.median(size, 'cpu_us_per_request'):.0f} us; "

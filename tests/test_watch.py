@@ -154,3 +154,16 @@ async def test_a_watch_without_files_starts_no_task() -> None:
     watch = FileWatch([], Recorder())
     watch.start(on_crash=pytest.fail)
     assert watch._task is None
+
+
+def test_the_daemon_watches_every_certificate_and_credentials_file_it_reloads_and_nothing_else() -> None:
+    from forwarder.app import watched_files
+    from forwarder.config import from_dict
+    central = from_dict({"intake": {"host": "0.0.0.0", "auth": "mtls", "tls_cert_file": "/tls/tls.crt",
+                                    "tls_key_file": "/tls/tls.key", "tls_client_ca_file": "/ca/ca.crt"}})
+    assert watched_files(central) == ["/tls/tls.crt", "/tls/tls.key", "/ca/ca.crt"]
+    sidecar = from_dict({"intake": {"auth": "token", "token_file": "/s/tokens", "credentials_file": "/s/unused"},
+                         "evidently": {"endpoint_url": "https://central:8080", "client_cert_file": "/c/tls.crt",
+                                       "client_key_file": "/c/tls.key"}})
+    assert watched_files(sidecar) == ["/s/tokens", "/c/tls.crt", "/c/tls.key"]
+    assert watched_files(from_dict({})) == []

@@ -34,6 +34,8 @@ EXPECTED_ROWS = (
     "intake, 1 event/POST, intake.auth = sigv4",
     "intake, 1 event/POST, intake.auth = token",
     "connection flood:",
+    "central tier, 5 ev/request, TLS, intake.auth = mtls",
+    "central tier, 5 ev/request: CPU per request split by A/B",
 )
 
 
