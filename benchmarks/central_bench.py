@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import sys
+import timeit
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -44,6 +45,8 @@ from benchmarks.context import Context
 from benchmarks.procs import DRIVER_CORE, emulator, forwarder, proc_counters, run_json
 from benchmarks.report import Row, at_least
 from forwarder.emulator.harness import HOST, EmulatorProcess, ForwarderProcess, free_port, parse_metric
+from forwarder.intake.auth import MtlsAuthenticator
+from forwarder.observability import Metrics, Observer
 
 CONNECTIONS = 256
 QUOTA = 1000.0  # calls/s the emulator grants: us-east-1, us-west-2, eu-west-1
@@ -191,6 +194,32 @@ async def central(ctx: Context) -> list[Row]:
     return rows(centrals)
 
 
+class _Transport:
+    def get_extra_info(self, name: str) -> dict:
+        return {"subjectAltName": (("URI", pki_mod.SIDECAR_IDENTITY),)}
+
+
+class _Protocol:
+    peer = None
+
+
+class _Request:
+    """What MtlsAuthenticator reads of a request: its connection's protocol and transport."""
+
+    def __init__(self) -> None:
+        self.protocol, self.transport, self.remote = _Protocol(), _Transport(), "127.0.0.1"
+
+
+def mtls_check_ns() -> tuple[float, float]:
+    """In-process: ns per request of intake.auth = "mtls" after a connection's first request, and of the first."""
+    check = MtlsAuthenticator((pki_mod.SIDECAR_IDENTITY,), Observer(Metrics(process_collectors=False)))
+    request = _Request()
+    first = min(timeit.repeat(lambda: (setattr(request.protocol, "peer", None), check(request, b"")),  # type: ignore[func-returns-value]
+                              number=20_000, repeat=5)) / 20_000 * 1e9
+    later = min(timeit.repeat(lambda: check(request, b""), number=200_000, repeat=5)) / 200_000 * 1e9  # type: ignore[arg-type]
+    return later, first
+
+
 def capacity(c: Central, size: int) -> float:
     """Requests/s one whole core sustains for this variant, from its CPU per request."""
     return stats.ratio(1e6, c.median(size, "cpu_us_per_request"))
@@ -227,6 +256,7 @@ def throughput_row(c: Central, tls: Central, size: int) -> Row:
         target += f"; >= {EVENTS_TARGET:,} ev/s"
         passed = bool(passed) and at_least(events, EVENTS_TARGET)
     per_round = ", ".join(f"{run['cpu_us_per_request']:.0f}" for run in c.runs[size])
+    connect_ms = c.median(size, "connect_ms")
     notes = [
         f"measured: {measured:,.0f} req/s ({measured * size:,.0f} ev/s) from {c.runs[size][0]['connections']} "
         f"connections, p50 "
@@ -234,7 +264,14 @@ def throughput_row(c: Central, tls: Central, size: int) -> Row:
         f"{c.median(size, 'core_share'):.2f} of its core (below 1: the load generator was the limit)",
         f"CPU per request, window and delivery of its backlog (median): {c.median(size, 'cpu_us_per_request'):.0f} us; "
         f"per round: {per_round} us",
+        f"opening a connection (TCP{', TLS' if c.variant.tls else ''} handshake, client side, one at a time): "
+        f"{connect_ms:.2f} ms",
     ]
+    if name == "mtls":
+        later, first = mtls_check_ns()
+        notes.append(f"the mtls check itself, in-process: {later:.0f} ns per request after a connection's first, "
+                     f"{first / 1e3:.1f} us for the first (reading the certificate's identities); the rest of the "
+                     "difference from tls is the machine's noise (compare the rounds)")
     if c.variant.deliver:
         notes.append(f"delivery latency: the oldest undelivered event's age, sampled every 0.5 s, at most "
                      f"{c.median(size, 'oldest_age_max'):.2f} s (median over windows); batch.flush_interval 1 s")

@@ -108,12 +108,14 @@ async def run(url: str, body: bytes, headers: dict[str, str], connections: int, 
     request = build_request(url, body, headers)
     window = Window()
     sidecars = []
+    opening = time.perf_counter()
     for _ in range(connections):  # one by one: a burst of handshakes is not what is measured
         connected = loop.create_future()
         sidecar = Sidecar(request, window, connected)
         await loop.create_connection(lambda: sidecar, parts.hostname, parts.port, ssl=tls)
         await connected
         sidecars.append(sidecar)
+    connect_ms = (time.perf_counter() - opening) / connections * 1e3
     window.start = time.perf_counter()
     window.end = window.start + duration
     for sidecar in sidecars:
@@ -126,7 +128,7 @@ async def run(url: str, body: bytes, headers: dict[str, str], connections: int, 
     return {"requests": answered, "ok": ok, "errors": answered - ok, "seconds": duration, "rps": ok / duration,
             "p50_ms": stats.percentile(window.latencies, 50) * 1e3,
             "p99_ms": stats.percentile(window.latencies, 99) * 1e3, "statuses": window.statuses,
-            "connections": connections}
+            "connections": connections, "connect_ms": connect_ms}
 
 
 def main() -> None:
