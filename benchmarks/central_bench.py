@@ -175,7 +175,7 @@ async def window(ctx: Context, central: Central, pki: pki_mod.Pki, size: int, du
 
 
 async def central(ctx: Context) -> list[Row]:
-    rounds, duration = ctx.pick(3, 1), ctx.pick(4.0, 1.0)
+    rounds, duration = ctx.pick(5, 1), ctx.pick(3.0, 1.0)
     pki = pki_mod.make(ctx.logdir / "central-pki")
     with ExitStack() as stack:
         emulators = {}
