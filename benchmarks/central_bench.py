@@ -17,7 +17,10 @@ The load generator (benchmarks/sidecars_load.py, driver core) holds CONNECTIONS
 keep-alive connections, like that many sidecars, each posting requests of 1, 5
 or 50 events back to back. Windows alternate between the processes; after each
 window the process delivers its backlog before the next one, so its CPU per
-request includes delivering what it took (except tls-down).
+request includes delivering what it took (except tls-down). The window's CPU
+starts once the load generator's connections are open: handshakes are a cost
+per connection, reported apart (sidecars keep their connections for as long as
+they send at least every intake.idle_timeout).
 
 On a 2-core machine the load generator and the emulator share one core and
 cannot saturate the other: the one-core capacity is therefore reported from the
@@ -30,19 +33,20 @@ measured; the server's core share in the window says how far the load went.
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import sys
 import timeit
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks import pki as pki_mod
 from benchmarks import stats, workload
 from benchmarks.auth_bench import KEY, REGION, SECRET, TOKEN, sigv4_headers
 from benchmarks.context import Context
-from benchmarks.procs import DRIVER_CORE, emulator, forwarder, proc_counters, run_json
+from benchmarks.procs import DRIVER_CORE, ROOT, child_env, emulator, forwarder, pinned_to, proc_counters
 from benchmarks.report import Row, at_least
 from forwarder.emulator.harness import HOST, EmulatorProcess, ForwarderProcess, free_port, parse_metric
 from forwarder.intake.auth import MtlsAuthenticator
@@ -148,21 +152,43 @@ async def oldest_ages(ctx: Context, central: Central, stop: asyncio.Event, into:
             pass
 
 
+async def run_load(args: list[str], on_connected: Callable[[], None], timeout: float) -> dict[str, Any]:
+    """Run benchmarks/sidecars_load.py on the driver core: ``on_connected()`` at its first line, its last line back."""
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                env=child_env(), cwd=ROOT, preexec_fn=pinned_to(DRIVER_CORE))
+    try:
+        async with asyncio.timeout(timeout):
+            first = await proc.stdout.readline()  # type: ignore[union-attr]
+            if first:
+                on_connected()
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise RuntimeError(f"the load generator did not finish within {timeout} s") from None
+    if proc.returncode != 0 or not first:
+        raise RuntimeError(f"the load generator exited with {proc.returncode}:\n{err.decode()[-3000:]}")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
 async def window(ctx: Context, central: Central, pki: pki_mod.Pki, size: int, duration: float) -> None:
     body_file = ctx.logdir / f"central-body-{size}.json"
     body_file.write_bytes(workload.body(workload.events(0, size)))
     counters = partial(proc_counters, central.fwd.pid)
     ages: list[float] = []
     stop = asyncio.Event()
-    c0 = counters()
+    connections = ctx.pick(CONNECTIONS, 32)
+    before = counters()
+    marks: list[tuple[float, float, int]] = []
     sampler = asyncio.create_task(oldest_ages(ctx, central, stop, ages)) if central.variant.deliver else None
     try:
-        run = await run_json(load_args(central, pki, str(body_file), duration, ctx.pick(CONNECTIONS, 32)), DRIVER_CORE,
-                             timeout=duration + 120)
+        run = await run_load(load_args(central, pki, str(body_file), duration, connections),
+                             lambda: marks.append(counters()), timeout=duration + 120)
     finally:
         stop.set()
         if sampler is not None:
             await sampler
+    c0 = marks[0]  # the connections are open: what follows is the requests' work
     c1 = counters()
     if central.variant.deliver:
         await central.fwd.wait_drained(ctx.session, ctx.pick(300.0, 60.0))
@@ -171,6 +197,9 @@ async def window(ctx: Context, central: Central, pki: pki_mod.Pki, size: int, du
     run["cpu_us_per_request"] = (c2[0] + c2[1] - c0[0] - c0[1]) / requests * 1e6
     run["core_share"] = (c1[0] + c1[1] - c0[0] - c0[1]) / run["seconds"]
     run["oldest_age_max"] = max(ages, default=float("nan"))
+    # Server CPU from the load generator's start to its connections being open: the handshakes (and
+    # the idle loop meanwhile), per connection.
+    run["handshake_us"] = (c0[0] + c0[1] - before[0] - before[1]) / connections * 1e6
     central.runs[size].append(run)
 
 
@@ -264,8 +293,8 @@ def throughput_row(c: Central, tls: Central, size: int) -> Row:
         f"{c.median(size, 'core_share'):.2f} of its core (below 1: the load generator was the limit)",
         f"CPU per request, window and delivery of its backlog (median): {c.median(size, 'cpu_us_per_request'):.0f} us; "
         f"per round: {per_round} us",
-        f"opening a connection (TCP{', TLS' if c.variant.tls else ''} handshake, client side, one at a time): "
-        f"{connect_ms:.2f} ms",
+        f"a new connection (TCP{', TLS' if c.variant.tls else ''} handshake, one at a time, not in the figures above): "
+        f"{c.median(size, 'handshake_us'):.0f} us of server CPU, {connect_ms:.1f} ms for the client",
     ]
     if name == "mtls":
         later, first = mtls_check_ns()
@@ -298,8 +327,13 @@ def split_row(by: dict[str, Central], size: int) -> Row:
     figure = (f"TLS {tls_cost:.0f} us, buffer commit {commit:.0f} us, delivery {delivery:.0f} us, HTTP + validation "
               f"+ answer {rest:.0f} us; auth: mtls {auth['mtls']:+.0f}, sigv4 {auth['sigv4']:+.0f}, "
               f"token {auth['token']:+.0f} us")
+    handshake = {name: c.median(size, "handshake_us") for name, c in by.items()}
     return Row("central", f"central tier, {size} ev/request: CPU per request split by A/B", figure,
                f"tls, auth none, disk: {cpu['tls']:.0f} us", None, "", None, [
+                   f"and per new connection, apart (server CPU from the load generator's start until its "
+                   f"{CONNECTIONS} connections are open, per connection): plain {handshake['http']:.0f} us, TLS "
+                   f"{handshake['tls']:.0f} us, mTLS {handshake['mtls']:.0f} us (the client certificate verified, "
+                   "its identities read once at the first POST)",
                    "TLS = tls - http; buffer commit = tls - tls-memory; delivery = tls - tls-down (Evidently down: "
                    "the events stay buffered); the rest = what the plain intake does (HTTP parsing, validation, "
                    "the answer, the event loop); auth = each scheme - tls. Differences of medians on a shared "

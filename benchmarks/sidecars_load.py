@@ -6,6 +6,8 @@ writes the request's bytes and reads the answer's head for its status and
 Content-Length, so that one driver core makes as many TLS requests as it can.
 Every connection is open (its handshake done) before the clock starts: the
 window measures a fleet of sidecars that keep their connections, as they do.
+A first JSON line (``{"connected": N}``) says when they are; the last line is
+the result.
 
     python -m benchmarks.sidecars_load --url https://127.0.0.1:8443/events/projects/bench \\
         --body-file body.json --connections 256 --duration 4 --cafile ca.crt --cert c.crt --key c.key
@@ -22,6 +24,8 @@ from urllib.parse import urlsplit
 
 from benchmarks import stats
 from benchmarks.bare_server import loop_factory
+
+SETTLE = 0.5  # seconds between the last connection made and the window
 
 
 class Window:
@@ -116,6 +120,11 @@ async def run(url: str, body: bytes, headers: dict[str, str], connections: int, 
         await connected
         sidecars.append(sidecar)
     connect_ms = (time.perf_counter() - opening) / connections * 1e3
+    # Tell the orchestrator, which reads the server's CPU counters here, so that
+    # the window's CPU is the requests' and not the handshakes'; the pause lets
+    # the server finish its side of the last handshake first.
+    print(json.dumps({"connected": connections}), flush=True)
+    await asyncio.sleep(SETTLE)
     window.start = time.perf_counter()
     window.end = window.start + duration
     for sidecar in sidecars:
