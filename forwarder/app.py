@@ -15,7 +15,6 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from forwarder import config as config_mod
 from forwarder import systemd
 from forwarder.intake.auth import CredentialsError, make_authenticator
 from forwarder.delivery.batcher import Batcher, FlushLoop
@@ -23,7 +22,7 @@ from forwarder.buffer.contract import Buffer
 from forwarder.buffer.memory import MemoryBuffer
 from forwarder.delivery.client import ClientCertError, EvidentlyClient, Transport
 from forwarder.clock import Clock
-from forwarder.config import Config
+from forwarder.config import Config, LogConfig
 from forwarder.intake.datagram.stage import DatagramIntake
 from forwarder.delivery.deadletter import DeadLetterWriter
 from forwarder.intake.http import Intake
@@ -32,6 +31,7 @@ from forwarder.observability import Metrics, Observer, configure_logging
 from forwarder.intake.probes import serve_metrics
 from forwarder.delivery.rate import RateLimiter
 from forwarder.delivery.sender import Sender
+from forwarder.reload import Live, Reload
 from forwarder.watch import FileWatch
 
 
@@ -49,9 +49,8 @@ class Forwarder:
                  transport: Transport | None = None, credentials: tuple[str, str] | None = None,
                  registry: CollectorRegistry | None = None, process_metrics: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.config = config
-        self._config_path = config_path
         self.log = structlog.get_logger("forwarder")
+        self._reload = Reload(config, config_path, self.live_stages, self.log)
         self.metrics = Metrics(registry, process_collectors=process_metrics)
         self.observer = Observer(self.metrics, self.log)
         self.buffer = make_buffer(config, self.observer)
@@ -73,13 +72,21 @@ class Forwarder:
             raise StartupError(str(e)) from None
         self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer,
                                        region=ev.region)
-        # Renewed certificates and rotated credentials are picked up with no signal (forwarder/watch.py).
-        self.files = FileWatch(watched_files(config), self._files_changed)
+        # Renewed certificates and rotated credentials are picked up with no signal (forwarder/watch.py);
+        # made at start, once the TLS listener (a stage with files) exists.
+        self.files: FileWatch | None = None
+        self.logging = Logging()
         self._metrics_server: web.AppRunner | None = None
         self._signals = Signals(self.log)
         self._crash: BaseException | None = None
         self._closed = False
         watch_pipeline(self.metrics, self.buffer, self.flush_loop.batcher, self.sender, self.limiter)
+        self._reload.table()  # a stage declaring a key that does not exist fails here, not at the first SIGHUP
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force: the one started with, live keys as the last reload left them."""
+        return self._reload.config
 
     # state
 
@@ -118,6 +125,7 @@ class Forwarder:
         self.flush_loop.start(self._crashed)
         port = await self.intake.start()
         await self.datagram.start(self._crashed)
+        self.files = FileWatch(self.reloaded_files(), self._files_changed)
         self.files.start(self._crashed)
         self._metrics_server = await serve_metrics(self.metrics.registry, self.config)
         self.log.info("started", host=self.config.intake.host, port=port, buffer=self.config.buffer.type,
@@ -139,7 +147,7 @@ class Forwarder:
             gc.collect()
             gc.freeze()
             while await self._signals.next() == "reload":
-                self.reload()
+                await self._signals.unless_stopped(self.reload())  # a stop does not wait for a reload
             await self.shutdown()
         finally:
             self._signals.uninstall()
@@ -155,7 +163,8 @@ class Forwarder:
 
         # 1. Stop accepting: new events get 503, /readyz says draining.
         self.intake.stop_accepting()
-        await self.files.close()
+        if self.files is not None:
+            await self.files.close()
         await deadline.within(self.datagram.stop(), None)  # what the sockets took goes into the buffer
         systemd.notify("STOPPING=1\nSTATUS=draining")
         self.log.info("draining", queue_depth=self.buffer.depth, drain_timeout=self.config.shutdown.drain_timeout)
@@ -182,48 +191,48 @@ class Forwarder:
         self.log.info("stopped", drained=drained, undelivered=left, dropped=dropped,
                       sent=int(self.metrics.registry.get_sample_value("forwarder_events_sent_total") or 0))
 
-    def reload_files(self) -> None:
-        """Re-read the certificates and credentials files (SIGHUP, or a change on disk); each keeps the old on error."""
-        self.intake.reload_tls()  # certificate rotation needs no configuration change
-        if self.auth is not None:  # intake.credentials_file / token_file: key and token rotation
-            self.auth.reload()
-        if self.client is not None and self.config.evidently.client_cert_file:
-            try:
-                self.client.reload_client_cert()
-            except ClientCertError as e:
-                self.log.error("reload_failed", error=str(e), kept="the client certificate in use")
-            else:
-                self.log.info("client_cert_reloaded", cert_file=self.config.evidently.client_cert_file)
+    async def reload(self) -> None:
+        """Re-read the configuration file and the stages' files (SIGHUP); apply live keys, report the others."""
+        await self._reload.reload()
 
-    def _files_changed(self, paths: list[str]) -> None:
+    async def reload_files(self) -> None:
+        """Re-read the certificate, key, token and credentials files only, with the configuration in force."""
+        await self._reload.reload_files()
+
+    async def _files_changed(self, paths: list[str]) -> None:
         self.log.info("files_changed", paths=paths)
-        self.reload_files()
+        await self.reload_files()
 
-    def reload(self) -> None:
-        """Re-read the certificates and credentials, and the configuration file; apply live keys, report the others."""
-        self.reload_files()
-        if self._config_path is None:
-            self.log.warning("reload_ignored", reason="no configuration file")
-            return
-        self.config = config_mod.reloaded(self.config, self._config_path, self.live_stages(), self.log)
+    def live_stages(self) -> list[Live]:
+        """The stages a reload walks, each declaring its keys (LIVE_KEYS) and the files it re-reads (FILE_KEYS)."""
+        stages: list[Live] = [self.logging, self.flush_loop, self.sender, self.limiter]
+        if self.intake.tls is not None:
+            stages.append(self.intake.tls)
+        if self.auth is not None:
+            stages.append(self.auth)
+        if self.client is not None and self.config.evidently.client_cert_file:
+            stages.append(self.client)
+        return stages
 
-    def live_stages(self) -> dict[str, Callable[[Config], None]]:
-        """Each stage named in config.LIVE, applying its section of a reloaded configuration."""
-        return {
-            "log": lambda c: configure_logging(c.log.level, c.log.format),
-            "batch": lambda c: self.flush_loop.reconfigure(c.batch),
-            "retry": lambda c: self.sender.reconfigure(c.retry),
-            "rate": lambda c: self.limiter.reconfigure(c.evidently.effective_initial_rate,
-                                                       c.evidently.effective_max_rate),
-        }
+    def reloaded_files(self) -> list[str]:
+        """The files reload_files() re-reads (certificates, tokens, credentials): what a watcher watches."""
+        return self._reload.files()
+
+    def live_keys(self) -> dict[str, str]:
+        """Each key a reload applies -> the stage that applies it; every other key needs a restart."""
+        return self._reload.table()
 
 
-def watched_files(config: Config) -> list[str]:
-    """The files reload_files reads: TLS pair and client CAs, the credentials or token file, the client pair."""
-    i, ev = config.intake, config.evidently
-    auth = {"sigv4": i.credentials_file, "token": i.token_file}.get(i.auth, "")
-    return [path for path in (i.tls_cert_file, i.tls_key_file, i.tls_client_ca_file, auth,
-                              ev.client_cert_file, ev.client_key_file) if path]
+class Logging:
+    """The log stage: the level applies on reload; the format is the stream's shape, fixed at start."""
+
+    LIVE_KEYS = ("log.level",)
+
+    def __init__(self, stream: Any = None) -> None:
+        self._stream = stream  # None: standard output
+
+    async def reconfigure(self, log: LogConfig) -> None:
+        configure_logging(log.level, log.format, self._stream)
 
 
 def watch_pipeline(metrics: Metrics, buffer: Buffer, batcher: Batcher, sender: Sender, limiter: RateLimiter) -> None:

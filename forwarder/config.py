@@ -10,14 +10,26 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
+import reprlib
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Iterable, Mapping
 
 from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error, region_error
 from forwarder.delivery.rate import CONTROLLERS, MIN_RATE
+from forwarder.reading import MiB, FileRefused, read_bounded
 
 ENV_PREFIX = "FORWARDER_"
+MAX_CONFIG_BYTES = MiB  # a configuration file beyond this is refused, never read whole
+GiB, TiB = 1 << 30, 1 << 40
+MAX_RATE = 1_000_000  # requests/s: evidently.max_rate's ceiling, far above any quota
+# An AWS region name: us-east-1, eu-central-2, us-gov-west-1, cn-northwest-1.
+REGION_PATTERN = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}", re.ASCII)
+UNIX_PATH_MAX = 107  # bytes of a Unix socket address (sun_path), less its terminating NUL
+# intake/listeners.py's bind_unix binds under "<dir>/.<8 random>/s" first: this many bytes longer than <dir>.
+UNIX_TEMP_OVERHEAD = 12
 
 # Published PutProjectEvents quota, requests/s per account; adjustable by AWS.
 _HIGH_QUOTA_REGIONS = frozenset({"us-east-1", "us-west-2", "eu-west-1"})
@@ -151,33 +163,31 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The keys a SIGHUP applies to a running daemon, and the stage that applies each
-# (through its ``reconfigure(section)``); every other key needs a restart.
-# config.example.toml marks exactly these "(live)" (tests/test_config.py checks).
-LIVE: dict[str, str] = {
-    "log.level": "log",
-    "batch.max_events": "batch",
-    "batch.flush_interval": "batch",
-    "retry.max_elapsed": "retry",
-    "retry.initial_backoff": "retry",
-    "retry.max_backoff": "retry",
-    "evidently.initial_rate": "rate",
-    "evidently.max_rate": "rate",
-}
+def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None, *,
+         regular_only: bool = False) -> Config:
+    """Read the TOML file (if any), apply environment overrides and validate; raises ConfigError only.
 
-
-def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the TOML file (if any), apply environment overrides and validate."""
+    ``regular_only``: refuse a FIFO or a device at ``path`` (a reload must not
+    wait for a writer); at start a pipe such as ``--config <(...)`` is read.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read(path)
-    return from_dict(raw, os.environ if environ is None else environ)
-
-
-def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
+        raw = _read(path, regular_only)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return from_dict(raw, os.environ if environ is None else environ)
+    except ConfigError:
+        raise
+    except RecursionError:  # a value nested deep enough to reach the interpreter's limit while checked
+        raise ConfigError(f"config file {path} nests a value too deeply to be checked") from None
+    except Exception as e:  # nothing in a configuration may end in a traceback: a bug here is one line too
+        raise ConfigError(f"config file {path} could not be checked: {type(e).__name__}: {_show(str(e))}") from e
+
+
+def _read(path: str | os.PathLike[str], regular_only: bool) -> dict[str, Any]:
+    try:
+        return tomllib.loads(read_bounded(path, MAX_CONFIG_BYTES, regular_only=regular_only).decode())
+    except FileRefused as e:
+        raise ConfigError(f"config file {path} {e}") from None
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -188,6 +198,9 @@ def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): TOML files must be") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"config file {path} nests arrays or inline tables too deeply "
+                          "(more than a few hundred levels)") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
 
@@ -199,7 +212,7 @@ def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         if name not in known:
             raise ConfigError(f"unknown section [{name}]; known: {', '.join(known)}")
         if not isinstance(value, Mapping):
-            raise ConfigError(f"[{name}] must be a table of keys, got {name} = {value!r}")
+            raise ConfigError(f"[{name}] must be a table of keys, got {name} = {_show(value)}")
     from_env = _env_values(environ or {})
     sections: dict[str, Any] = {}
     for name, f in known.items():
@@ -238,20 +251,44 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "boo
                "tuple[str, ...]": "a list of strings"}
 
 
+# What an environment variable may say for a number: ASCII digits only. Python's int()
+# and float() also take "1_0" and full-width or other Unicode digits ("１０"), which no
+# one means as 10; inf and nan are let through to be refused as not finite.
+_ENV_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_ENV_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)",
+                        re.ASCII | re.IGNORECASE)
+
+
 def _parse_env(var: str, key: str, typ: Any, text: str) -> Any:
     typ = typ if isinstance(typ, str) else typ.__name__
-    try:
-        if typ == "int":
-            return int(text)
-        if typ == "float":
-            return float(text)
-        if typ == "bool":
+    refused = ConfigError(f"{key} must be {_TYPE_NAMES.get(typ, typ)} written in ASCII digits, "
+                          f"got {_show(text)} (set by {var})")
+    if typ == "int":
+        if not _ENV_INT.fullmatch(text.strip()):
+            raise refused
+        return int(text)
+    if typ == "float":
+        if not _ENV_FLOAT.fullmatch(text.strip()):
+            raise refused
+        return float(text)
+    if typ == "bool":
+        try:
             return {"true": True, "false": False}[text.lower()]
-        if typ.startswith("tuple"):  # a list: comma-separated
-            return tuple(item.strip() for item in text.split(",") if item.strip())
-    except (ValueError, KeyError):
-        raise ConfigError(f"{key} must be {_TYPE_NAMES.get(typ, typ)}, got {text!r} (set by {var})") from None
+        except KeyError:
+            raise ConfigError(f"{key} must be true or false, got {_show(text)} (set by {var})") from None
+    if typ.startswith("tuple"):  # a list: comma-separated
+        return tuple(item.strip() for item in text.split(",") if item.strip())
     return text
+
+
+def _show(value: Any) -> str:
+    """A value for an error message: its repr, cut short (a value may be megabytes, or nested deep)."""
+    return _SHOW.repr(value)
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 80
+_SHOW.maxlevel = 3
 
 
 def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
@@ -265,9 +302,11 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
         elif want.startswith("tuple") and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             values[key] = value = tuple(value)
         elif not _is_type(value, want):
-            raise ConfigError(f"{section}.{key} must be {_TYPE_NAMES.get(want, want)}, got {value!r}")
+            raise ConfigError(f"{section}.{key} must be {_TYPE_NAMES.get(want, want)}, got {_show(value)}")
         if want == "float" and not math.isfinite(value):
             raise ConfigError(f"{section}.{key} must be a finite number, got {value!r}")
+        if want == "str" and "\x00" in value:  # no path, name or address holds one; open() would raise
+            raise ConfigError(f"{section}.{key} must not contain a NUL character, got {_show(value)}")
     return cls(**values)
 
 
@@ -284,15 +323,16 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _range(key: str, value: float, low: float, high: float = math.inf) -> None:
+def _range(key: str, value: float, low: float, high: float = math.inf, unit: str = "") -> None:
+    unit = f" {unit}" if unit else ""
     if high == math.inf:
-        _check(value >= low and math.isfinite(value), f"{key} must be at least {low}, got {value}")
+        _check(value >= low and math.isfinite(value), f"{key} must be at least {low}{unit}, got {value}")
     else:
-        _check(low <= value <= high, f"{key} must be between {low} and {high}, got {value}")
+        _check(low <= value <= high, f"{key} must be between {low} and {high}{unit}, got {value}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    _check(value in choices, f"{key} must be one of {', '.join(map(repr, choices))}, got {_show(value)}")
 
 
 def _rate(key: str, value: float) -> None:
@@ -319,15 +359,14 @@ def _validate(c: Config) -> None:
     _range("intake.port", c.intake.port, -1, 65535)
     _check(c.intake.port != -1 or bool(c.intake.unix_socket),
            "intake.port = -1 (no TCP listener) needs intake.unix_socket")
-    _check(len(os.fsencode(c.intake.unix_socket)) < 108,
-           f"intake.unix_socket must be shorter than 108 bytes, got {len(os.fsencode(c.intake.unix_socket))}")
+    _validate_unix_socket(c.intake.unix_socket)
     _check(_octal_mode(c.intake.unix_socket_mode) is not None,
-           f"intake.unix_socket_mode must be octal permission bits like \"0660\", got {c.intake.unix_socket_mode!r}")
+           f"intake.unix_socket_mode must be octal permission bits like \"0660\", got {_show(c.intake.unix_socket_mode)}")
     _check(bool(c.intake.tls_cert_file) == bool(c.intake.tls_key_file),
            "intake.tls_cert_file and intake.tls_key_file must be set together")
     _check(not c.intake.tls_cert_file or c.intake.port != -1,
            "intake.tls_cert_file applies to the TCP listener, and intake.port is -1")
-    _range("intake.max_connections", c.intake.max_connections, 1)
+    _range("intake.max_connections", c.intake.max_connections, 1, 1_048_576)
     _check(0 < c.intake.idle_timeout <= 3600,
            f"intake.idle_timeout must be between 0 (exclusive) and 3600 seconds, got {c.intake.idle_timeout}")
     _check(0 < c.intake.header_timeout <= 3600,
@@ -335,8 +374,8 @@ def _validate(c: Config) -> None:
     _check(0 < c.intake.body_timeout <= 3600,
            f"intake.body_timeout must be between 0 (exclusive) and 3600 seconds, got {c.intake.body_timeout}")
     _range("intake.max_header_bytes", c.intake.max_header_bytes, 4096, 1_048_576)
-    _range("intake.max_body_bytes", c.intake.max_body_bytes, 1024)
-    _range("intake.max_events_per_request", c.intake.max_events_per_request, 1)
+    _range("intake.max_body_bytes", c.intake.max_body_bytes, 1024, GiB, "bytes")
+    _range("intake.max_events_per_request", c.intake.max_events_per_request, 1, 1_000_000)
     _choice("intake.auth", c.intake.auth, ("none", "sigv4", "token", "mtls"))
     _check(c.intake.auth != "sigv4" or bool(c.intake.credentials_file),
            "intake.credentials_file must be set when intake.auth is 'sigv4'")
@@ -344,14 +383,14 @@ def _validate(c: Config) -> None:
            "intake.token_file must be set when intake.auth is 'token'")
     _validate_mtls(c.intake)
     _check(c.intake.auth != "none" or is_loopback_host(c.intake.host) or c.intake.allow_unauthenticated,
-           f"intake.host = {c.intake.host!r} is not a loopback address and intake.auth is 'none': anyone who reaches "
+           f"intake.host = {_show(c.intake.host)} is not a loopback address and intake.auth is 'none': anyone who reaches "
            "it could write events into your Evidently projects; set intake.auth = 'sigv4' or 'token', or "
            "intake.allow_unauthenticated = true to run it open on purpose")
     _validate_datagram(c.intake)
     _range("metrics.port", c.metrics.port, 0, 65535)
     _choice("buffer.type", c.buffer.type, ("memory", "disk"))
-    _range("buffer.max_events", c.buffer.max_events, 1)
-    _range("buffer.max_bytes", c.buffer.max_bytes, 1024)
+    _range("buffer.max_events", c.buffer.max_events, 1, 1_000_000_000)
+    _range("buffer.max_bytes", c.buffer.max_bytes, 1024, TiB, "bytes")
     _choice("buffer.when_full", c.buffer.when_full, ("reject", "drop_oldest"))
     _choice("buffer.fsync", c.buffer.fsync, ("normal", "always"))
     _check(c.buffer.type != "disk" or bool(c.buffer.path), "buffer.path must be set when buffer.type is 'disk'")
@@ -359,8 +398,13 @@ def _validate(c: Config) -> None:
     _check(0 < c.batch.flush_interval <= 3600,
            f"batch.flush_interval must be between 0 (exclusive) and 3600 seconds, got {c.batch.flush_interval}")
     _check(bool(c.evidently.region), "evidently.region must not be empty")
+    _check(REGION_PATTERN.fullmatch(c.evidently.region) is not None,
+           f"evidently.region must be an AWS region name such as us-east-1 or eu-west-2, got {_show(c.evidently.region)}")
     _check(c.evidently.endpoint_url == "" or c.evidently.endpoint_url.startswith(("http://", "https://")),
-           f"evidently.endpoint_url must start with http:// or https://, got {c.evidently.endpoint_url!r}")
+           f"evidently.endpoint_url must start with http:// or https://, got {_show(c.evidently.endpoint_url)}")
+    if c.evidently.endpoint_url:
+        problem = _url_problem(c.evidently.endpoint_url)
+        _check(problem is None, f"evidently.endpoint_url {problem}, got {_show(c.evidently.endpoint_url)}")
     if c.evidently.default_project:
         problem = project_error(c.evidently.default_project) or region_error(c.evidently.default_project,
                                                                                c.evidently.region)
@@ -376,18 +420,20 @@ def _validate(c: Config) -> None:
     _range("evidently.concurrency", c.evidently.concurrency, 1, 1024)
     _rate("evidently.initial_rate", c.evidently.initial_rate)
     _rate("evidently.max_rate", c.evidently.max_rate)
+    _range("evidently.max_rate", c.evidently.max_rate, 0, MAX_RATE, "requests/s")
     _check(c.evidently.initial_rate <= c.evidently.effective_max_rate,
            f"evidently.initial_rate ({c.evidently.initial_rate}) must not exceed evidently.max_rate "
            f"({c.evidently.effective_max_rate})")
     _choice("evidently.rate_controller", c.evidently.rate_controller, tuple(CONTROLLERS))  # registered ones included
-    _check(c.evidently.request_timeout > 0, f"evidently.request_timeout must be above 0, got {c.evidently.request_timeout}")
-    _check(c.retry.max_elapsed > 0, f"retry.max_elapsed must be above 0, got {c.retry.max_elapsed}")
-    _check(c.retry.initial_backoff > 0, f"retry.initial_backoff must be above 0, got {c.retry.initial_backoff}")
+    _range("evidently.request_timeout", c.evidently.request_timeout, 0.001, 3600, "seconds")
+    _range("retry.max_elapsed", c.retry.max_elapsed, 0.001, 604_800, "seconds")  # a week
+    _range("retry.initial_backoff", c.retry.initial_backoff, 0.001, 3600, "seconds")
+    _range("retry.max_backoff", c.retry.max_backoff, 0.001, 3600, "seconds")
     _check(c.retry.max_backoff >= c.retry.initial_backoff,
            f"retry.max_backoff must be at least retry.initial_backoff ({c.retry.initial_backoff}), got {c.retry.max_backoff}")
     _check(bool(c.dead_letter.path), "dead_letter.path must not be empty")
-    _range("dead_letter.max_bytes", c.dead_letter.max_bytes, 4096)
-    _range("shutdown.drain_timeout", c.shutdown.drain_timeout, 0)
+    _range("dead_letter.max_bytes", c.dead_letter.max_bytes, 4096, TiB, "bytes")
+    _range("shutdown.drain_timeout", c.shutdown.drain_timeout, 0, 3600, "seconds")
     _choice("log.level", c.log.level, ("debug", "info", "warning", "error"))
     _choice("log.format", c.log.format, ("json", "console"))
 
@@ -406,16 +452,55 @@ def _validate_mtls(c: IntakeConfig) -> None:
                "subject CN, with at most a trailing * (spiffe://cluster.local/ns/shop/*)")
 
 
+# A host name as botocore accepts one for an endpoint: dot-separated labels of letters, digits and hyphens.
+_HOST_NAME = re.compile(r"((?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)\.?", re.ASCII | re.IGNORECASE)
+
+
+def _url_problem(url: str) -> str | None:
+    """Why botocore would refuse ``url`` as an endpoint (it raises at start), or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number from 0 to 65535)
+    except ValueError as e:
+        return f"is not a URL ({e})"
+    host = parts.hostname or ""
+    if not host:
+        return "names no host"
+    if not (is_ip_address(host) or (len(host) <= 255 and _HOST_NAME.fullmatch(host))):
+        return f"names an invalid host {_show(host)}"
+    return None
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _validate_unix_socket(path: str) -> None:
+    if not path:
+        return
+    # What the binder binds first is <directory>/.<8 random>/s, UNIX_TEMP_OVERHEAD bytes
+    # longer than the directory; counting it against the whole path keeps the rule simple.
+    longest = len(os.fsencode(os.path.abspath(path))) + UNIX_TEMP_OVERHEAD
+    _check(longest <= UNIX_PATH_MAX,
+           f"intake.unix_socket must be at most {UNIX_PATH_MAX - UNIX_TEMP_OVERHEAD} bytes long as an absolute "
+           f"path (a Unix socket address holds {UNIX_PATH_MAX} bytes, and the socket is bound under a temporary "
+           f"name {UNIX_TEMP_OVERHEAD} bytes longer first), got {longest - UNIX_TEMP_OVERHEAD}")
+
+
 def _validate_datagram(c: IntakeConfig) -> None:
     # The socket is bound as <path>.new and renamed into place (its mode set first).
     _check(len(os.fsencode(c.datagram_socket)) <= 103,
            f"intake.datagram_socket must be at most 103 bytes long, got {len(os.fsencode(c.datagram_socket))}")
     _check(_octal_mode(c.datagram_socket_mode) is not None,
-           f"intake.datagram_socket_mode must be octal permission bits like \"0660\", got {c.datagram_socket_mode!r}")
+           f"intake.datagram_socket_mode must be octal permission bits like \"0660\", got {_show(c.datagram_socket_mode)}")
     _range("intake.datagram_port", c.datagram_port, 0, 65535)
     _check(is_loopback_address(c.datagram_host),
            f"intake.datagram_host must be a loopback address (127.0.0.1 or ::1): UDP datagrams are not "
-           f"authenticated, so the datagram intake never listens beyond this machine; got {c.datagram_host!r}")
+           f"authenticated, so the datagram intake never listens beyond this machine; got {_show(c.datagram_host)}")
     _range("intake.datagram_max_bytes", c.datagram_max_bytes, 1024, 1_048_576)
     _range("intake.datagram_rcvbuf", c.datagram_rcvbuf, 4096, 2**31 - 1)
 
@@ -428,34 +513,14 @@ def _octal_mode(text: str) -> int | None:
     return mode if mode <= 0o777 else None
 
 
-def merge_live(old: Config, new: Config) -> Config:
-    """The running configuration after a reload: the live keys from ``new``, every other from ``old``."""
+def merge_live(old: Config, new: Config, keys: Iterable[str]) -> Config:
+    """The running configuration after a reload: ``keys`` (dotted) from ``new``, every other from ``old``."""
     changes: dict[str, dict[str, Any]] = {}
-    for key in LIVE:
+    for key in keys:
         section, name = key.split(".")
         changes.setdefault(section, {})[name] = getattr(getattr(new, section), name)
     return dataclasses.replace(old, **{section: dataclasses.replace(getattr(old, section), **values)
                                        for section, values in changes.items()})
-
-
-def reloaded(config: Config, path: str, stages: dict[str, Callable[[Config], None]], log: Any) -> Config:
-    """The configuration after re-reading ``path``: live keys applied by their stage (config.LIVE),
-    the others reported as needing a restart; ``config`` unchanged when the file is invalid."""
-    try:
-        new = load(path)
-    except ConfigError as e:
-        log.error("reload_failed", error=str(e), path=path)
-        return config
-    changed = changed_keys(config, new)
-    live = [k for k in changed if k in LIVE]
-    restart = [k for k in changed if k not in LIVE]
-    merged = merge_live(config, new)
-    for stage in sorted({LIVE[k] for k in live}):
-        stages[stage](merged)
-    log.info("reloaded", applied=live, needs_restart=restart)
-    if restart:
-        log.warning("config_needs_restart", keys=restart)
-    return merged
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

@@ -71,6 +71,20 @@ class Signals:
         self.reload.clear()
         return "reload"
 
+    async def unless_stopped(self, work: Awaitable[object]) -> None:
+        """Run ``work`` (a reload) to its end, or cancel it when a stop is requested first."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, stop, return_exceptions=True)
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]  # the reload handles its own errors: this is a bug
+
 
 class Deadline:
     """The drain's deadline, which a second stop signal brings forward to now."""

@@ -8,6 +8,7 @@ several forwarders can share a process (tests, the fleet simulation).
 
 from __future__ import annotations
 
+import enum
 import logging
 import ssl
 import sys
@@ -30,7 +31,6 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 
 from forwarder import __version__
-from forwarder.delivery.retry import RetryReason
 
 # The `_created` series double every counter for no use on a dashboard.
 prometheus_client.disable_created_metrics()
@@ -53,6 +53,30 @@ INTAKE_REJECTIONS = ("malformed_http", "headers_too_large", "header_timeout", "b
 # Why the intake closed a connection (intake_connections_closed reasons).
 CONNECTION_CLOSES = ("evicted", "refused", "header_timeout", "body_timeout", "write_timeout", "headers_too_large",
                      "tls_handshake_failed")
+
+
+class RetryReason(str, enum.Enum):
+    """Why events are sent again: the ``reason`` label of ``forwarder_retries_total``.
+
+    Defined here, with the metrics it labels, so that observability imports no
+    stage; the delivery stage decides which reason applies (``delivery.outcome``).
+    """
+
+    THROTTLED = "throttled"  # 429, ThrottlingException, throttled entries: the quota is here
+    PARTIAL = "partial"  # retryable failed entries of a 200 other than throttling
+    SERVER_ERROR = "server_error"  # 5xx
+    TIMEOUT = "timeout"  # no answer in time
+    CONNECTION = "connection"  # unreachable, or the connection broke
+    PROTOCOL = "protocol"  # an answer that does not confirm the batch (e.g. a proxy's HTML page)
+    INTERNAL = "internal"  # our own failure while applying an outcome (e.g. the dead-letter file)
+
+    @property
+    def outage(self) -> bool:
+        """The service is not answering: an outage, not a quota (the rate controller learns nothing)."""
+        return self in _OUTAGE
+
+
+_OUTAGE = frozenset({RetryReason.SERVER_ERROR, RetryReason.TIMEOUT, RetryReason.CONNECTION, RetryReason.PROTOCOL})
 
 
 class LoopCounter:
@@ -125,7 +149,8 @@ class Metrics:
                                       "Accepted events lost on purpose (buffer.when_full=drop_oldest, shutdown).",
                                       ["reason"], registry=r)
         self.duplicates = Counter("forwarder_duplicates_total",
-                                  "Events sent again after an attempt whose outcome was unknown (at-least-once).",
+                                  "Copies of events sent again after an attempt that may have delivered them "
+                                  "(at-least-once): each extra copy of each event counts.",
                                   registry=r)
         self.batches_sent = Counter("forwarder_batches_sent_total", "Batches handed to the sender.", ["flush_reason"],
                                     registry=r)

@@ -9,9 +9,10 @@ follows symlinks) every ``interval`` seconds and compared on device, inode,
 modification time and size; no inotify, which misses the swap of a symlink in
 a parent directory anyway.
 
-The watch only notices and calls back once per poll with the paths that changed;
-what to re-read, and keeping the old on failure, is the callback's job (the
-same walk as SIGHUP: app.py, ``Forwarder.reload_files``).
+The watch only notices and, once per poll that found changes, awaits the
+callback with the paths that changed; what to re-read, and keeping the old on
+failure, is the callback's job (the same walk as SIGHUP: app.py,
+``Forwarder.reload_files``, which re-reads every stage's files).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def identity(path: str) -> Identity:
 
 
 class FileWatch:
-    """Polls named files and calls ``on_change(paths)`` with those whose identity changed since the last look."""
+    """Polls named files and awaits ``on_change(paths)`` with those whose identity changed since the last look."""
 
-    def __init__(self, paths: Iterable[str], on_change: Callable[[list[str]], None], interval: float = INTERVAL,
+    def __init__(self, paths: Iterable[str], on_change: Callable[[list[str]], Awaitable[None]],
+                 interval: float = INTERVAL,
                  wait: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._on_change = on_change
         self._interval = interval
@@ -50,15 +52,13 @@ class FileWatch:
         return list(self._seen)
 
     def poll(self) -> list[str]:
-        """Look at every file once; call back (once) if any changed; return the paths that did."""
+        """Look at every file once; the paths whose identity changed since the last look."""
         changed = []
         for path, before in self._seen.items():
             now = identity(path)
             if now != before:
                 self._seen[path] = now
                 changed.append(path)
-        if changed:
-            self._on_change(changed)
         return changed
 
     def start(self, on_crash: Callable[[BaseException], None]) -> None:
@@ -75,7 +75,9 @@ class FileWatch:
     async def _poll_forever(self) -> None:
         while True:
             await self._wait(self._interval)
-            self.poll()
+            changed = self.poll()
+            if changed:
+                await self._on_change(changed)
 
     async def close(self) -> None:
         """Stop polling (idempotent)."""

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from forwarder import config as config_mod
@@ -134,23 +138,22 @@ def test_the_live_marks_of_the_example_file_are_exactly_the_live_table():
             section = stripped[1:-1]
         elif "=" in stripped and not stripped.startswith("#") and "(live)" in line:
             marked.add(f"{section}.{stripped.split('=')[0].strip()}")
-    assert marked == set(config_mod.LIVE)
+    assert marked == set(live_keys())
 
 
-def test_every_live_key_names_a_stage_the_daemon_has(tmp_path):
+def live_keys() -> dict[str, str]:
+    """The daemon's table of live keys, built from what its stages declare."""
     from prometheus_client import CollectorRegistry
 
     from forwarder.app import Forwarder
 
-    fwd = Forwarder(from_dict({"dead_letter": {"path": str(tmp_path / "dl.ndjson")}}, {}),
-                    registry=CollectorRegistry(), process_metrics=False)
-    assert set(config_mod.LIVE.values()) == set(fwd.live_stages())
+    return Forwarder(from_dict({}, {}), registry=CollectorRegistry(), process_metrics=False).live_keys()
 
 
-def test_a_reload_takes_the_live_keys_and_keeps_the_rest():
+def test_a_reload_takes_the_given_keys_and_keeps_the_rest():
     old = from_dict({"batch": {"max_events": 50}, "intake": {"port": 8080}}, {})
     new = from_dict({"batch": {"max_events": 7}, "intake": {"port": 9090}, "evidently": {"max_rate": 20.0}}, {})
-    merged = config_mod.merge_live(old, new)
+    merged = config_mod.merge_live(old, new, ["batch.max_events", "evidently.max_rate"])
     assert (merged.batch.max_events, merged.intake.port, merged.evidently.max_rate) == (7, 8080, 20.0)
 
 
@@ -161,6 +164,113 @@ def test_a_file_the_daemon_may_not_read_is_a_config_error(tmp_path, monkeypatch)
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
-    monkeypatch.setattr("builtins.open", refuse)
+    monkeypatch.setattr("forwarder.reading.os.open", refuse)
     with pytest.raises(ConfigError, match="cannot be read: permission denied"):
         load(path)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"shutdown": {"drain_timeout": 1e308}}, "shutdown.drain_timeout must be between 0 and 3600 seconds, got 1e+308"),
+    ({"retry": {"max_backoff": 1e300}}, "retry.max_backoff must be between 0.001 and 3600 seconds, got 1e+300"),
+    ({"retry": {"initial_backoff": 0.0}}, "retry.initial_backoff must be between 0.001 and 3600 seconds, got 0.0"),
+    ({"retry": {"max_elapsed": 1e9}}, "retry.max_elapsed must be between 0.001 and 604800 seconds, got 1000000000.0"),
+    ({"evidently": {"request_timeout": 1e6}}, "evidently.request_timeout must be between 0.001 and 3600 seconds"),
+    ({"evidently": {"max_rate": 1e12, "initial_rate": 1.0}},
+     "evidently.max_rate must be between 0 and 1000000 requests/s, got 1000000000000.0"),
+    ({"evidently": {"region": "../../etc"}}, "evidently.region must be an AWS region name such as us-east-1"),
+    ({"evidently": {"region": "US-EAST-1"}}, "evidently.region must be an AWS region name"),
+    ({"evidently": {"region": "us-east-1\n"}}, "evidently.region must be an AWS region name"),
+    ({"intake": {"max_body_bytes": 2**40}}, "intake.max_body_bytes must be between 1024 and 1073741824 bytes"),
+    ({"intake": {"max_connections": 10**9}}, "intake.max_connections must be between 1 and 1048576"),
+    ({"intake": {"max_events_per_request": 10**9}}, "intake.max_events_per_request must be between 1 and 1000000"),
+    ({"buffer": {"max_events": 10**12}}, "buffer.max_events must be between 1 and 1000000000"),
+    ({"buffer": {"max_bytes": 2**50}}, "buffer.max_bytes must be between 1024 and 1099511627776 bytes"),
+    ({"dead_letter": {"max_bytes": 2**50}}, "dead_letter.max_bytes must be between 4096 and 1099511627776 bytes"),
+    ({"buffer": {"path": "/var/lib/\x00forwarder"}}, "buffer.path must not contain a NUL character"),
+    ({"intake": {"unix_socket": "/tmp/" + "s" * 102}}, "intake.unix_socket must be at most 95 bytes long"),
+    ({"intake": {"host": "x" * 100_000}}, "is not a loopback address"),
+])
+def test_numbers_and_names_out_of_their_sane_range_are_refused_with_the_bounds(raw, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw, {})
+    assert message in str(err.value)
+    assert len(str(err.value)) < 600  # a megabyte value is not echoed whole
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-central-2", "us-gov-west-1", "cn-northwest-1", "ap-southeast-4",
+                                    "il-central-1", "us-isob-east-1"])
+def test_every_shape_of_aws_region_name_is_accepted(region):
+    assert from_dict({"evidently": {"region": region}}, {}).evidently.region == region
+
+
+@pytest.mark.parametrize("text", ["1_0", "\uff11\uff10", "\u0661\u0660", " 1 0", "0x10", "10.5"])
+def test_an_integer_from_the_environment_must_be_ascii_digits(text):
+    with pytest.raises(ConfigError) as err:
+        from_dict({}, {"FORWARDER_BATCH__MAX_EVENTS": text})
+    assert "batch.max_events must be an integer written in ASCII digits" in str(err.value)
+    assert "(set by FORWARDER_BATCH__MAX_EVENTS)" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["1_0.5", "\uff11\uff10", "1,5", "one"])
+def test_a_number_from_the_environment_must_be_ascii_digits(text):
+    with pytest.raises(ConfigError, match="batch.flush_interval must be a number written in ASCII digits"):
+        from_dict({}, {"FORWARDER_BATCH__FLUSH_INTERVAL": text})
+
+
+@pytest.mark.parametrize("text, value", [("10", 10.0), ("0.25", 0.25), (".5", 0.5), ("2e1", 20.0), ("+3", 3.0)])
+def test_plain_numbers_from_the_environment_are_read(text, value):
+    assert from_dict({}, {"FORWARDER_BATCH__FLUSH_INTERVAL": text}).batch.flush_interval == value
+
+
+def test_the_longest_unix_socket_path_check_config_allows_can_be_bound(tmp_path):
+    from forwarder.config import UNIX_PATH_MAX, UNIX_TEMP_OVERHEAD
+    from forwarder.intake.listeners import bind_unix
+
+    directory = str(tmp_path)
+    longest = os.path.join(directory, "s" * (UNIX_PATH_MAX - UNIX_TEMP_OVERHEAD - len(directory) - 1))
+    assert from_dict({"intake": {"unix_socket": longest}}, {}).intake.unix_socket == longest
+    bind_unix(longest, 0o600).sock.close()
+    with pytest.raises(ConfigError, match=f"at most {UNIX_PATH_MAX - UNIX_TEMP_OVERHEAD} bytes long"):
+        from_dict({"intake": {"unix_socket": longest + "s"}}, {})
+
+
+@pytest.mark.parametrize("content, message", [
+    ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nests arrays or inline tables too deeply"),
+    ("x = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n", "nests arrays or inline tables too deeply"),
+    ("[batch]\n" + "#" * (2 << 20) + "\n", "is larger than 1 MiB"),
+    ("[retry]\nmax_backoff = 1e300\n", "retry.max_backoff must be between 0.001 and 3600 seconds, got 1e+300"),
+])
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_no_configuration_file_makes_the_cli_print_more_than_one_line(tmp_path, content, message, command):
+    path = tmp_path / "forwarder.toml"
+    path.write_text(content)
+    done = subprocess.run([sys.executable, "-m", "forwarder", command, "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_fifo_at_the_config_path_is_refused_on_reload_without_waiting_for_a_writer(tmp_path):
+    path = tmp_path / "forwarder.toml"
+    os.mkfifo(path)
+    with pytest.raises(ConfigError, match="is not a regular file but a FIFO"):
+        load(path, {}, regular_only=True)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://[::1", "evidently.endpoint_url is not a URL (Invalid IPv6 URL)"),
+    ("http://a b:1", "evidently.endpoint_url names an invalid host 'a b'"),
+    ("http://", "evidently.endpoint_url names no host"),
+    ("https://x:99999", "evidently.endpoint_url is not a URL (Port out of range 0-65535)"),
+])
+def test_an_endpoint_url_botocore_would_refuse_at_start_is_refused_by_the_configuration(url, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict({"evidently": {"endpoint_url": url}}, {})
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8081", "http://[::1]:8081", "https://evidently.us-east-1.amazonaws.com",
+                                 "http://localhost", "http://emulator.default.svc.cluster.local:8081/"])
+def test_endpoint_urls_of_every_usual_shape_are_accepted(url):
+    assert from_dict({"evidently": {"endpoint_url": url}}, {}).evidently.endpoint_url == url

@@ -1,21 +1,29 @@
 """Whether and when a batch may be sent: its project's circuit, the endpoint's health, the rate.
 
-The sender asks before each call (``hold``, then ``turn``) and tells afterwards
-what the answer taught (``learn``). Throttling teaches the rate limiter; an
-answer or its absence teaches the endpoint's outage breaker and the project's
-circuit. Nothing here sends, reschedules or acknowledges.
+The sender asks before each call (``admit``, a context manager around the call)
+and tells afterwards what the answer taught (``learn``), which returns what the
+sender must act on (a ``Lesson``). Throttling teaches the rate limiter; an answer
+or its absence teaches the endpoint's outage breaker and the project's circuit.
+Nothing here sends, reschedules or acknowledges.
+
+Whatever the call does (returns, raises, is cancelled, never happens because its
+batch expired), leaving ``admit`` gives back the endpoint's probe slot and the
+project circuit's probe unless ``learn`` settled them: a leaked slot would hold
+every later call back for good.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from forwarder.delivery.circuits import Endpoint, ProjectCircuits
 from forwarder.clock import Clock
 from forwarder.config import RetryConfig
-from forwarder.observability import Observer
-from forwarder.delivery.outcome import Hold, Plan, RateSignal
+from forwarder.delivery.circuits import Endpoint, ProjectCircuits
+from forwarder.delivery.outcome import Plan, RateSignal
 from forwarder.delivery.rate import RateLimiter
+from forwarder.observability import Observer
 
 OUTAGE_AFTER = 3  # consecutive calls without an answer that make an outage
 # Longest wait between two probes of an endpoint in outage: it bounds how late
@@ -23,32 +31,69 @@ OUTAGE_AFTER = 3  # consecutive calls without an answer that make an outage
 MAX_PROBE_INTERVAL = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The project's circuit is open: no call until ``due``; ``code``/``message`` say why."""
+
+    due: float
+    code: str
+    message: str
+
+
+@dataclass(slots=True)
+class Turn:
+    """One batch's passage: held back by its circuit, or free to make one call."""
+
+    project: str
+    batch_id: int
+    held: Held | None = None
+    project_probe: bool = False  # the call probes the project's open circuit
+    probe: bool = False  # the call probes the endpoint in outage
+    sent_at: float = 0.0  # its time for the rate limiter
+    settled: bool = False  # ``learn`` took the answer: nothing to give back
+
+
+@dataclass(frozen=True, slots=True)
+class Lesson:
+    """What an answer taught that the sender must act on."""
+
+    outage_started: bool = False
+    outage_ended: float | None = None  # seconds the outage lasted, when this answer ended one
+    probes: int = 0  # probes sent in the outage
+    reopen_at: float | None = None  # the project's circuit opened: when its batch may try again
+
+
 class Admission:
     """The layers a call passes before it goes out, and what its answer teaches them."""
 
-    def __init__(self, limiter: RateLimiter, observer: Observer, retry: RetryConfig, clock: Clock,
-                 waiting: Callable[[], int], on_recovery: Callable[[], int]) -> None:
+    def __init__(self, limiter: RateLimiter, observer: Observer, retry: RetryConfig, clock: Clock) -> None:
         self.limiter = limiter
         self._observer = observer
-        self.retry = retry
+        self._retry = retry
         self.circuits = ProjectCircuits(clock.monotonic, observer.circuit_changed)
         self.endpoint = Endpoint(OUTAGE_AFTER, retry.initial_backoff, MAX_PROBE_INTERVAL, clock.monotonic)
-        self._waiting = waiting  # events waiting, for the outage log lines
-        self._on_recovery = on_recovery  # makes the retries an outage pushed back due; returns how many
 
-    def hold(self, project: str, batch_id: int) -> tuple[float, str, str] | None:
-        """None when the batch's project may be called; else (due, code, message) of its open circuit."""
-        return self.circuits.hold(project, batch_id)
+    def reconfigure(self, retry: RetryConfig) -> None:
+        """New retry settings: the next circuit and the next outage probe use them."""
+        self._retry = retry
+        self.endpoint.reconfigure(retry.initial_backoff)
 
-    def refused(self, project: str, batch_id: int, code: str, message: str) -> float:
-        """The service refused the project: open its circuit; returns when to try again."""
-        return self.circuits.refused(project, batch_id, code, message, self.retry.initial_backoff,
-                                     self.retry.max_backoff)
+    @asynccontextmanager
+    async def admit(self, project: str, batch_id: int) -> AsyncIterator[Turn]:
+        """A batch's turn: ``held`` set when its circuit holds it back, else it may call now."""
+        held = self.circuits.hold(project, batch_id)
+        if held is not None:
+            yield Turn(project, batch_id, Held(*held))
+            return
+        turn = Turn(project, batch_id, project_probe=self.circuits.probing(project))
+        try:
+            turn.probe, turn.sent_at = await self._wait()
+            yield turn
+        finally:
+            if not turn.settled:
+                self._give_back(turn)
 
-    def released(self, project: str, batch_id: int) -> None:
-        self.circuits.released(project, batch_id)
-
-    async def turn(self) -> tuple[bool, float]:
+    async def _wait(self) -> tuple[bool, float]:
         """Wait until a call may go: (is it the endpoint's probe, its time for the rate limiter)."""
         while True:
             probe = await self.endpoint.admit()
@@ -64,22 +109,36 @@ class Admission:
                     self._observer.probe_sent()
                 return probe, sent_at
 
-    def release(self) -> None:
-        """A probe's turn that made no call after all."""
-        self.endpoint.release()
+    def _give_back(self, turn: Turn) -> None:
+        """A turn that taught nothing (no call, or a call that raised or was cancelled): others may probe."""
+        if turn.probe:
+            self.endpoint.release()
+        if turn.project_probe:
+            self.circuits.unanswered(turn.project)
 
-    def learn(self, project: str, outcome: Plan, sent_at: float, probe: bool) -> None:
+    def released(self, project: str, batch_id: int) -> None:
+        """A batch left for good (dead-lettered): its circuit forgets it."""
+        self.circuits.released(project, batch_id)
+
+    def learn(self, turn: Turn, outcome: Plan) -> Lesson:
+        """What the call's answer teaches the circuits and the rate; returns what the sender must act on."""
+        turn.settled = True
+        started, ended, reopen_at = False, None, None
         if outcome.answered:
-            outage = self.endpoint.answered()
-            if outage is not None:
-                resumed = self._on_recovery()
-                self._observer.outage_ended(outage, self.endpoint.probes, self._waiting(), resumed)
-            if not any(isinstance(e, Hold) for e in outcome.effects):
-                self.circuits.answered(project)
+            ended = self.endpoint.answered()
+            refusal = outcome.refused_project
+            if refusal is None:
+                self.circuits.answered(turn.project)
+            else:
+                reopen_at = self.circuits.refused(turn.project, turn.batch_id, refusal.code, refusal.message,
+                                                  self._retry.initial_backoff, self._retry.max_backoff)
         else:
-            if self.endpoint.failed(probe):
-                self._observer.outage_started(OUTAGE_AFTER, self._waiting())
-            self.circuits.unanswered(project)
+            started = self.endpoint.failed(turn.probe)
+            self.circuits.unanswered(turn.project)
+        self._teach_rate(turn.project, outcome, turn.sent_at)
+        return Lesson(started, ended, self.endpoint.probes, reopen_at)
+
+    def _teach_rate(self, project: str, outcome: Plan, sent_at: float) -> None:
         if outcome.throttled:
             self._observer.throttled(outcome.throttled, project)
         if outcome.rate is RateSignal.SUCCESS:

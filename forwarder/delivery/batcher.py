@@ -8,63 +8,17 @@ full, and everything flushes on drain.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from forwarder.buffer.contract import Chunk, Receipt
+from forwarder.buffer.contract import Chunk
 from forwarder.config import BatchConfig
+from forwarder.delivery.batch import Batch, FlushReason
 from forwarder.observability import Observer
-from forwarder.delivery.retry import RetryReason
 from forwarder.wakeup import EARLY
 
-
-class FlushReason(str, enum.Enum):
-    SIZE = "size"
-    DEADLINE = "deadline"
-    DRAIN = "drain"
-
-
-@dataclass(slots=True)
-class Batch:
-    """Events of one project bound for one PutProjectEvents call, and their history."""
-
-    project: str
-    events: list[bytes]
-    receipt: Receipt  # what acknowledges these events to the buffer, in the same order
-    received_at: float  # wall clock of the oldest event
-    flush_reason: FlushReason = FlushReason.SIZE
-    attempts: int = 0
-    first_attempt_at: float = 0.0  # wall clock; 0 until the first attempt
-    last_attempt_at: float = 0.0
-    last_code: str = ""
-    last_message: str = ""
-    last_reason: RetryReason | None = None  # why it was last rescheduled
-    reject: tuple[str, str] | None = None  # (code, message) of a dead-letter write still to do
-    ambiguous: bool = False  # the last attempt may have been delivered (timeout, 5xx)
-    duplicates_counted: bool = False  # each event counts once as a possible duplicate
-
-    def expired(self, wall: float, max_elapsed: float) -> bool:
-        """Past retry.max_elapsed since its first attempt (or first deferral)."""
-        return bool(self.first_attempt_at) and wall >= self.first_attempt_at + max_elapsed
-
-    def attempt(self, wall: float) -> int:
-        """Record an attempt starting now; returns how many of its events to count as possible
-        duplicates (all of them, once, when an earlier attempt may have been delivered)."""
-        self.attempts += 1
-        self.first_attempt_at = self.first_attempt_at or wall
-        self.last_attempt_at = wall
-        if self.ambiguous and not self.duplicates_counted:
-            self.duplicates_counted = True
-            return len(self.events)
-        return 0
-
-    def subset(self, indexes: list[int]) -> "Batch":
-        """The same history for some of the events (a split or a partial resend), in ascending order."""
-        return dataclasses.replace(self, events=[self.events[i] for i in indexes],
-                                   receipt=self.receipt.subset(indexes))
+__all__ = ["Batch", "Batcher", "FlushLoop", "FlushReason", "Sink", "Source"]
 
 
 @dataclass(slots=True)
@@ -73,10 +27,8 @@ class _Open:
     never applies a new size or deadline to events already in it."""
 
     max_events: int
-    received_at: float
     deadline: float  # on the batcher's monotonic clock
-    events: list[bytes] = field(default_factory=list)
-    receipt: Receipt = field(default_factory=Receipt)
+    batch: Batch
 
 
 class Batcher:
@@ -101,14 +53,13 @@ class Batcher:
         events = chunk.events
         start = 0
         while start < len(events):
-            batch = self._open.get(chunk.project)
-            if batch is None:
-                batch = self._open[chunk.project] = self._new(chunk)
-            take = min(batch.max_events - len(batch.events), len(events) - start)
-            batch.events.extend(events[start:start + take])
-            batch.receipt.add(chunk.lease, chunk.first + start, chunk.first + start + take)
+            filling = self._open.get(chunk.project)
+            if filling is None:
+                filling = self._open[chunk.project] = self._new(chunk)
+            take = min(filling.max_events - len(filling.batch), len(events) - start)
+            filling.batch.fill(events[start:start + take], chunk.lease, chunk.first + start)
             start += take
-            if len(batch.events) >= batch.max_events:
+            if len(filling.batch) >= filling.max_events:
                 sealed.append(self._seal(chunk.project, FlushReason.SIZE))
         return sealed
 
@@ -116,11 +67,13 @@ class Batcher:
         # The deadline counts the time the event already spent in the buffer
         # (recovered events from disk flush at once).
         waited = max(0.0, self._wall() - chunk.received_at)
-        return _Open(self._max, chunk.received_at, self._clock() + max(0.0, self._interval - waited))
+        deadline = self._clock() + max(0.0, self._interval - waited)
+        return _Open(self._max, deadline, Batch(chunk.project, chunk.received_at))
 
     def _seal(self, project: str, reason: FlushReason) -> Batch:
-        o = self._open.pop(project)
-        return Batch(project, o.events, o.receipt, o.received_at, reason)
+        batch = self._open.pop(project).batch
+        batch.seal(reason)
+        return batch
 
     def next_deadline(self) -> float | None:
         """The earliest deadline on the batcher's clock, or None when nothing is open."""
@@ -135,11 +88,7 @@ class Batcher:
         return [self._seal(p, FlushReason.DRAIN) for p in list(self._open)]
 
     def oldest(self) -> float | None:
-        return min((o.received_at for o in self._open.values()), default=None)
-
-    @property
-    def open_events(self) -> int:
-        return sum(len(o.events) for o in self._open.values())
+        return min((o.batch.received_at for o in self._open.values()), default=None)
 
 
 class Sink(Protocol):
@@ -175,9 +124,11 @@ class FlushLoop:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def reconfigure(self, config: BatchConfig) -> None:
-        """New batch limits (live): see ``Batcher.reconfigure``."""
-        self.batcher.reconfigure(config)
+    LIVE_KEYS = ("batch.max_events", "batch.flush_interval")
+
+    async def reconfigure(self, batch: BatchConfig) -> None:
+        """New batch limits (reload): see ``Batcher.reconfigure``."""
+        self.batcher.reconfigure(batch)
 
     async def _run(self) -> None:
         while True:
@@ -195,7 +146,7 @@ class FlushLoop:
             await self._emit(batch)
 
     async def _emit(self, batch: Batch) -> None:
-        self._observer.batch_flushed(batch.flush_reason.value, len(batch.events))
+        self._observer.batch_flushed(batch.flush_reason.value, len(batch))
         await self._sink.send(batch)
 
     async def stop(self, timeout: float) -> bool:

@@ -71,8 +71,13 @@ class ProjectCircuits:
         if self._circuits.pop(project, None) is not None:
             self._on_change(project, False, "", 0.0)
 
+    def probing(self, project: str) -> bool:
+        """Whether a batch of the project is out as its circuit's probe."""
+        circuit = self._circuits.get(project)
+        return circuit is not None and circuit.probing
+
     def unanswered(self, project: str) -> None:
-        """A probe got no answer about the project (an outage): the next batch probes again."""
+        """A probe got no answer about the project (an outage, or its call raised): the next batch probes."""
         circuit = self._circuits.get(project)
         if circuit is not None:
             circuit.probing = False
@@ -120,6 +125,10 @@ class Endpoint:
     @property
     def down(self) -> bool:
         return self.down_since is not None
+
+    def reconfigure(self, initial: float) -> None:
+        """A new first probe delay (``retry.initial_backoff``), from the next probe on."""
+        self._initial = initial
 
     def permit(self) -> float | bool:
         """False: go (no outage). True: go as the probe. A float: seconds to wait before asking again."""
@@ -180,3 +189,8 @@ class Endpoint:
     @property
     def probes(self) -> int:
         return self._probes
+
+    @property
+    def probing(self) -> bool:
+        """A probe is out: nobody else may probe until its answer is learned or its slot given back."""
+        return self._probing

@@ -39,6 +39,7 @@ from botocore.parsers import create_parser
 from forwarder import __version__
 from forwarder.config import EvidentlyConfig
 from forwarder.delivery.retry import CallResult, RetryReason, no_answer, parse_retry_after
+from forwarder.reading import OffLoop
 
 _OPERATION = "evidently.PutProjectEvents"
 _BODY_KEY = "forwarder_encoded_body"
@@ -141,6 +142,11 @@ def check_model(session: AioSession) -> None:
 class EvidentlyClient:
     """PutProjectEvents calls through one aiobotocore client and one pooled HTTP session."""
 
+    # A live stage when it presents a client certificate: the pair is re-read on
+    # every reload (SIGHUP, or a change on disk), for new connections.
+    LIVE_KEYS = ()
+    FILE_KEYS = ("evidently.client_cert_file", "evidently.client_key_file")
+
     def __init__(self, config: EvidentlyConfig, credentials: tuple[str, str] | None = None) -> None:
         self._config = config
         self._credentials = credentials
@@ -151,6 +157,7 @@ class EvidentlyClient:
         self._parser: Any = None
         self._cafile: Any = None
         self._tls: ssl.SSLContext | None = None  # replaced whole by reload_client_cert
+        self._reads = OffLoop("evidently.client_cert_file/evidently.client_key_file")
 
     async def start(self) -> None:
         """Create the client; raises ModelMissing before anything else."""
@@ -221,6 +228,10 @@ class EvidentlyClient:
     def _client_cert(self) -> tuple[str, str] | None:
         c = self._config
         return (c.client_cert_file, c.client_key_file) if c.client_cert_file else None
+
+    async def reconfigure(self, evidently: EvidentlyConfig) -> None:
+        """Re-read the client certificate pair off the event loop (reload); on an error the pair in use stays."""
+        await self._reads.run(self.reload_client_cert)
 
     def reload_client_cert(self) -> None:
         """(Re-)read evidently.client_cert_file and client_key_file for new connections; raises ClientCertError.

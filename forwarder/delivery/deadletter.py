@@ -57,7 +57,7 @@ class DeadLetterWriter:
             rotated = bool(size) and size + len(data) > self.max_bytes
             if rotated:
                 self._rotate()
-            with open(self.path, "ab") as f:
+            with open(self.path, "ab", opener=_owner_only) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -71,6 +71,10 @@ class DeadLetterWriter:
             if os.path.exists(older):
                 os.replace(older, f"{self.path}.{i + 1}")
         os.replace(self.path, f"{self.path}.1")
+
+
+def _owner_only(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)  # dead letters hold whole events
 
 
 def _fsync_directory(directory: str) -> None:

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:  # config imports this module's names: no import cycle at run time
+    from forwarder.config import EvidentlyConfig
 
 MIN_RATE = 0.5  # requests/s; never stop probing entirely
 MEASURE_INTERVAL = 0.5  # seconds per bucket of the measured send rate
@@ -176,8 +179,11 @@ class RateLimiter:
         """The controller that owns the rate after slow start."""
         return self._controller
 
-    def reconfigure(self, initial_rate: float, max_rate: float) -> None:
-        """New rates (live): a change starts over from ``initial_rate`` in slow start; none changes nothing."""
+    LIVE_KEYS = ("evidently.initial_rate", "evidently.max_rate")
+
+    async def reconfigure(self, evidently: EvidentlyConfig) -> None:
+        """New rates (reload): a change starts over from the initial rate in slow start; none changes nothing."""
+        initial_rate, max_rate = evidently.effective_initial_rate, evidently.effective_max_rate
         if (initial_rate, max_rate) != (self.initial_rate, self.max_rate):
             self._restart(initial_rate, max_rate, self._clock())
 

@@ -1,54 +1,20 @@
-"""Retry policy: pure, table-driven decisions about a PutProjectEvents outcome.
+"""What one call returned (``CallResult``) and how long to wait before the next try.
 
-``classify`` maps what one call returned to what happens to its events (Vector's
-``RetryAction``); ``backoff`` is capped exponential with full jitter. Exactly one
-layer retries: botocore's own retries are off (see ``client.py``).
+Pure functions: ``backoff`` is capped exponential with full jitter; the circuit,
+probe and dead-letter delays double up to their cap. What an answer *means* is
+decided in one table, ``outcome.plan``. Exactly one layer retries: botocore's
+own retries are off (see ``client.py``).
 """
 
 from __future__ import annotations
 
-import enum
 import random
 from dataclasses import dataclass, field
 
+from forwarder.observability import RetryReason
 
-class RetryReason(str, enum.Enum):
-    """Why events are sent again; the ``reason`` label of ``forwarder_retries_total``."""
-
-    THROTTLED = "throttled"  # 429, ThrottlingException, throttled entries: the quota is here
-    PARTIAL = "partial"  # retryable failed entries of a 200 other than throttling
-    SERVER_ERROR = "server_error"  # 5xx
-    TIMEOUT = "timeout"  # no answer in time
-    CONNECTION = "connection"  # unreachable, or the connection broke
-    PROTOCOL = "protocol"  # an answer that does not confirm the batch (e.g. a proxy's HTML page)
-    INTERNAL = "internal"  # our own failure while applying an outcome (e.g. the dead-letter file)
-
-    @property
-    def outage(self) -> bool:
-        """The service is not answering: an outage, not a quota (the rate controller learns nothing)."""
-        return self in _OUTAGE
-
-
-_OUTAGE = frozenset({RetryReason.SERVER_ERROR, RetryReason.TIMEOUT, RetryReason.CONNECTION, RetryReason.PROTOCOL})
-
-# Error codes inside a 200 (eventResults[i].errorCode) worth sending again.
-RETRYABLE_ENTRY_CODES = frozenset({
-    "ThrottlingException", "InternalServerException", "ServiceUnavailableException",
-    "InternalFailure", "ServiceUnavailable", "RequestTimeout",
-})
-THROTTLE_CODES = frozenset({
-    "ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
-    "SlowDown", "ProvisionedThroughputExceededException",
-})
-# Whole-request errors that mean "this caller cannot write this project now":
-# wrong permissions, a missing project, credentials that expired or are refused.
-CIRCUIT_CODES = frozenset({
-    "AccessDeniedException", "ResourceNotFoundException", "ExpiredTokenException",
-    "UnrecognizedClientException", "InvalidSignatureException", "IncompleteSignatureException",
-    "MissingAuthenticationTokenException", "InvalidClientTokenId", "RequestExpired",
-    "NoCredentials", "SignatureDoesNotMatch",
-})
-SPLIT_CODES = frozenset({"ValidationException", "SerializationException", "PayloadTooLargeException"})
+__all__ = ["CallResult", "RetryReason", "backoff", "circuit_delay", "dead_letter_delay", "no_answer", "parse_retry_after",
+           "probe_delay", "retry_delay"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,75 +36,6 @@ class CallResult:
 def no_answer(reason: RetryReason, message: str, maybe_delivered: bool) -> CallResult:
     """A call that got no usable answer: timeout, broken connection, or an answer that confirms nothing."""
     return CallResult(0, reason.value, message, unanswered=reason, maybe_delivered=maybe_delivered)
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    """Every event acknowledged."""
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    reason: RetryReason
-    retry_after: float | None = None
-    ambiguous: bool = False  # the service may have accepted the events
-
-
-@dataclass(frozen=True, slots=True)
-class Split:
-    """The service refused the whole batch because of some of its events: bisect."""
-
-
-@dataclass(frozen=True, slots=True)
-class OpenCircuit:
-    """The project cannot be written now (403, 404, credentials): stop and back off."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """Nothing will make the service accept these events."""
-
-
-@dataclass(frozen=True, slots=True)
-class Partial:
-    """A 200 with failed entries: resend some, dead-letter the rest."""
-
-    retry: tuple[tuple[int, str, str], ...]  # (index, errorCode, errorMessage)
-    dead: tuple[tuple[int, str, str], ...]
-    throttled: int
-
-
-Decision = Done | Retry | Split | OpenCircuit | DeadLetter | Partial
-
-
-def classify(result: CallResult, batch_size: int) -> Decision:
-    """Decide what happens to a batch after one call."""
-    if result.unanswered is not None:
-        return Retry(result.unanswered, ambiguous=result.maybe_delivered)
-    if result.status == 200:
-        if not result.failed:
-            return Done()
-        indexes = [i for i, _, _ in result.failed]
-        if len(set(indexes)) != len(indexes) or not all(0 <= i < batch_size for i in indexes):
-            # Results that do not match the batch confirm nothing (the client checks this too).
-            return Retry(RetryReason.PROTOCOL, ambiguous=True)
-        retry = tuple(f for f in result.failed if f[1] in RETRYABLE_ENTRY_CODES)
-        dead = tuple(f for f in result.failed if f[1] not in RETRYABLE_ENTRY_CODES)
-        throttled = sum(1 for _, code, _ in result.failed if code in THROTTLE_CODES)
-        return Partial(retry, dead, throttled)
-    if result.status == 429 or result.code in THROTTLE_CODES:
-        return Retry(RetryReason.THROTTLED, result.retry_after)
-    if result.status >= 500:
-        # A 503 is refused at the door; a 500 may have failed after storing the events.
-        refused = result.status == 503 or result.code == "ServiceUnavailableException"
-        return Retry(RetryReason.SERVER_ERROR, result.retry_after, ambiguous=not refused)
-    if result.code in CIRCUIT_CODES or result.status in (401, 403, 404):
-        return OpenCircuit()
-    if result.code in SPLIT_CODES or result.status in (400, 413):
-        return Split() if batch_size > 1 else DeadLetter()
-    if result.status == 408:
-        return Retry(RetryReason.TIMEOUT, ambiguous=True)
-    return DeadLetter()
 
 
 def backoff(attempt: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
@@ -167,6 +64,15 @@ def probe_delay(probes: int, initial: float, maximum: float) -> float:
     the end of an outage is noticed.
     """
     return min(maximum, initial * (2 ** min(probes, 30)))
+
+
+def dead_letter_delay(failures: int, initial: float, maximum: float) -> float:
+    """How long events wait before their dead-letter write is tried again after ``failures`` failed writes.
+
+    Doubling, capped at ``maximum``: a full or broken disk does not heal in
+    milliseconds, and each try costs a write and an error line.
+    """
+    return min(maximum, initial * (2 ** min(max(failures - 1, 0), 30)))
 
 
 def parse_retry_after(headers: dict[str, str]) -> float | None:

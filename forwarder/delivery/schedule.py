@@ -7,7 +7,7 @@ import heapq
 import itertools
 from typing import Callable
 
-from forwarder.delivery.batcher import Batch
+from forwarder.delivery.batch import Batch
 from forwarder.wakeup import EARLY, Wakeup
 
 

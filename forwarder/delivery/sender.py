@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from forwarder.delivery.admission import Admission
-from forwarder.delivery.batcher import Batch
-from forwarder.delivery.client import Transport
 from forwarder.clock import Clock
 from forwarder.config import RetryConfig
+from forwarder.delivery.admission import OUTAGE_AFTER, Admission, Lesson, Turn
+from forwarder.delivery.batch import Batch
+from forwarder.delivery.client import Transport
 from forwarder.delivery.effects import Acker, DeadLetterSink, Effects
-from forwarder.observability import Observer
 from forwarder.delivery.outcome import Plan, plan
 from forwarder.delivery.rate import RateLimiter
 from forwarder.delivery.schedule import Schedule
+from forwarder.observability import Observer
 
 STALLED_AFTER = 60.0  # seconds without a delivery, with work waiting, before /readyz says so
 
@@ -32,13 +32,14 @@ class Sender:
     def __init__(self, transport: Transport, buffer: Acker, dead_letters: DeadLetterSink, limiter: RateLimiter,
                  observer: Observer, retry: RetryConfig, concurrency: int, clock: Clock | None = None) -> None:
         self._transport = transport
+        self._buffer = buffer
         self._observer = observer
+        self._retry = retry
         self._concurrency = concurrency
         self._clock = clock = clock or Clock()
         self._schedule = Schedule(clock.monotonic, fresh_limit=2 * concurrency)
-        self.admission = Admission(limiter, observer, retry, clock, lambda: buffer.depth,
-                                   lambda: self._effects.resume_outage_retries())
-        self._effects = Effects(buffer, dead_letters, self._schedule, self.admission, observer, clock)
+        self.admission = Admission(limiter, observer, retry, clock)
+        self._effects = Effects(buffer, dead_letters, self._schedule, retry, observer, clock)
         self._taken: dict[int, Batch] = {}  # batches a worker holds: waiting for a turn or in a call
         self.inflight = 0  # calls in flight
         self._idle = asyncio.Event()
@@ -62,9 +63,14 @@ class Sender:
     def alive(self) -> bool:
         return bool(self._workers) and all(not t.done() for t in self._workers)
 
-    def reconfigure(self, retry: RetryConfig) -> None:
-        """New retry limits (live): each batch is judged by them the next time it is taken."""
-        self.admission.retry = retry
+    LIVE_KEYS = ("retry.max_elapsed", "retry.initial_backoff", "retry.max_backoff")
+
+    async def reconfigure(self, retry: RetryConfig) -> None:
+        """New retry limits (live): each batch is judged by them the next time it is taken,
+        the next outage probe and circuit wait by the new backoff."""
+        self._retry = retry
+        self.admission.reconfigure(retry)
+        self._effects.reconfigure(retry)
 
     async def send(self, batch: Batch) -> None:
         """Accept a sealed batch; waits while the sender is ``2 * concurrency`` batches behind."""
@@ -97,10 +103,6 @@ class Sender:
 
     # state read by metrics and readiness
 
-    @property
-    def limiter(self) -> RateLimiter:
-        return self.admission.limiter
-
     def oldest(self) -> float | None:
         times = [b.received_at for b in self._taken.values()]
         scheduled = self._schedule.oldest()
@@ -128,49 +130,58 @@ class Sender:
 
     async def _handle(self, batch: Batch) -> None:
         try:
-            outcome = await self._attempt(batch)
+            answered = await self._attempt(batch)
         except Exception as e:  # one bad batch must not kill the worker; nothing of it was resolved
-            self._observer.send_failed(batch.project, len(batch.events), e)
-            self._effects.reschedule(batch, self._clock.monotonic() + self.admission.retry.max_backoff)
+            self._observer.send_failed(batch.project, len(batch), e)
+            self._effects.later(batch)
             return
-        if outcome is not None:
+        if answered is not None:
+            outcome, lesson = answered
+            self._act_on(lesson)
             # Not caught: effects that can fail on their own (the dead-letter write)
             # are handled where they fail; anything else is a bug and crashes loudly.
-            await self._effects.apply(batch, outcome)
+            await self._effects.apply(batch, outcome, lesson.reopen_at)
 
-    async def _attempt(self, batch: Batch) -> Plan | None:
-        """Call PutProjectEvents for the batch when it may go; the plan for its answer, None if it did not go."""
-        if batch.reject is not None:  # its dead-letter write failed before: no call, write it again
-            await self._effects.dead_letter(batch, *batch.reject)
+    async def _attempt(self, batch: Batch) -> tuple[Plan, Lesson] | None:
+        """Call PutProjectEvents for the batch when it may go; its plan and lesson, None if it did not go."""
+        rejection = batch.rejection
+        if rejection is not None:  # its dead-letter write failed before: no call, write it again
+            await self._effects.dead_letter(batch, *rejection)
             return None
-        if self._expired(batch):
-            self.admission.released(batch.project, id(batch))
-            await self._effects.expire(batch)
-            return None
-        held = self.admission.hold(batch.project, id(batch))
-        if held is not None:
-            self._effects.hold_back(batch, *held)
-            return None
-        probe, sent_at = await self.admission.turn()
-        if probe and self._expired(batch):  # it may have waited out a long outage
-            self.admission.release()
-            await self._effects.expire(batch)
-            return None
-        duplicates = batch.attempt(self._clock.wall())
-        if duplicates:
-            self._observer.possible_duplicates(duplicates)
+        if not self._expired(batch):
+            async with self.admission.admit(batch.project, id(batch)) as turn:
+                if turn.held is not None:
+                    self._effects.hold_back(batch, turn.held.due, turn.held.code, turn.held.message)
+                    return None
+                # As the probe it may have waited out a long outage: then it is not sent.
+                if not (turn.probe and self._expired(batch)):
+                    return await self._call(batch, turn)
+        self.admission.released(batch.project, id(batch))
+        await self._effects.expire(batch)
+        return None
+
+    async def _call(self, batch: Batch, turn: Turn) -> tuple[Plan, Lesson]:
+        batch.attempt(self._clock.wall())
         started = self._clock.monotonic()
         self.inflight += 1
         try:
             result = await self._transport.put_events(batch.project, batch.events)
         finally:
             self.inflight -= 1
-        outcome = plan(result, len(batch.events))
+        outcome = plan(result, len(batch))
         self._observer.request_done(outcome.label, self._clock.monotonic() - started)
-        batch.last_code, batch.last_message = result.code, result.message
-        batch.ambiguous = outcome.ambiguous
-        self.admission.learn(batch.project, outcome, sent_at, probe)
-        return outcome
+        duplicates = batch.result(result, outcome)
+        if duplicates:
+            self._observer.possible_duplicates(duplicates)
+        return outcome, self.admission.learn(turn, outcome)
+
+    def _act_on(self, lesson: Lesson) -> None:
+        """What the endpoint's outage breaker learned: log it; at the end of an outage its retries go at once."""
+        if lesson.outage_started:
+            self._observer.outage_started(OUTAGE_AFTER, self._buffer.depth)
+        if lesson.outage_ended is not None:
+            resumed = self._schedule.expedite(lambda b: b.outage_retry)
+            self._observer.outage_ended(lesson.outage_ended, lesson.probes, self._buffer.depth, resumed)
 
     def _expired(self, batch: Batch) -> bool:
-        return batch.expired(self._clock.wall(), self.admission.retry.max_elapsed)
+        return batch.expired(self._clock.wall(), self._retry.max_elapsed)

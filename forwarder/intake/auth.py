@@ -6,10 +6,11 @@ it answers None to let the request through, or the refusal to send back. So a
 refused request leaves nothing behind but a counter.
 
 Both read their secrets from a file at start (an unreadable or empty file stops
-the start) and again on ``reload()`` (SIGHUP), which is how keys and tokens are
-rotated without a restart: put the new one beside the old, SIGHUP, move the
-clients over, remove the old one, SIGHUP. A file that cannot be read or parsed
-on reload keeps the previous set in force and logs ``reload_failed``.
+the start) and again, off the event loop, on every reload (SIGHUP), which is
+how keys and tokens are rotated without a restart: put the new one beside the
+old, SIGHUP, move the clients over, remove the old one, SIGHUP. A file that
+cannot be read or parsed on reload keeps the previous set in force and logs
+``reload_failed``.
 
 Mutual TLS (``"mtls"``) has no file of its own here: the TLS listener verifies
 the client certificate against ``intake.tls_client_ca_file`` in the handshake
@@ -35,12 +36,14 @@ from forwarder.config import IntakeConfig
 from forwarder.observability import Observer
 from forwarder.evidently.protocol import error_response
 from forwarder.evidently.sigv4 import Denial, Verifier
+from forwarder.reading import MiB, FileRefused, OffLoop, read_bounded
 
 T = TypeVar("T", dict[str, str], list[str])
 
 # RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 MIN_TOKEN_LENGTH = 16  # characters; `openssl rand -hex 32` makes 64
+MAX_SECRETS_BYTES = MiB  # a token or credentials file beyond this is refused, never read whole
 _CREDENTIAL_KEY_RE = re.compile(r"Credential=([^/,\s]{1,128})/")
 
 
@@ -93,8 +96,9 @@ def load_tokens(path: str, key: str = "intake.token_file") -> list[str]:
 
 def _read(path: str, key: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return read_bounded(path, MAX_SECRETS_BYTES).decode()
+    except FileRefused as e:
+        raise CredentialsError(f"{key} {path} {e}") from None
     except OSError as e:
         raise CredentialsError(f"{key} {path} cannot be read: {e.strerror}") from None
     except UnicodeDecodeError:
@@ -109,20 +113,22 @@ def readable_by_others(path: str) -> bool:
 
 
 class SecretsFile(Generic[T]):
-    """One file of secrets: parsed at construction, re-read by ``reload()``, each set handed to ``install``."""
+    """One file of secrets: parsed at construction, re-read by ``reconfigure()``, each set handed to ``install``."""
 
     def __init__(self, path: str, key: str, parse: Callable[[str, str], T], install: Callable[[T], None],
                  observer: Observer) -> None:
         self.path, self.key = path, key
         self._parse, self._install, self._observer = parse, install, observer
+        self._reads = OffLoop(f"{key} {path}")
         self._apply(self._load(), reload=False)
 
-    def reload(self) -> None:
-        """Re-read the file (SIGHUP); on any error keep the set in force and log reload_failed."""
+    async def reconfigure(self, intake: IntakeConfig) -> None:
+        """Re-read the file off the event loop (reload); on any error keep the set in force, log reload_failed."""
         try:
-            loaded = self._load()
-        except CredentialsError as e:
-            self._observer.auth_reload_failed(self.path, str(e))
+            loaded = await self._reads.run(self._load)
+        except Exception as e:  # CredentialsError, ReadTimeout, or what nobody foresaw: the old set stays
+            self._observer.auth_reload_failed(self.path, str(e) if isinstance(e, (CredentialsError, OSError))
+                                              else f"{type(e).__name__}: {e}")
             return
         self._apply(loaded, reload=True)
 
@@ -148,12 +154,15 @@ def _refuse(observer: Observer, request: web.BaseRequest, scheme: str, status: i
 class SigV4Authenticator:
     """``intake.auth = "sigv4"``: AWS Signature Version 4 against ``intake.credentials_file``."""
 
+    LIVE_KEYS = ()
+    FILE_KEYS = ("intake.credentials_file",)  # re-read on every reload
+
     def __init__(self, path: str, region: str, observer: Observer, wall: Callable[[], float] = time.time) -> None:
         self._observer = observer
         self._verifier = Verifier({}, region, clock=wall)
         self.file = SecretsFile(path, "intake.credentials_file", load_credentials, self._verifier.replace_secrets,
                                 observer)
-        self.reload = self.file.reload
+        self.reconfigure = self.file.reconfigure
 
     def __call__(self, request: web.BaseRequest, body: bytes) -> web.Response | None:
         result = self._verifier.verify(request.method, request.raw_path, request.headers, body)
@@ -167,6 +176,8 @@ class TokenAuthenticator:
     """``intake.auth = "token"``: ``Authorization: Bearer <token>`` against ``intake.token_file``."""
 
     _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="forwarder"'}
+    LIVE_KEYS = ()
+    FILE_KEYS = ("intake.token_file",)  # re-read on every reload
 
     def __init__(self, path: str, observer: Observer) -> None:
         self._observer = observer
@@ -174,7 +185,7 @@ class TokenAuthenticator:
         self._digests: tuple[bytes, ...] = ()
         self._headers: tuple[bytes, ...] = ()
         self.file = SecretsFile(path, "intake.token_file", load_tokens, self._install, observer)
-        self.reload = self.file.reload
+        self.reconfigure = self.file.reconfigure
 
     def _install(self, tokens: list[str]) -> None:
         self._digests = tuple(self._digest(t) for t in tokens)
@@ -278,12 +289,18 @@ def identity_allowed(identities: tuple[str, ...], allowed: tuple[str, ...]) -> b
 class MtlsAuthenticator:
     """``intake.auth = "mtls"``: a client certificate verified in the TLS handshake, its identity listed."""
 
+    # The list applies on reload to connections opened afterwards; the CA bundle
+    # is the TLS listener's file (listeners.py, TlsCertificates).
+    LIVE_KEYS = ("intake.tls_allowed_identities",)
+
     def __init__(self, allowed: tuple[str, ...], observer: Observer) -> None:
         self._allowed = allowed
         self._observer = observer
 
-    def reload(self) -> None:
-        """Nothing to re-read here: the CA bundle is the TLS listener's (Intake.reload_tls)."""
+    async def reconfigure(self, intake: IntakeConfig) -> None:
+        """Admit the reloaded intake.tls_allowed_identities from the next connection on."""
+        self._allowed = intake.tls_allowed_identities
+        self._observer.log.info("mtls_identities_reloaded", identities=len(self._allowed))
 
     def peer(self, request: web.BaseRequest) -> Peer:
         """The connection's Peer, found at its first request and kept on its protocol."""

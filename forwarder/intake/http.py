@@ -29,7 +29,7 @@ from forwarder.buffer.contract import Buffer, BufferFull
 from forwarder.config import IntakeConfig
 from forwarder.intake.checks import (ContentTypes, HostCheck, ProjectPaths, Refusal, browser_refusal, decode_body,
                                      read_events, refuse_all)
-from forwarder.intake.listeners import Listeners
+from forwarder.intake.listeners import Listeners, TlsCertificates
 from forwarder.observability import Observer
 from forwarder.intake.probes import Health, Probes
 from forwarder.evidently.protocol import PUT_PATH_PREFIX, error_response, project_error, region_error, request_id
@@ -79,9 +79,10 @@ class Intake:
         """The open connections (None before start and after close)."""
         return self._listeners.connections
 
-    def reload_tls(self) -> bool:
-        """Re-read intake.tls_cert_file and intake.tls_key_file (SIGHUP); keeps the old pair on error."""
-        return self._listeners.reload_tls()
+    @property
+    def tls(self) -> TlsCertificates | None:
+        """The certificates a reload re-reads (None without TLS)."""
+        return self._listeners.tls
 
     def stop_accepting(self) -> None:
         """New events get 503 from now on; health and metrics keep answering."""

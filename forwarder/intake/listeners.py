@@ -15,20 +15,20 @@ import tempfile
 import asyncio
 import functools
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
 from forwarder.config import IntakeConfig
 from forwarder.observability import Observer
+from forwarder.reading import MiB, FileRefused, OffLoop, read_bounded
 from forwarder.intake.connections import LISTEN_BACKLOG, MIN_CONNECTIONS, Connections, Limits, connection_limit
 
 Handler = Callable[[bool, web.BaseRequest], Awaitable[web.StreamResponse]]
 
 CLOSE_TIMEOUT = 5.0  # seconds requests in progress get to finish when the listeners close
+MAX_PEM_BYTES = MiB  # a certificate chain or key file beyond this is refused, never read whole
 
-# bind_unix binds under "<dir>/.<8 random>/s" first: this many bytes longer than the path.
-UNIX_TEMP_OVERHEAD = 12
 
 
 class ListenerError(OSError):
@@ -88,6 +88,9 @@ class UnixSocket:
 
 def bind_unix(path: str, mode: int) -> UnixSocket:
     """A listening Unix socket at ``path`` with permissions ``mode`` from its first instant.
+
+    (The temporary name is config.UNIX_TEMP_OVERHEAD bytes longer than the
+    directory; intake.unix_socket's length is validated with it.)
 
     The socket is bound inside a fresh 0700 directory next to ``path``, given
     its mode there, and renamed into place: no one can connect before the mode
@@ -159,22 +162,26 @@ class TlsCertificates:
     client certificate is checked against are those of the context handed over.
     """
 
-    def __init__(self, cert_file: str, key_file: str, client_ca_file: str = "") -> None:
+    LIVE_KEYS = ()
+    # Re-read on every reload (SIGHUP, or a change on disk noticed by forwarder/watch.py).
+    FILE_KEYS = ("intake.tls_cert_file", "intake.tls_key_file", "intake.tls_client_ca_file")
+
+    def __init__(self, cert_file: str, key_file: str, log: Any = None, client_ca_file: str = "") -> None:
         self.cert_file = cert_file
         self.key_file = key_file
         self.client_ca_file = client_ca_file
+        self._log = log
+        self._reads = OffLoop("intake.tls_cert_file/intake.tls_key_file/intake.tls_client_ca_file")
         self.context = self._load()
         self._current = self.context
         self.context.sni_callback = self._select
 
-    @property
-    def files(self) -> tuple[str, ...]:
-        """Every file the contexts are loaded from."""
-        return tuple(f for f in (self.cert_file, self.key_file, self.client_ca_file) if f)
-
-    def reload(self) -> None:
-        """Load the files again; on any error the context in use stays (raises ListenerError)."""
-        self._current = self._load()
+    async def reconfigure(self, intake: IntakeConfig) -> None:
+        """Load the files again, off the event loop (reload); on any error the context in use stays (raises)."""
+        self._current = await self._reads.run(self._load)
+        if self._log is not None:
+            self._log.info("tls_reloaded", cert_file=self.cert_file, key_file=self.key_file,
+                           client_ca_file=self.client_ca_file or None)
 
     def _select(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
         connection.context = self._current
@@ -214,8 +221,9 @@ class TlsCertificates:
 
 def _read_pem(path: str, key: str, marker: str) -> str:
     try:
-        with open(path, "rb") as f:
-            text = f.read()
+        text = read_bounded(path, MAX_PEM_BYTES)
+    except FileRefused as e:
+        raise ListenerError(f"{key}: {path} {e}") from None
     except OSError as e:
         raise ListenerError(f"{key}: cannot read {path}: {e.strerror}") from None
     if marker.encode() not in text:
@@ -250,8 +258,8 @@ class Listeners:
         metrics.intake_connection_limit.set(limits.max_connections)
         try:
             if c.port != -1:
-                self._tls = (TlsCertificates(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file)
-                             if c.tls_cert_file else None)
+                self._tls = TlsCertificates(c.tls_cert_file, c.tls_key_file, self._observer.log,
+                                            c.tls_client_ca_file) if c.tls_cert_file else None
                 sockets = bind_tcp(c.host, c.port)
                 self.port = sockets[0].getsockname()[1]
                 tcp = self._server(handler, is_loopback(sockets))
@@ -296,22 +304,9 @@ class Listeners:
         return limit
 
     @property
-    def tls_files(self) -> tuple[str, ...]:
-        """The files reload_tls reads (none without TLS)."""
-        return self._tls.files if self._tls is not None else ()
-
-    def reload_tls(self) -> bool:
-        """Re-read intake.tls_cert_file, tls_key_file and tls_client_ca_file; keeps the old ones on error."""
-        if self._tls is None:
-            return False
-        try:
-            self._tls.reload()
-        except ListenerError as e:
-            self._observer.log.error("reload_failed", error=str(e))
-            return False
-        self._observer.log.info("tls_reloaded", cert_file=self._tls.cert_file, key_file=self._tls.key_file,
-                                client_ca_file=self._tls.client_ca_file or None)
-        return True
+    def tls(self) -> TlsCertificates | None:
+        """The TCP listener's certificates (a live stage: re-read on reload), None without TLS or before start."""
+        return self._tls
 
     async def close(self) -> None:
         """Stop listening, let requests in progress finish, remove the Unix socket (idempotent)."""

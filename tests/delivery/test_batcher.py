@@ -32,7 +32,7 @@ def test_a_full_batch_is_sealed_at_once_and_the_rest_stays_open():
     sealed = b.add(chunk("p", wall(), events(7)))
     assert [len(s.events) for s in sealed] == [3, 3]
     assert all(s.flush_reason is FlushReason.SIZE for s in sealed)
-    assert b.open_events == 1
+    assert [len(x) for x in b.drain()] == [1]
 
 
 def test_the_deadline_is_fixed_by_the_first_event_and_not_reset_by_later_ones():
@@ -73,8 +73,8 @@ def test_drain_seals_every_partial_batch_and_keeps_receipts_aligned_with_events(
     full = b.add(chunk("a", wall(), events(4), lease, 0))
     b.add(chunk("b", wall(), events(1), lease, 4))
     drained = b.drain()
-    assert [x.receipt.runs for x in full] == [[(lease, 0, 3)]]
-    assert {d.project: d.receipt.runs for d in drained} == {"a": [(lease, 3, 4)], "b": [(lease, 4, 5)]}
+    assert [x.receipt().runs for x in full] == [[(lease, 0, 3)]]
+    assert {d.project: d.receipt().runs for d in drained} == {"a": [(lease, 3, 4)], "b": [(lease, 4, 5)]}
     assert all(d.flush_reason is FlushReason.DRAIN for d in drained)
 
 
@@ -93,7 +93,7 @@ def test_lowering_max_events_does_not_resize_an_open_batch_nor_duplicate_its_eve
     sealed = b.add(chunk("p", wall(), second))
     assert [len(x.events) for x in sealed] == [50, 10, 10, 10]
     assert [e for x in sealed for e in x.events] == first + second  # each event once, in order
-    assert b.open_events == 0
+    assert b.drain() == []
 
 
 def test_an_open_batch_keeps_the_deadline_it_opened_with_after_a_reload():

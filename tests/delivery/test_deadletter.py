@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import orjson
 
@@ -49,3 +50,18 @@ async def test_writes_racing_rotations_lose_and_interleave_no_line(tmp_path):
     writer = DeadLetterWriter(str(path), max_bytes=len(entry(0)) * 50)
     await asyncio.gather(*(writer.write(entry(i)) for i in range(200)))
     assert sorted(read_all(path)) == list(range(200))  # 200 lines over 4 files: none dropped
+
+
+async def test_the_dead_letter_file_and_its_rotations_are_readable_by_the_owner_only(tmp_path):
+    # Dead letters hold whole events: other users of the machine must not read them,
+    # whatever the umask (issue 21, item 7).
+    path = tmp_path / "dl.ndjson"
+    writer = DeadLetterWriter(str(path), max_bytes=len(entry(1)) * 2)
+    previous = os.umask(0o022)
+    try:
+        for i in range(5):
+            await writer.write(entry(i))
+    finally:
+        os.umask(previous)
+    files = [path] + [path.with_name(f"dl.ndjson.{k}") for k in (1, 2)]
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o600"}

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from forwarder.config import ConfigError, from_dict
+from forwarder.config import ConfigError, EvidentlyConfig, from_dict
 from forwarder.delivery.rate import (
     CONTROLLERS,
     MIN_RATE,
@@ -233,23 +233,23 @@ async def test_after_an_idle_period_the_next_burst_starts_fast_again(virtual_tim
     assert limiter.slow_start
 
 
-def test_reloading_the_rates_starts_over_from_initial_rate_and_unchanged_rates_change_nothing():
+async def test_reloading_the_rates_starts_over_from_initial_rate_and_unchanged_rates_change_nothing():
     clock = FakeClock(0.0)
     limiter = RateLimiter(50.0, 100.0, "scaled", clock=clock)
-    limiter.reconfigure(0.5, 0.5)  # lowered...
+    await limiter.reconfigure(EvidentlyConfig(initial_rate=0.5, max_rate=0.5))  # lowered...
     assert limiter.rate == 0.5
-    limiter.reconfigure(30.0, 300.0)  # ...and raised again: not stuck at 0.5
+    await limiter.reconfigure(EvidentlyConfig(initial_rate=30.0, max_rate=300.0))  # ...and raised again
     assert (limiter.rate, limiter.max_rate, limiter.slow_start) == (30.0, 300.0, True)
     limiter.on_throttle(clock())
     rate = limiter.rate
-    limiter.reconfigure(30.0, 300.0)  # a SIGHUP that changed other keys
+    await limiter.reconfigure(EvidentlyConfig(initial_rate=30.0, max_rate=300.0))  # other keys changed
     assert limiter.rate == rate
 
 
-def test_the_scaled_controller_grows_up_to_a_raised_max_rate():
+async def test_the_scaled_controller_grows_up_to_a_raised_max_rate():
     clock = FakeClock(0.0)
     limiter = RateLimiter(10.0, 10.0, "scaled", clock=clock)
-    limiter.reconfigure(10.0, 100.0)
+    await limiter.reconfigure(EvidentlyConfig(initial_rate=10.0, max_rate=100.0))
     limiter.on_throttle(clock())  # out of slow start, into the controller
     limiter.measured = 1000.0  # calls are queued: growth is not capped by what is sent
     for _ in range(600):

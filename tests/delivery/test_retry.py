@@ -4,45 +4,10 @@ import random
 
 import pytest
 
-from forwarder.delivery.retry import (CallResult, DeadLetter, Done, OpenCircuit, Partial, Retry, RetryReason, Split,
-                             backoff, circuit_delay, classify, no_answer, parse_retry_after, probe_delay,
-                             retry_delay)
+from forwarder.delivery.retry import (RetryReason, backoff, circuit_delay, dead_letter_delay, parse_retry_after,
+                                      probe_delay, retry_delay)
 
 R = RetryReason
-
-
-@pytest.mark.parametrize("result, size, decision", [
-    (CallResult(200), 50, Done()),
-    (CallResult(429, "ThrottlingException", retry_after=2.0), 50, Retry(R.THROTTLED, 2.0)),
-    (CallResult(400, "ThrottlingException"), 50, Retry(R.THROTTLED)),
-    (CallResult(500, "InternalServerException"), 50, Retry(R.SERVER_ERROR, ambiguous=True)),
-    (CallResult(503, "ServiceUnavailableException"), 50, Retry(R.SERVER_ERROR)),
-    (no_answer(R.TIMEOUT, "", maybe_delivered=True), 50, Retry(R.TIMEOUT, ambiguous=True)),
-    (no_answer(R.CONNECTION, "refused", maybe_delivered=False), 50, Retry(R.CONNECTION)),
-    (no_answer(R.CONNECTION, "reset mid-answer", maybe_delivered=True), 50, Retry(R.CONNECTION, ambiguous=True)),
-    (no_answer(R.PROTOCOL, "html", maybe_delivered=True), 50, Retry(R.PROTOCOL, ambiguous=True)),
-    # results that do not match the batch confirm nothing
-    (CallResult(200, failed=((10, "ValidationException", ""),)), 10, Retry(R.PROTOCOL, ambiguous=True)),
-    (CallResult(200, failed=((1, "X", ""), (1, "X", ""))), 10, Retry(R.PROTOCOL, ambiguous=True)),
-    (CallResult(400, "ValidationException"), 50, Split()),
-    (CallResult(400, "ValidationException"), 1, DeadLetter()),
-    (CallResult(413, "PayloadTooLargeException"), 2, Split()),
-    (CallResult(403, "AccessDeniedException"), 50, OpenCircuit()),
-    (CallResult(404, "ResourceNotFoundException"), 50, OpenCircuit()),
-    (CallResult(400, "ExpiredTokenException"), 50, OpenCircuit()),
-    (CallResult(401, "NoCredentials"), 50, OpenCircuit()),
-    (CallResult(409, "ConflictException"), 50, DeadLetter()),
-])
-def test_whole_request_outcomes(result, size, decision):
-    assert classify(result, size) == decision
-
-
-def test_partial_failure_resends_only_entries_that_can_succeed_later():
-    result = CallResult(200, failed=((1, "ThrottlingException", "slow"), (3, "ValidationException", "bad data"),
-                                     (4, "InternalServerException", "oops")))
-    assert classify(result, 5) == Partial(
-        retry=((1, "ThrottlingException", "slow"), (4, "InternalServerException", "oops")),
-        dead=((3, "ValidationException", "bad data"),), throttled=1)
 
 
 def test_backoff_is_full_jitter_under_an_exponential_cap():
@@ -81,3 +46,7 @@ def test_probes_of_an_endpoint_in_outage_double_up_to_their_cap():
 
 def test_circuit_backs_off_exponentially_up_to_max_backoff():
     assert [circuit_delay(n, 0.1, 20.0) for n in (1, 2, 3, 6, 30)] == [1.0, 2.0, 4.0, 20.0, 20.0]
+
+
+def test_a_failing_dead_letter_write_waits_longer_each_time_up_to_max_backoff():
+    assert [dead_letter_delay(n, 0.1, 20.0) for n in (1, 2, 3, 8, 9, 1000)] == [0.1, 0.2, 0.4, 12.8, 20.0, 20.0]

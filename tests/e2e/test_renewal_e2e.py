@@ -128,7 +128,6 @@ async def test_a_sidecars_client_certificate_renewed_on_disk_is_presented_on_new
     swap_secret_volume(volume, {"tls.crt": renewed.cert, "tls.key": renewed.key})
     counts = await wait_delivered(emulator, session, {("checkout", i) for i in range(20)}, timeout=30)
     assert set(counts.values()) == {1}
-    assert '"client_cert_reloaded"' in sidecar.logs()
 
 
 @pytest.mark.parametrize("scheme", ["token", "sigv4"])

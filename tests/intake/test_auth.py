@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from forwarder.intake import auth as auth_mod
 from forwarder.app import Forwarder, StartupError
 from forwarder.intake.auth import CredentialsError, TokenAuthenticator, load_credentials, load_tokens
-from forwarder.config import ConfigError, from_dict
+from forwarder.config import ConfigError, IntakeConfig, from_dict
 from forwarder.observability import Metrics, Observer
 
 TOKEN_A = "a" * 20 + "-token-one"
@@ -132,18 +132,18 @@ def test_the_authorization_header_is_checked_against_every_token_in_either_form(
         assert calls[:2] == [32, 32]
 
 
-def test_a_reload_that_cannot_read_its_file_keeps_the_previous_tokens(tmp_path: Path) -> None:
+async def test_a_reload_that_cannot_read_its_file_keeps_the_previous_tokens(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     obs = observer()
     check = TokenAuthenticator(write(path, TOKEN_A + "\n"), obs)
     path.write_text("# emptied by mistake\n")
     with structlog.testing.capture_logs() as logs:
-        check.reload()
+        await check.reconfigure(IntakeConfig())
     assert check.matches(TOKEN_A)
     assert [e["event"] for e in logs] == ["reload_failed"] and "has no token" in logs[0]["error"]
     assert obs.metrics.registry.get_sample_value("forwarder_intake_auth_reload_errors_total") == 1
     path.write_text(TOKEN_B + "\n")
-    check.reload()
+    await check.reconfigure(IntakeConfig())
     assert check.matches(TOKEN_B) and not check.matches(TOKEN_A)
     assert obs.metrics.registry.get_sample_value("forwarder_intake_auth_credentials") == 1
 

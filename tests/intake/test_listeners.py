@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from forwarder.config import ConfigError, from_dict
+from forwarder.config import ConfigError, IntakeConfig, from_dict
 from forwarder.intake.listeners import ListenerError, TlsCertificates, bind_unix
 from forwarder.emulator.harness import ForwarderProcess, wait_for
 from tests.tools import require_tool
@@ -201,13 +201,13 @@ def test_the_socket_has_its_mode_before_it_appears_at_its_path(tmp_path, monkeyp
 @pytest.mark.parametrize(("intake", "message"), [
     ({"unix_socket_mode": "999"}, "intake.unix_socket_mode must be octal permission bits"),
     ({"unix_socket_mode": "rw-rw----"}, "intake.unix_socket_mode must be octal permission bits"),
-    ({"unix_socket": "/run/" + "x" * 120}, "intake.unix_socket must be shorter than 108 bytes"),
+    ({"unix_socket": "/run/" + "x" * 120}, "intake.unix_socket must be at most 95 bytes long"),
     ({"port": -1}, "intake.port = -1 (no TCP listener) needs intake.unix_socket"),
     ({"port": -2}, "intake.port must be between -1 and 65535"),
     ({"tls_cert_file": "/etc/c.pem"}, "intake.tls_cert_file and intake.tls_key_file must be set together"),
     ({"port": -1, "unix_socket": "/run/f.sock", "tls_cert_file": "c", "tls_key_file": "k"},
      "intake.tls_cert_file applies to the TCP listener"),
-    ({"max_connections": 0}, "intake.max_connections must be at least 1"),
+    ({"max_connections": 0}, "intake.max_connections must be between 1 and 1048576"),
     ({"header_timeout": 0}, "intake.header_timeout must be between 0 (exclusive) and 3600"),
     ({"max_header_bytes": 100}, "intake.max_header_bytes must be between 4096"),
 ])
@@ -279,11 +279,11 @@ async def test_a_bad_certificate_pair_stops_start_up_with_one_line_naming_the_ke
     assert key in await start_error(fwd)
 
 
-def test_a_reload_with_a_bad_pair_keeps_the_pair_in_use(tmp_path):
+async def test_a_reload_with_a_bad_pair_keeps_the_pair_in_use(tmp_path):
     cert, key = make_pair(tmp_path, "a")
     certificates = TlsCertificates(str(cert), str(key))
     before = certificates._current
     cert.write_text("garbage")
     with pytest.raises(ListenerError, match="intake.tls_cert_file"):
-        certificates.reload()
+        await certificates.reconfigure(IntakeConfig())
     assert certificates._current is before

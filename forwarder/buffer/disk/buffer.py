@@ -19,7 +19,7 @@ from forwarder.buffer.contract import Bounded, Bounds, BufferFull, Chunk, Receip
 from forwarder.config import BufferConfig
 from forwarder.buffer.disk.files import DB_NAME
 from forwarder.buffer.disk.store import Append, Connect, Store, connect
-from forwarder.buffer.disk.writer import DISK_FULL_RETRY_AFTER, BufferDisplaced, Progress, Writer
+from forwarder.buffer.disk.writer import DISK_FULL_RETRY_AFTER, SETTLE_AFTER, BufferDisplaced, Progress, Writer
 from forwarder.observability import Observer
 
 __all__ = ["DB_NAME", "DiskBuffer", "BufferDisplaced", "Progress"]
@@ -29,7 +29,7 @@ class DiskBuffer(Bounded):
     """Accepted events in SQLite: each ``append`` is committed before it returns."""
 
     def __init__(self, config: BufferConfig, observer: Observer, connect_to: Connect = connect,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, settle_after: float = SETTLE_AFTER) -> None:
         self._bounds = Bounds(config)
         self._drop_oldest = config.when_full == "drop_oldest"
         self._observer = observer
@@ -37,7 +37,7 @@ class DiskBuffer(Bounded):
         self._store = Store(config.path, config.fsync, connect_to, clock)
         self.file = self._store.file
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forwarder-buffer")
-        self._writer = Writer(self._store, self._thread, self._bounds, observer, clock)
+        self._writer = Writer(self._store, self._thread, self._bounds, observer, clock, settle_after)
         self.progress = self._writer.progress  # the loop's copy of where the store is
         self._readable = self._writer.readable
         self._drop_lock = asyncio.Lock()
@@ -55,7 +55,7 @@ class DiskBuffer(Bounded):
         if self.progress.displaced:
             return "the disk buffer's file was displaced: draining what it holds, then stopping"
         if self.progress.disk_full_until:
-            return "the disk buffer's disk is full"
+            return self.progress.why_full or "the disk buffer's disk is full"
         return None
 
     # lifecycle
@@ -65,6 +65,8 @@ class DiskBuffer(Bounded):
         opened = await asyncio.get_running_loop().run_in_executor(self._thread, self._store.open)
         if opened.damage:
             self._observer.buffer_corrupted(self.file, opened.moved_to, opened.damage)
+        if opened.ledger_problem:
+            self._observer.log.warning("buffer_ledger_damaged", path=self.file, problem=opened.ledger_problem)
         self._bounds.add(opened.rows, opened.nbytes)
         self._writer.start(opened, on_crash)
         return opened.rows

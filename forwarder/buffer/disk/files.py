@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from forwarder.buffer.disk.ledger import Ledger, Recorded
 from forwarder.buffer.disk.space import Reserve, reserve_size
 
 SCHEMA_VERSION = 1
 DB_NAME = "buffer.sqlite3"
-LEDGER_NAME = "buffer.ledger"  # the highest id ever committed, rewritten after each commit
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is truncated to after a checkpoint
 # Error names that mean the file is damaged; anything else (locked, cannot
 # open, I/O error) is the environment's problem and must not cost the data.
@@ -33,6 +33,7 @@ _SCHEMA = (
     f"INSERT INTO meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION}), ('max_read', 0)",
 )
 _EVENT_COLUMNS = ["id", "project", "received_at", "body"]
+_WAL_FILES = ("-wal", "-shm")
 
 Connect = Callable[[str], sqlite3.Connection]
 
@@ -53,6 +54,8 @@ class Opened:
     max_read: int  # rows up to this id were handed to a previous run's sender
     damage: str = ""  # what was wrong with the files found, "" when nothing
     moved_to: str = ""  # where a damaged file went, "" when it stayed
+    lost: int = 0  # at most this many committed events were not in the file (damage says why)
+    ledger_problem: str = ""  # a copy of the ledger missing or garbled, with nothing found lost
 
 
 class StoreFiles:
@@ -68,14 +71,16 @@ class StoreFiles:
         self._connect_to = connect_to
         self.conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
-        self._ledger_fd: int | None = None
+        self._ledger = Ledger(directory, self.file)
         self._identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file this run opened
+        self._wal_identity: dict[str, tuple[int, int]] = {}  # the same for the -wal and -shm SQLite writes
+        self._reserve_size = 0
 
     def open(self, reserve: Reserve) -> Opened:
         os.makedirs(self.directory, exist_ok=True)
         self._lock_fd = lock_directory(self.directory)
         reserve.size = reserve_size(self.directory)
-        lost = _read_ledger(os.path.join(self.directory, LEDGER_NAME))
+        recorded = self._ledger.read()
         try:
             opened = self._connect(reserve.size)
         except Damaged as e:
@@ -85,16 +90,26 @@ class StoreFiles:
                 self._close_connection()
                 raise OSError(f"buffer.path: cannot open {self.file}: {e}") from e
             opened = self._replace(f"{e} ({e.sqlite_errorname})", reserve.size)
-        if lost > opened.max_id and not opened.damage:
-            # Rows the last run committed are not in the file: it was truncated, or
-            # its WAL deleted or overwritten, after the process stopped.
-            opened.damage = (f"the last run committed rows up to id {lost}, the file holds ids up to "
-                             f"{opened.max_id}: rows committed since its last checkpoint are lost")
-        opened.max_id = max(opened.max_id, lost)
-        self._ledger_fd = os.open(os.path.join(self.directory, LEDGER_NAME), os.O_RDWR | os.O_CREAT, 0o600)
-        self.write_ledger(opened.max_id)
+        self._compare(recorded, opened)
+        opened.max_id = max(opened.max_id, recorded.max_id)
+        self._ledger.open(opened.max_id)
         reserve.hold()
         return opened
+
+    def _compare(self, recorded: Recorded, opened: Opened) -> None:
+        """What the ledger says against what the file holds: rows lost since the last run, or a damaged ledger."""
+        copies = f" ({'; '.join(recorded.problems)})" if recorded.problems else ""
+        if recorded.max_id > opened.max_id and not opened.damage:
+            # Rows the last run committed are not in the file: it was truncated, or
+            # its WAL deleted or overwritten, after the process stopped.
+            opened.lost = recorded.max_id - opened.max_id
+            opened.damage = (f"up to {opened.lost} events are lost: the last run committed rows up to id "
+                             f"{recorded.max_id}, the file holds ids up to {opened.max_id}; rows committed since "
+                             f"its last checkpoint went with a deleted or overwritten WAL or a truncated file{copies}")
+        elif recorded.problems and opened.max_id and not opened.damage:
+            opened.ledger_problem = "; ".join(recorded.problems) + (
+                "" if self._ledger.xattrs else
+                f"; {self.directory} keeps no extended attributes, so rows lost since the last run cannot be told")
 
     def _replace(self, damage: str, reserve_size: int) -> Opened:
         self._close_connection()
@@ -104,28 +119,23 @@ class StoreFiles:
         return opened
 
     def _connect(self, reserve_size: int) -> Opened:
+        # Created owner-only before SQLite opens it (SQLite would use 0644 less the umask);
+        # SQLite gives the -wal and -shm files the database file's mode.
+        os.close(os.open(self.file, os.O_RDWR | os.O_CREAT, 0o600))
         conn = self.conn = self._connect_to(self.file)
         # Checked before anything is written, so a file moved aside is left as it was found.
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise Damaged("quick_check: " + "; ".join(problems[:3]))
         fresh = check_schema(conn)
-        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-            raise OSError(f"{self.file}: SQLite cannot use WAL mode on this file system")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-        # The pages a checkpoint may add to the file stay well inside the reserve,
-        # so a checkpoint after the disk filled always has room to complete.
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, reserve_size // page_size // 4)}")
+        self._configure(conn, reserve_size)
         if fresh:
             # Incremental vacuum lets a full disk get back the pages of delivered rows.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             with transaction(conn):
                 for statement in _SCHEMA:
                     conn.execute(statement)
-        stat = os.stat(self.file)
-        self._identity = (stat.st_dev, stat.st_ino)
+        self._identity = _identity(self.file)
         rows, nbytes, max_id = conn.execute(
             "SELECT count(*), coalesce(sum(length(body)), 0), coalesce(max(id), 0) FROM events").fetchone()
         if rows == 0 and conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
@@ -136,11 +146,39 @@ class StoreFiles:
         # new row is never mistaken for one the previous run had sent.
         return Opened(rows, nbytes, max(max_id, max_read), max_read)
 
+    def _configure(self, conn: sqlite3.Connection, reserve_size: int) -> None:
+        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise OSError(f"{self.file}: SQLite cannot use WAL mode on this file system")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        # The pages a checkpoint may add to the file stay well inside the reserve,
+        # so a checkpoint after the disk filled always has room to complete.
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, reserve_size // page_size // 4)}")
+        self._reserve_size = reserve_size
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # a read: SQLite opens the WAL and shared memory
+        self._wal_identity = {suffix: _identity(self.file + suffix) for suffix in _WAL_FILES}
+
+    def wal_lost(self) -> str:
+        """Why the WAL or shared-memory file SQLite writes is no longer the one at its path, or ""."""
+        for suffix in _WAL_FILES:
+            path = self.file + suffix
+            try:
+                now = _identity(path)
+            except FileNotFoundError:
+                return f"{path} was deleted while the forwarder was running"
+            if now != self._wal_identity.get(suffix):
+                return f"{path} was replaced by another file while the forwarder was running"
+        return ""
+
+    def reconnect(self) -> None:
+        """A new connection, with a new WAL and shared memory at their paths (after a complete checkpoint)."""
+        self._close_connection()
+        conn = self.conn = self._connect_to(self.file)
+        self._configure(conn, self._reserve_size)
+
     def write_ledger(self, max_id: int) -> None:
-        # Not fsynced: it survives what the WAL survives (a killed process) and is
-        # only ever compared with what the file holds at the next start.
-        if self._ledger_fd is not None:
-            os.pwrite(self._ledger_fd, b"%020d\n" % max_id, 0)
+        self._ledger.write(max_id)
 
     def displaced(self) -> str:
         """Why the file at buffer.path is no longer the one this run holds, or ""."""
@@ -154,15 +192,20 @@ class StoreFiles:
 
     def close(self) -> None:
         self._close_connection()
-        for fd in (self._ledger_fd, self._lock_fd):
-            if fd is not None:
-                os.close(fd)  # the lock goes with its descriptor
-        self._ledger_fd = self._lock_fd = None
+        self._ledger.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with its descriptor
+        self._lock_fd = None
 
     def _close_connection(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
+
+
+def _identity(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def lock_directory(directory: str) -> int:
@@ -207,14 +250,6 @@ def move_aside(file: str) -> str:
         if os.path.exists(file + suffix):
             os.replace(file + suffix, target + suffix)
     return target
-
-
-def _read_ledger(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            return int(f.read(20) or b"0")
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 @contextmanager

@@ -39,8 +39,11 @@ class Cycled:
     appended: int  # how many of this cycle's appends, from the first, were committed; the rest were
     # refused (disk full, or the file was displaced)
     disk_full: bool
+    why_full: str  # why appends are refused, for /readyz ("" when they are not)
     displaced: str  # why the file at buffer.path is no longer ours, "" while it is
     commits: int
+    unsettled: bool  # the WAL holds commits the database file does not have yet
+    wal_lost: str = ""  # what this cycle found and did about a WAL deleted or replaced under it
 
 
 class Store:
@@ -59,6 +62,8 @@ class Store:
         self._displaced = ""
         self._commits = 0
         self._checkpointed = clock()
+        self._unsettled = False  # commits since the last complete checkpoint
+        self._wal_problem = ""  # a lost WAL that could not be checkpointed yet: appends are refused
 
     def open(self) -> Opened:
         """Open or create the database, moving a damaged one aside."""
@@ -74,16 +79,25 @@ class Store:
 
     # the cycle: one transaction for everything that queued up meanwhile
 
-    def cycle(self, appends: list[Append], acks: list[int], read: bool) -> Cycled:
-        if not self._displaced:
-            self._displaced = self._files.displaced()
+    def cycle(self, appends: list[Append], acks: list[int], read: bool, idle: bool = False) -> Cycled:
+        """One transaction for the appends (those that fit), the acks and the read.
+
+        ``idle``: nothing queued for a while; the WAL is checkpointed so that a quiet
+        backlog is in the database file, not only in the WAL.
+        """
+        wal_lost = self._check_files()
+        refusing = self._displaced or self._wal_problem
+        if not refusing:
+            self._space.settle(self._conn)
         costs = [insert_cost(len(a.events), a.size) for a in appends]
-        fitting = 0 if self._displaced else self._space.fitting(self._conn, costs)
+        fitting = 0 if refusing else self._space.fitting(self._conn, costs)
         if fitting < len(appends) and not self._displaced:
             # Inserting more could leave no room to checkpoint or to delete rows:
             # the rest is refused until delivered rows give their space back.
             self._disk_full = True
-        if self._disk_full and not fitting:
+        if not (appends or acks or read):
+            chunks, appended = [], 0  # an idle cycle: only the checkpoint below
+        elif self._disk_full and not fitting:
             chunks, appended = self._commit_when_full(acks, read), 0
         else:
             try:
@@ -96,12 +110,46 @@ class Store:
                 # Deleting must work when inserting cannot: give SQLite the reserved
                 # space back and commit the acks and the read without the appends.
                 self._disk_full, appended = True, 0
+                self._space.why_full = (f"the disk buffer's disk is full: a commit found no room on "
+                                        f"{self._space.directory} ({e}); another writer took it")
                 self._space.reserve.release()
                 chunks = self._commit_when_full(acks, read)
-        if self._clock() - self._checkpointed >= CHECKPOINT_INTERVAL:
+        if appended:
+            self._space.settle(self._conn)  # a large group commit is checkpointed before anyone takes the room
+        due = self._clock() - self._checkpointed >= CHECKPOINT_INTERVAL
+        if not self._displaced and (due or idle and self._unsettled):
             self._checkpoint("PASSIVE")
+        why = self._wal_problem or self._space.why_full
         return Cycled(self._max_id, self._cursor, chunks, self._oldest_unread(), appended, self._disk_full,
-                      self._displaced, self._commits)
+                      why if self._disk_full else "", self._displaced, self._commits, self._unsettled, wal_lost)
+
+    def _check_files(self) -> str:
+        """Before committing anything: is the file ours, are its WAL and shared memory the ones SQLite writes?
+
+        Returns what was found about a lost WAL, for the log ("" when nothing).
+        """
+        if not self._displaced:
+            self._displaced = self._files.displaced()
+        if self._displaced:
+            return ""
+        if self._files.conn is None:  # the last reconnect failed: its checkpoint was complete
+            self._files.reconnect()  # raises again while it cannot: the cycle fails, its acks are kept
+            self._wal_problem = ""
+            return ""
+        lost = self._files.wal_lost()
+        if not lost:
+            return ""
+        # The connection still reads the old WAL: copy it into the database file,
+        # then start a new one. Until then nothing is acknowledged into a file
+        # that a restart would not find. The old connection is closed first: closing
+        # deletes the WAL and shared memory by name, which must not be the new ones.
+        if self._checkpoint("TRUNCATE"):
+            self._files.reconnect()
+            self._wal_problem = ""
+            return f"{lost}; its commits were copied into the database file and a new WAL was started: nothing lost"
+        self._wal_problem = (f"the disk buffer refuses appends: {lost}, and its commits could not be "
+                             f"copied into the database file yet")
+        return self._wal_problem
 
     def _commit_when_full(self, acks: list[int], read: bool) -> list[Chunk]:
         return self._space.commit_when_full(acks, read, partial(self._transaction, []))
@@ -126,6 +174,7 @@ class Store:
                 if cursor > self._persisted_read:
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'max_read'", (cursor,))
         self._commits += 1
+        self._unsettled = True
         self._max_id, self._cursor = max_id, cursor
         self._persisted_read = max(self._persisted_read, cursor)
         if appends:
@@ -155,14 +204,28 @@ class Store:
             rows.close()
             conn.execute("DELETE FROM events WHERE id > ? AND id <= ?", (self._cursor, row_id))
         self._commits += 1
+        self._unsettled = True
         return freed_events, freed_bytes, self._oldest_unread()
 
-    def _checkpoint(self, mode: str) -> None:
+    def _checkpoint(self, mode: str) -> bool:
+        """Copy the WAL into the database file; False when it could not complete.
+
+        A checkpoint that needs the file to grow and finds no room fails whole
+        (SQLITE_FULL): the reserve is given back for it, since a WAL that can never
+        be checkpointed would never be reset and would keep growing.
+        """
         self._checkpointed = self._clock()
-        try:
-            self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
-        except sqlite3.OperationalError:
-            pass  # a full disk: the WAL keeps the data, the next checkpoint tries again
+        for attempt in range(2):
+            try:
+                busy, log, done = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                complete = not busy and log == done
+                self._unsettled = self._unsettled and not complete
+                return complete
+            except sqlite3.OperationalError as e:
+                if not is_full(e) or attempt or not self._space.reserve.held:
+                    return False  # the WAL keeps the data; the next cycle tries again
+                self._space.reserve.release()
+        return False
 
     def close(self) -> None:
         try:

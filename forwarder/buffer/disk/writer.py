@@ -24,6 +24,7 @@ from forwarder.wakeup import Wakeup
 ERROR_BACKOFF = 0.2  # seconds between two cycles after a failed one, so a broken disk does not spin
 DISK_FULL_RETRY_AFTER = 5.0  # seconds a client is told to wait when the disk itself is full
 DISK_FULL_RETRY = 1.0  # seconds a full disk refuses appends before the next insert is tried
+SETTLE_AFTER = 1.0  # seconds without work after which the WAL is checkpointed into the database file
 
 
 class BufferDisplaced(RuntimeError):
@@ -44,16 +45,19 @@ class Progress:
     oldest: float | None = None  # received_at of the oldest unread row
     commits: int = 0
     disk_full_until: float = 0.0  # appends are refused until then (monotonic)
+    why_full: str = ""  # why the disk counts as full, for /readyz
     displaced: str = ""
+    unsettled: bool = False  # the WAL holds commits the database file does not have yet
 
     def advance(self, cycled: Cycled, now: float) -> None:
         self.committed, self.cursor, self.oldest = cycled.max_id, cycled.cursor, cycled.oldest
         self.commits = cycled.commits
         self.displaced = cycled.displaced
+        self.unsettled = cycled.unsettled
         if cycled.disk_full:
-            self.disk_full_until = now + DISK_FULL_RETRY
+            self.disk_full_until, self.why_full = now + DISK_FULL_RETRY, cycled.why_full
         elif cycled.appended:
-            self.disk_full_until = 0.0
+            self.disk_full_until, self.why_full = 0.0, ""
         self.check()
 
     def check(self) -> None:
@@ -83,12 +87,13 @@ class Writer:
     """Runs the queued work as store cycles, one at a time, and settles it with each cycle's result."""
 
     def __init__(self, store: Store, thread: ThreadPoolExecutor, bounds: Bounds, observer: Observer,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], settle_after: float = SETTLE_AFTER) -> None:
         self._store = store
         self._thread = thread
         self._bounds = bounds  # a refused append gives its place back
         self._observer = observer
         self._clock = clock
+        self._settle_after = settle_after
         self.progress = Progress()
         self.readable = Wakeup()  # set when committed rows wait to be read
         self._queue = _Queue()
@@ -148,28 +153,37 @@ class Writer:
     # the cycles
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 if self.closing:
                     return
                 self._wake.clear()
-                await self._wake.wait()
+                if self.progress.unsettled and not self.progress.displaced:
+                    # A quiet backlog must not live in the WAL alone: checkpoint it once idle.
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self._settle_after)
+                    except TimeoutError:
+                        await self._cycle(_Queue(), idle=True)
+                else:
+                    await self._wake.wait()
                 continue
             work, self._queue = self._queue, _Queue()
             if work.reader is not None and work.reader.done():
                 work.reader = None  # its reader was cancelled: do not move the cursor for nobody
-            self._in_cycle = work
-            try:
-                cycled = await loop.run_in_executor(self._thread, self._store.cycle,
-                                                    [p.append for p in work.appends], work.acks,
-                                                    work.reader is not None)
-            except Exception as e:
-                self._cycle_failed(e, work)
-                await asyncio.sleep(ERROR_BACKOFF)
-                continue
-            self._in_cycle = None
-            self._cycle_done(cycled, work)
+            await self._cycle(work)
+
+    async def _cycle(self, work: _Queue, idle: bool = False) -> None:
+        self._in_cycle = work
+        try:
+            cycled = await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._store.cycle, [p.append for p in work.appends], work.acks,
+                work.reader is not None, idle)
+        except Exception as e:
+            self._cycle_failed(e, work)
+            await asyncio.sleep(ERROR_BACKOFF)
+            return
+        self._in_cycle = None
+        self._cycle_done(cycled, work)
 
     def _cycle_done(self, cycled: Cycled, work: _Queue) -> None:
         displaced_now = cycled.displaced and not self.progress.displaced
@@ -187,6 +201,8 @@ class Writer:
             self.readable.set()
         if cycled.appended < len(work.appends) and not cycled.displaced:
             self._observer.buffer_write_failed(self._store.file, "disk full", len(work.appends) - cycled.appended, 0)
+        if cycled.wal_lost:
+            self._observer.limited("error", "buffer_wal_lost", path=self._store.file, reason=cycled.wal_lost)
         if displaced_now:
             self._observer.log.error("buffer_displaced", path=self._store.file, reason=cycled.displaced)
             self._on_crash(BufferDisplaced(cycled.displaced))
@@ -197,6 +213,7 @@ class Writer:
         full = isinstance(error, DiskFull)
         if full:
             self.progress.disk_full_until = self._clock() + DISK_FULL_RETRY
+            self.progress.why_full = str(error)
         for p in work.appends:
             self._bounds.remove(len(p.append.events), p.append.size)
             _resolve(p.done, BufferFull(DISK_FULL_RETRY_AFTER) if full else error)

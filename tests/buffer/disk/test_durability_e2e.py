@@ -331,3 +331,116 @@ async def test_a_full_disk_refuses_new_events_keeps_delivering_and_recovers_by_i
     assert "Traceback" not in fwd.logs()
     arrived = await delivered_ids(emulator, session)
     assert acked | set(range(10**6, 10**6 + 50)) <= set(arrived)
+
+
+class OtherWriter:
+    """Another program on the buffer's file system: writes until the disk is full, then lets go."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.files = 0
+
+    def fill(self, nbytes: int) -> None:
+        self.files += 1
+        try:
+            with open(self.directory / f"other-{self.files}", "wb") as f:
+                for _ in range(nbytes // 65536):
+                    f.write(b"o" * 65536)
+                    f.flush()
+        except OSError:
+            pass  # ENOSPC: it took what there was
+
+    def remove(self) -> None:
+        for f in self.directory.glob("other-*"):
+            f.unlink()
+
+
+async def post_until_refused(fwd: ForwarderProcess, session, start_at: int, size: int,
+                             other: OtherWriter) -> set[int]:
+    acked: set[int] = set()
+    payload = "x" * 2000
+    for first in range(start_at, start_at + 10**6, size):
+        if first == start_at + 20 * size:
+            other.fill(8 << 20)  # half-way through the fill, the other writer takes what it can
+        body = {"events": [{"data": {"i": i, "pad": payload}} for i in range(first, first + size)]}
+        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps(body),
+                                headers={"Content-Type": "application/json"}) as r:
+            if r.status == 429:
+                return acked
+            assert r.status == 200, await r.text()
+            acked.update(range(first, first + size))
+    raise AssertionError("the disk never filled up")
+
+
+async def test_ten_fill_and_drain_cycles_beside_another_writer_never_wedge_nor_lose_an_event(
+        tmp_path, procs, session, small_disk):
+    # Issue 21, item 1: on the second cycle deleting delivered rows no longer fitted on the
+    # disk and every request got 429 for good, with room on the disk and a healthy upstream.
+    emulator = procs(EmulatorProcess(tmp_path, "--down"))
+    await emulator.ready(session)
+    config = settings(emulator.url, path=str(small_disk / "buffer"), max_events=10_000_000, max_bytes=1 << 30)
+    config["dead_letter"] = {"path": str(tmp_path / "dead-letter.ndjson")}
+    fwd = await start(procs, session, tmp_path, config)
+    other = OtherWriter(small_disk)
+    acked: set[int] = set()
+    next_i = 0
+    for cycle in range(10):
+        await emulator.configure(session, down=True)
+        filled = await post_until_refused(fwd, session, next_i, 100, other)
+        next_i += 10**6
+        assert filled, f"cycle {cycle}: nothing accepted"
+        acked |= filled
+        async with session.get(f"{fwd.url}/readyz") as r:
+            assert r.status == 503 and "disk is full" in (await r.json())["reason"], f"cycle {cycle}"
+        if cycle in (3, 7):  # a crash on the full disk, and a start on it
+            fwd.signal(signal.SIGKILL)
+            await fwd.wait(10)
+            fwd = procs(ForwarderProcess(tmp_path, copy.deepcopy(config)))
+            fwd.health_url = f"{fwd.url}/healthz"  # not ready while the disk is full, but up
+            await fwd.ready(session)
+        await emulator.configure(session, down=False)
+        await fwd.wait_drained(session, 60)
+
+        async def accepting_again() -> bool:  # the other writer's file is still there: room for some
+            nonlocal next_i
+            status, _ = await fwd.post(session, "p1", numbered(next_i, 50))
+            if status == 200:
+                acked.update(range(next_i, next_i + 50))
+                next_i += 50
+            return status == 200
+        await wait_for(accepting_again, 10, f"cycle {cycle}: new events accepted once the backlog was delivered")
+        async with session.get(f"{fwd.url}/readyz") as r:
+            assert r.status == 200, f"cycle {cycle}: {await r.text()}"
+        other.remove()
+
+    await fwd.wait_drained(session, 60)
+    counts = await delivered_ids(emulator, session)
+    assert acked - set(counts) == set()
+    assert [i for i, n in counts.items() if n > 1] == []  # no call was in flight when a refusal came
+    assert "Traceback" not in fwd.logs()
+
+
+async def test_a_wal_deleted_under_the_running_daemon_is_noticed_and_survives_kill_9(tmp_path, procs, session):
+    # Issue 21, item 5: -wal and -shm deleted while running; 100 more events got a 200,
+    # and after a kill -9 all 300 were gone.
+    emulator = procs(EmulatorProcess(tmp_path, "--down"))
+    await emulator.ready(session)
+    sections = settings(emulator.url)
+    fwd = await start(procs, session, tmp_path, sections)
+    acked = await post_all(fwd, session, 200)
+    state = tmp_path / "forwarder-state"
+    for suffix in ("-wal", "-shm"):
+        (state / (DB_NAME + suffix)).unlink()
+    status, body = await fwd.post(session, "p1", numbered(200, 100))
+    assert status == 200, body  # committed only after the old WAL was copied into the database file
+    acked.update(range(200, 300))
+
+    async def reported() -> bool:
+        return bool(log_events(fwd, "buffer_wal_lost"))
+    await wait_for(reported, 5, "the lost WAL to be reported")
+    fwd.signal(signal.SIGKILL)
+    await fwd.wait(10)
+    await emulator.configure(session, down=False)
+    await start(procs, session, tmp_path, sections)
+    counts = await wait_delivered(emulator, session, acked)
+    assert set(counts) >= acked
