@@ -296,3 +296,34 @@ async def test_a_missing_signature_gets_missing_authentication_token(sigv4_forwa
         assert r.headers["x-amzn-ErrorType"] == "MissingAuthenticationTokenException"
         assert "Missing Authentication Token" in (await r.json())["message"]
     assert sigv4_forwarder.buffer.depth == 0
+
+
+class _Protocol:
+    peer = None
+
+
+class _Transport:
+    def __init__(self, peercert: dict) -> None:
+        self._peercert = peercert
+
+    def get_extra_info(self, name: str) -> dict | None:
+        return self._peercert if name == "peercert" else None
+
+
+class _Request:
+    def __init__(self, peercert: dict) -> None:
+        self.protocol, self.transport, self.remote = _Protocol(), _Transport(peercert), "10.0.0.7"
+
+
+async def test_a_reloaded_identity_list_applies_to_new_connections_and_not_to_open_ones() -> None:
+    obs = observer()
+    check = auth_mod.MtlsAuthenticator(("spiffe://td/ns/shop/sa/checkout",), obs)
+    open_connection = _Request(PEERCERT)
+    assert check(open_connection, b"") is None
+    await check.reconfigure(from_dict({"intake": {"auth": "mtls", "tls_cert_file": "c", "tls_key_file": "k",
+                                                  "tls_client_ca_file": "a",
+                                                  "tls_allowed_identities": ["spiffe://td/ns/shop/sa/search"]}}).intake)
+    assert check(open_connection, b"") is None  # its verdict was taken at its first request
+    refused = check(_Request(PEERCERT), b"")
+    assert refused is not None and refused.status == 403
+    assert refusals(obs, "identity_not_allowed") == 1
