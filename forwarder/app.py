@@ -9,12 +9,13 @@ from __future__ import annotations
 import gc
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from forwarder import config as config_mod
 from forwarder import systemd
 from forwarder.intake.auth import CredentialsError, make_authenticator
 from forwarder.delivery.batcher import Batcher, FlushLoop
@@ -29,7 +30,7 @@ from forwarder.intake.http import Intake
 from forwarder.lifecycle import Deadline, Signals
 from forwarder.observability import Metrics, Observer, configure_logging
 from forwarder.intake.probes import serve_metrics
-from forwarder.delivery.rate import RateLimiter
+from forwarder.delivery.rate import SHIPPED_CONTROLLERS, ControllerFactory, RateLimiter
 from forwarder.delivery.sender import Sender
 from forwarder.reload import Live, Reload
 from forwarder.watch import FileWatch
@@ -48,17 +49,23 @@ class Forwarder:
     def __init__(self, config: Config, config_path: str | None = None, *,
                  transport: Transport | None = None, credentials: tuple[str, str] | None = None,
                  registry: CollectorRegistry | None = None, process_metrics: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 controllers: Mapping[str, ControllerFactory] = SHIPPED_CONTROLLERS) -> None:
         self.log = structlog.get_logger("forwarder")
-        self._reload = Reload(config, config_path, self.live_stages, self.log)
+        # A reload validates against the same rate controllers as the start did.
+        self._reload = Reload(config, config_path, self.live_stages, self.log,
+                              load=lambda p: config_mod.load(p, regular_only=True, controllers=controllers))
         self.metrics = Metrics(registry, process_collectors=process_metrics)
         self.observer = Observer(self.metrics, self.log)
         self.buffer = make_buffer(config, self.observer)
         self.client = EvidentlyClient(config.evidently, credentials) if transport is None else None
         transport = transport or self.client
         ev = config.evidently
+        if ev.rate_controller not in controllers:  # a configuration validated against other controllers
+            raise StartupError(f"evidently.rate_controller must be one of {', '.join(controllers)}, "
+                               f"got {ev.rate_controller!r}")
         self.limiter = RateLimiter(ev.effective_initial_rate, ev.effective_max_rate,
-                                   ev.rate_controller, clock,
+                                   controllers[ev.rate_controller], clock,
                                    on_change=self.observer.rate_changed)
         self.sender = Sender(transport, self.buffer,
                              DeadLetterWriter(config.dead_letter.path, config.dead_letter.max_bytes),
@@ -132,9 +139,6 @@ class Forwarder:
                       region=self.config.evidently.region, endpoint_url=self.config.evidently.endpoint_url or None,
                       send_rate=round(self.limiter.rate, 2), max_rate=self.limiter.max_rate)
         systemd.notify("READY=1\nSTATUS=accepting events")
-
-    def request_stop(self) -> None:
-        self._signals.stop_requested()
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (or a crashed task), then shut down; returns the exit code."""

@@ -16,8 +16,8 @@ DEV_EMULATOR_PORT = 8081
 
 
 def _uvloop() -> None:
-    # Used when installed (the bench extra), not a dependency: benchmarks/RESULTS.md
-    # measured uvloop / asyncio at 0.82-1.02 for the intake and 0.93-1.02 for the sender.
+    # Used when installed (the bench extra), not a dependency: what it buys is in
+    # benchmarks/RESULTS.md, rows "uvloop vs asyncio".
     try:
         import uvloop
     except ImportError:
@@ -66,7 +66,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     """The daemon on its local defaults, delivering to an in-process emulator."""
     from forwarder.app import serve
-    from forwarder.emulator import Emulator
+    from forwarder.emulator.server import Emulator
 
     state = os.path.abspath(args.state_dir)
     raw = {

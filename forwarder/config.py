@@ -15,10 +15,10 @@ import reprlib
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error, region_error
-from forwarder.delivery.rate import CONTROLLERS, MIN_RATE
+from forwarder.delivery.rate import MIN_RATE, SHIPPED_CONTROLLERS
 from forwarder.reading import MiB, FileRefused, read_bounded
 
 ENV_PREFIX = "FORWARDER_"
@@ -28,8 +28,6 @@ MAX_RATE = 1_000_000  # requests/s: evidently.max_rate's ceiling, far above any 
 # An AWS region name: us-east-1, eu-central-2, us-gov-west-1, cn-northwest-1.
 REGION_PATTERN = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}", re.ASCII)
 UNIX_PATH_MAX = 107  # bytes of a Unix socket address (sun_path), less its terminating NUL
-# intake/listeners.py's bind_unix binds under "<dir>/.<8 random>/s" first: this many bytes longer than <dir>.
-UNIX_TEMP_OVERHEAD = 12
 
 # Published PutProjectEvents quota, requests/s per account; adjustable by AWS.
 _HIGH_QUOTA_REGIONS = frozenset({"us-east-1", "us-west-2", "eu-west-1"})
@@ -164,17 +162,18 @@ class Config:
 
 
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None, *,
-         regular_only: bool = False) -> Config:
+         regular_only: bool = False, controllers: Collection[str] = SHIPPED_CONTROLLERS) -> Config:
     """Read the TOML file (if any), apply environment overrides and validate; raises ConfigError only.
 
     ``regular_only``: refuse a FIFO or a device at ``path`` (a reload must not
     wait for a writer); at start a pipe such as ``--config <(...)`` is read.
+    ``controllers``: the rate controllers ``evidently.rate_controller`` may name.
     """
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read(path, regular_only)
     try:
-        return from_dict(raw, os.environ if environ is None else environ)
+        return from_dict(raw, os.environ if environ is None else environ, controllers)
     except ConfigError:
         raise
     except RecursionError:  # a value nested deep enough to reach the interpreter's limit while checked
@@ -205,8 +204,13 @@ def _read(path: str | os.PathLike[str], regular_only: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
 
 
-def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-    """Validate a {section: {key: value}} mapping with ``FORWARDER_*`` overrides from ``environ``."""
+def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+              controllers: Collection[str] = SHIPPED_CONTROLLERS) -> Config:
+    """Validate a {section: {key: value}} mapping with ``FORWARDER_*`` overrides from ``environ``.
+
+    ``evidently.rate_controller`` must name one of ``controllers``: the shipped
+    ones, unless a benchmark passes its own.
+    """
     known = {f.name: f for f in fields(Config)}
     for name, value in raw.items():
         if name not in known:
@@ -221,6 +225,7 @@ def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
     config = Config(**sections)
     try:
         _validate(config)
+        _choice("evidently.rate_controller", config.evidently.rate_controller, tuple(controllers))
     except ConfigError as e:  # say which variable set the value, when one did
         sources = [var for (s, k), (_, var) in from_env.items() if str(e).startswith(f"{s}.{k} ")]
         if sources:
@@ -359,7 +364,7 @@ def _validate(c: Config) -> None:
     _range("intake.port", c.intake.port, -1, 65535)
     _check(c.intake.port != -1 or bool(c.intake.unix_socket),
            "intake.port = -1 (no TCP listener) needs intake.unix_socket")
-    _validate_unix_socket(c.intake.unix_socket)
+    _validate_unix_socket("intake.unix_socket", c.intake.unix_socket)
     _check(_octal_mode(c.intake.unix_socket_mode) is not None,
            f"intake.unix_socket_mode must be octal permission bits like \"0660\", got {_show(c.intake.unix_socket_mode)}")
     _check(bool(c.intake.tls_cert_file) == bool(c.intake.tls_key_file),
@@ -424,7 +429,6 @@ def _validate(c: Config) -> None:
     _check(c.evidently.initial_rate <= c.evidently.effective_max_rate,
            f"evidently.initial_rate ({c.evidently.initial_rate}) must not exceed evidently.max_rate "
            f"({c.evidently.effective_max_rate})")
-    _choice("evidently.rate_controller", c.evidently.rate_controller, tuple(CONTROLLERS))  # registered ones included
     _range("evidently.request_timeout", c.evidently.request_timeout, 0.001, 3600, "seconds")
     _range("retry.max_elapsed", c.retry.max_elapsed, 0.001, 604_800, "seconds")  # a week
     _range("retry.initial_backoff", c.retry.initial_backoff, 0.001, 3600, "seconds")
@@ -479,22 +483,19 @@ def is_ip_address(host: str) -> bool:
     return True
 
 
-def _validate_unix_socket(path: str) -> None:
+def _validate_unix_socket(key: str, path: str) -> None:
     if not path:
         return
-    # What the binder binds first is <directory>/.<8 random>/s, UNIX_TEMP_OVERHEAD bytes
-    # longer than the directory; counting it against the whole path keeps the rule simple.
-    longest = len(os.fsencode(os.path.abspath(path))) + UNIX_TEMP_OVERHEAD
-    _check(longest <= UNIX_PATH_MAX,
-           f"intake.unix_socket must be at most {UNIX_PATH_MAX - UNIX_TEMP_OVERHEAD} bytes long as an absolute "
-           f"path (a Unix socket address holds {UNIX_PATH_MAX} bytes, and the socket is bound under a temporary "
-           f"name {UNIX_TEMP_OVERHEAD} bytes longer first), got {longest - UNIX_TEMP_OVERHEAD}")
+    # intake/unix_socket.py binds it as the path itself (its temporary name,
+    # reached through /proc/self/fd, costs no bytes); the binder makes it absolute.
+    length = len(os.fsencode(os.path.abspath(path)))
+    _check(length <= UNIX_PATH_MAX,
+           f"{key} must be at most {UNIX_PATH_MAX} bytes long as an absolute path (what a Unix socket address "
+           f"holds), got {length}")
 
 
 def _validate_datagram(c: IntakeConfig) -> None:
-    # The socket is bound as <path>.new and renamed into place (its mode set first).
-    _check(len(os.fsencode(c.datagram_socket)) <= 103,
-           f"intake.datagram_socket must be at most 103 bytes long, got {len(os.fsencode(c.datagram_socket))}")
+    _validate_unix_socket("intake.datagram_socket", c.datagram_socket)
     _check(_octal_mode(c.datagram_socket_mode) is not None,
            f"intake.datagram_socket_mode must be octal permission bits like \"0660\", got {_show(c.datagram_socket_mode)}")
     _range("intake.datagram_port", c.datagram_port, 0, 65535)

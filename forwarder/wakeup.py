@@ -32,14 +32,6 @@ class Wakeup:
     def clear(self) -> None:
         self._flag = False
 
-    def is_set(self) -> bool:
-        return self._flag
-
-    @property
-    def waiting(self) -> int:
-        """How many waits are pending."""
-        return len(self._waiters)
-
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until set or ``timeout`` seconds; True when set."""
         if self._flag:

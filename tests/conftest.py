@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from forwarder.emulator import Emulator
+from forwarder.emulator.server import Emulator
 from tests.fakes import VirtualTime
 from forwarder.emulator.harness import EmulatorProcess
 

@@ -1,12 +1,17 @@
-"""Test doubles: a manual clock and a sink that records batches."""
+"""Test doubles: a manual clock, virtual time, a sink that records batches, and the sender's buffer,
+dead-letter file and transport stand-ins."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
+import orjson
 from aiohttp import web
 
+from forwarder.buffer.contract import Lease, Receipt
 from forwarder.delivery.batcher import Batch
 
 
@@ -79,3 +84,62 @@ async def local_server(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+class Ledger:
+    """A buffer stand-in: hands out leases and records which events come back acknowledged (once each)."""
+
+    def __init__(self, wall) -> None:
+        self.acked: Counter[bytes] = Counter()
+        self.depth = 0
+        self._wall = wall
+        self._events: dict[int, list[bytes]] = {}
+
+    def batch(self, project: str, evs: list[bytes]) -> Batch:
+        lease = Lease(map(len, evs))
+        self._events[id(lease)] = list(evs)
+        self.depth += len(evs)
+        batch = Batch(project, self._wall())
+        batch.fill(evs, lease, 0)
+        return batch
+
+    async def ack(self, receipt: Receipt) -> None:
+        for lease, start, stop in receipt.runs:
+            positions, _, repeats = lease.resolve(start, stop)
+            assert repeats == 0, "an event was acknowledged twice"
+            self.acked.update(self._events[id(lease)][p] for p in positions)
+            self.depth -= len(positions)
+
+
+class DeadLetters:
+    def __init__(self, failures: int = 0) -> None:
+        self.entries: list[dict] = []
+        self.failures = failures  # the next writes that fail (e.g. disk full)
+
+    async def write(self, data: bytes) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        self.entries.extend(orjson.loads(line) for line in data.splitlines())
+
+    def events(self) -> list[bytes]:
+        return [orjson.dumps(e["event"]) for e in self.entries]
+
+
+class Scripted:
+    """A transport answering from a function of (call number, project, events, time)."""
+
+    def __init__(self, answer, clock=lambda: 0.0) -> None:
+        self.answer = answer
+        self.clock = clock
+        self.calls: list[tuple[str, list[bytes], float]] = []
+        self.delivered: Counter[bytes] = Counter()
+
+    async def put_events(self, project, events):
+        self.calls.append((project, list(events), self.clock()))
+        result = self.answer(len(self.calls) - 1, project, events)
+        if result.status == 200 or result.maybe_delivered:
+            failed = {i for i, _, _ in result.failed}
+            self.delivered.update(e for i, e in enumerate(events) if i not in failed)
+        await asyncio.sleep(0)
+        return result

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -187,7 +188,7 @@ def test_a_file_the_daemon_may_not_read_is_a_config_error(tmp_path, monkeypatch)
     ({"buffer": {"max_bytes": 2**50}}, "buffer.max_bytes must be between 1024 and 1099511627776 bytes"),
     ({"dead_letter": {"max_bytes": 2**50}}, "dead_letter.max_bytes must be between 4096 and 1099511627776 bytes"),
     ({"buffer": {"path": "/var/lib/\x00forwarder"}}, "buffer.path must not contain a NUL character"),
-    ({"intake": {"unix_socket": "/tmp/" + "s" * 102}}, "intake.unix_socket must be at most 95 bytes long"),
+    ({"intake": {"unix_socket": "/tmp/" + "s" * 103}}, "intake.unix_socket must be at most 107 bytes long"),
     ({"intake": {"host": "x" * 100_000}}, "is not a loopback address"),
 ])
 def test_numbers_and_names_out_of_their_sane_range_are_refused_with_the_bounds(raw, message):
@@ -222,16 +223,17 @@ def test_plain_numbers_from_the_environment_are_read(text, value):
     assert from_dict({}, {"FORWARDER_BATCH__FLUSH_INTERVAL": text}).batch.flush_interval == value
 
 
-def test_the_longest_unix_socket_path_check_config_allows_can_be_bound(tmp_path):
-    from forwarder.config import UNIX_PATH_MAX, UNIX_TEMP_OVERHEAD
-    from forwarder.intake.listeners import bind_unix
+@pytest.mark.parametrize(("key", "kind"), [("unix_socket", socket.SOCK_STREAM), ("datagram_socket", socket.SOCK_DGRAM)])
+def test_the_longest_unix_socket_path_check_config_allows_can_be_bound(tmp_path, key, kind):
+    from forwarder.config import UNIX_PATH_MAX
+    from forwarder.intake.unix_socket import bind_unix
 
     directory = str(tmp_path)
-    longest = os.path.join(directory, "s" * (UNIX_PATH_MAX - UNIX_TEMP_OVERHEAD - len(directory) - 1))
-    assert from_dict({"intake": {"unix_socket": longest}}, {}).intake.unix_socket == longest
-    bind_unix(longest, 0o600).sock.close()
-    with pytest.raises(ConfigError, match=f"at most {UNIX_PATH_MAX - UNIX_TEMP_OVERHEAD} bytes long"):
-        from_dict({"intake": {"unix_socket": longest + "s"}}, {})
+    longest = os.path.join(directory, "s" * (UNIX_PATH_MAX - len(directory) - 1))
+    assert getattr(from_dict({"intake": {key: longest}}, {}).intake, key) == longest
+    bind_unix(longest, 0o600, kind, f"intake.{key}").sock.close()
+    with pytest.raises(ConfigError, match=f"intake.{key} must be at most {UNIX_PATH_MAX} bytes long"):
+        from_dict({"intake": {key: longest + "s"}}, {})
 
 
 @pytest.mark.parametrize("content, message", [

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
@@ -10,7 +11,7 @@ from forwarder.app import Forwarder
 from forwarder.observability import MAX_PROJECT_LABELS, Metrics, RateLimitedLog, configure_logging
 from tests.fakes import FakeClock
 from forwarder.emulator.harness import free_port
-from tests.intake.test_http import make_config
+from tests.support import make_config
 
 
 class Recorder:
@@ -55,14 +56,28 @@ def test_project_labels_are_capped_and_the_rest_read_other():
     assert metrics.project_label("p0") == "p0"
 
 
-async def test_metrics_can_be_served_on_their_own_port(tmp_path, emulator, session):
+@pytest.fixture
+async def metrics_port(tmp_path, emulator):
+    """A forwarder serving /metrics on a port of its own (metrics.port); yields that port."""
     port = free_port()
     fwd = Forwarder(make_config(tmp_path, emulator.url, metrics={"port": port}), credentials=("k", "s"),
                     registry=CollectorRegistry(), process_metrics=False)
     await fwd.start()
-    try:
-        async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
-            assert r.status == 200
-            assert b"forwarder_queue_depth" in await r.read()
-    finally:
-        await fwd.shutdown()
+    yield port
+    await fwd.shutdown()
+
+
+async def test_metrics_can_be_served_on_their_own_port(metrics_port, session):
+    async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+        assert r.status == 200
+        assert b"forwarder_queue_depth" in await r.read()
+
+
+async def test_a_loopback_metrics_listener_answers_only_a_host_naming_this_machine(metrics_port, session):
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    async with session.get(url, headers={"Host": "rebound.attacker.example"}) as r:
+        assert r.status == 403 and r.headers["x-amzn-ErrorType"] == "AccessDeniedException"
+        assert "does not name this machine" in (await r.json())["message"]
+    for host in (f"localhost:{metrics_port}", f"127.0.0.1:{metrics_port}"):
+        async with session.get(url, headers={"Host": host}) as r:
+            assert r.status == 200, host

@@ -9,13 +9,12 @@ import threading
 
 import pytest
 import structlog
-from prometheus_client import CollectorRegistry
 
 from forwarder.config import IntakeConfig
 from forwarder.intake.auth import TokenAuthenticator
 from forwarder.intake.listeners import ListenerError, TlsCertificates
-from forwarder.observability import Metrics, Observer
 from forwarder.reading import FileRefused, OffLoop, ReadTimeout, read_bounded
+from tests import support
 from tests.tools import make_ca_and_server_pair
 
 TOKEN_A = "a" * 32
@@ -100,10 +99,6 @@ async def test_the_event_loop_keeps_running_while_a_file_is_read():
     await ticker
 
 
-def observer() -> Observer:
-    return Observer(Metrics(CollectorRegistry(), process_collectors=False))
-
-
 @pytest.mark.parametrize("damage, cause", [
     ("fifo", "is not a regular file but a FIFO"),
     ("huge", "is larger than 1 MiB"),
@@ -112,7 +107,7 @@ def observer() -> Observer:
 async def test_a_token_file_that_cannot_be_used_on_reload_keeps_the_tokens_in_force(tmp_path, damage, cause):
     path = tmp_path / "tokens"
     path.write_text(TOKEN_A + "\n")
-    obs = observer()
+    obs = support.observer()
     check = TokenAuthenticator(str(path), obs)
     path.unlink()
     if damage == "fifo":

@@ -18,13 +18,13 @@ from forwarder.buffer.memory import MemoryBuffer
 from forwarder.clock import Clock
 from forwarder.config import Config, from_dict, to_toml
 from forwarder.delivery.batcher import Batcher, FlushLoop
-from forwarder.delivery.rate import RateLimiter
+from forwarder.delivery.rate import SHIPPED_CONTROLLERS, RateLimiter
 from forwarder.delivery.retry import CallResult
 from forwarder.delivery.sender import Sender
-from forwarder.observability import Metrics, Observer, configure_logging
+from forwarder.observability import configure_logging
 from forwarder.reload import Reload, live_table
-from tests.delivery.test_sender import DeadLetters, Ledger, Scripted, events
-from tests.fakes import RecordingSink, VirtualTime
+from tests.fakes import DeadLetters, Ledger, RecordingSink, Scripted, VirtualTime
+from tests import support
 
 
 def daemon_table() -> dict[str, str]:
@@ -55,10 +55,6 @@ class Log:
         return [event for lvl, event, _ in self.lines if level in (None, lvl)]
 
 
-def observer() -> Observer:
-    return Observer(Metrics(CollectorRegistry(), process_collectors=False))
-
-
 # Each rig builds one stage the way the daemon does, on virtual time, and measures what it does.
 
 class FlushRig:
@@ -66,9 +62,9 @@ class FlushRig:
 
     def __init__(self, config: Config, vt: VirtualTime) -> None:
         self.vt = vt
-        self.buffer = MemoryBuffer(config.buffer, observer())
+        self.buffer = MemoryBuffer(config.buffer, support.observer())
         self.sink = RecordingSink()
-        self.stage = FlushLoop(self.buffer, Batcher(config.batch, vt.time, vt.wall), self, observer(), vt.time)
+        self.stage = FlushLoop(self.buffer, Batcher(config.batch, vt.time, vt.wall), self, support.observer(), vt.time)
         self.sent: list[tuple[int, float]] = []
         self.stage.start(pytest.fail)
 
@@ -77,7 +73,7 @@ class FlushRig:
 
     async def measure(self) -> Any:
         start = self.vt.time()
-        await self.buffer.append("p", events(120), self.vt.wall())
+        await self.buffer.append("p", support.events(120), self.vt.wall())
         while sum(n for n, _ in self.sent) < 120:
             await asyncio.sleep(0.01)
         return [(n, round(t - start, 3)) for n, t in self.sent]
@@ -92,13 +88,13 @@ class SenderRig:
         self.ledger = Ledger(vt.wall)
         self.dead = DeadLetters()
         limiter = RateLimiter(100_000.0, 100_000.0, clock=vt.time)
-        self.stage = Sender(self.transport, self.ledger, self.dead, limiter, observer(), config.retry, 1,
+        self.stage = Sender(self.transport, self.ledger, self.dead, limiter, support.observer(), config.retry, 1,
                             Clock(vt.time, vt.wall, random.Random(7)))
 
     async def measure(self) -> Any:
         await self.stage.start(pytest.fail)
         start = self.vt.time()
-        await self.stage.send(self.ledger.batch("p", events(5)))
+        await self.stage.send(self.ledger.batch("p", support.events(5)))
         assert await self.stage.drain(7200.0)
         await self.stage.close()
         return [round(t - start, 6) for _, _, t in self.transport.calls], len(self.dead.entries)
@@ -110,7 +106,8 @@ class RateRig:
     def __init__(self, config: Config, vt: VirtualTime) -> None:
         self.vt = vt
         ev = config.evidently
-        self.stage = RateLimiter(ev.effective_initial_rate, ev.effective_max_rate, ev.rate_controller, vt.time)
+        self.stage = RateLimiter(ev.effective_initial_rate, ev.effective_max_rate,
+                                 SHIPPED_CONTROLLERS[ev.rate_controller], vt.time)
 
     async def measure(self) -> Any:
         start = self.vt.time()

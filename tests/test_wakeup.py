@@ -12,7 +12,7 @@ async def test_wait_returns_true_when_set_and_false_on_timeout():
     assert await waiter is True
     assert await w.wait(0.0) is True  # stays set until cleared
     w.clear()
-    assert not w.is_set()
+    assert await w.wait(0.0) is False  # cleared: a wait times out again
 
 
 async def test_a_cancelled_waiter_leaves_nothing_behind():
@@ -21,5 +21,5 @@ async def test_a_cancelled_waiter_leaves_nothing_behind():
     await asyncio.sleep(0)
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
-    assert w.waiting == 0
+    assert w._waiters == []  # its future is not kept (nor resolved by the next set)
     w.set()

@@ -24,9 +24,9 @@ Per run the report gives, from the emulator's counters:
 
 ``--trace`` writes every forwarder's counters and limiter rate every 0.2 s.
 
-Modules: ``analysis`` (the figures, pure), ``controllers`` (experimental rate
-controllers, registered with ``forwarder.delivery.rate.register_controller`` and
-chosen by ``evidently.rate_controller``: nothing of the limiter is patched),
+Modules: ``analysis`` (the figures, pure), ``controllers`` (AIMD and experimental rate
+controllers, passed to each ``Forwarder`` and chosen by
+``evidently.rate_controller``: nothing of the limiter is patched),
 ``runner`` (one run, the command line), ``report`` (table and trace). Why this
 shape, the figures and the experiments: docs/scaling.md.
 """

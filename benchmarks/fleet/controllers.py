@@ -1,18 +1,21 @@
-"""Rate controllers the fleet experiments with, registered with forwarder.delivery.rate.
+"""Rate controllers the fleet experiments with, passed to the forwarders it builds.
 
-Each is a ``ratelimit.Controller`` built by a factory registered under a name
-(``ratelimit.register_controller``), and a forwarder of the fleet picks it by
-``evidently.rate_controller`` like a shipped one: nothing of the limiter is
-patched. A controller sees what the limiter shows every controller: each
-success once slow start is over, and one throttle per round trip (throttles of
-calls sent before the last decrease never reach it). Why each was tried and what
-it measured: docs/scaling.md.
+Each is a ``ratelimit.Controller`` built by a factory under a name; the fleet
+passes its controllers to the configuration's validation and to ``Forwarder``
+(``controllers=``), and a forwarder picks one by ``evidently.rate_controller``
+like a shipped one: nothing of the limiter is patched, and a production
+configuration still accepts only the shipped controllers. A controller sees
+what the limiter shows every controller: each success once slow start is over,
+and one throttle per round trip (throttles of calls sent before the last
+decrease never reach it). Why each was tried and what it measured:
+docs/scaling.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+from typing import Mapping
 
 from forwarder.delivery import rate as ratelimit
 
@@ -21,6 +24,33 @@ CUBIC_DEFAULTS = {name: param.default for name, param in inspect.signature(ratel
                   if name in ("scale", "beta")}
 SCALED_DEFAULTS = {name: param.default for name, param in inspect.signature(ratelimit.ScaledAimd).parameters.items()
                    if name in ("growth", "beta", "tau")}
+
+
+class Aimd:
+    """Additive increase (requests/s per second), multiplicative decrease: the baseline the others are compared to.
+
+    Its increase is max_rate/100 per second, so it behaves well only with
+    max_rate near the forwarder's share (docs/scaling.md).
+    """
+
+    def __init__(self, initial_rate: float, now: float, increase: float = 1.0, beta: float = 0.7) -> None:
+        self._rate = initial_rate
+        self._increase = increase
+        self._beta = beta
+        self._last = now
+
+    def success(self, now: float) -> float:
+        self._rate += self._increase * max(0.0, now - self._last)
+        self._last = now
+        return self._rate
+
+    def throttle(self, rate: float, now: float) -> float:
+        self._rate = rate * self._beta
+        self._last = now
+        return self._rate
+
+    def resume(self, rate: float, now: float) -> None:
+        self._rate, self._last = rate, now
 
 
 class ExperimentalCubic(ratelimit.Cubic):
@@ -116,13 +146,12 @@ class Dctcp:
         self._rate, self._last = rate, now
 
 
-def _register(name: str, factory: ratelimit.ControllerFactory) -> str:
-    if name not in ratelimit.CONTROLLERS:
-        ratelimit.register_controller(name, factory)
-    return name
-
-
-EXPERIMENTAL_CONTROLLERS = (_register("dctcp", lambda rate, max_rate, now: Dctcp(rate, now)),)
+# What --controller may name: the shipped controllers, AIMD for comparison, DCTCP.
+FLEET_CONTROLLERS: Mapping[str, ratelimit.ControllerFactory] = {
+    **ratelimit.SHIPPED_CONTROLLERS,
+    "aimd": lambda rate, max_rate, now: Aimd(rate, now, increase=max(1.0, max_rate / 100)),
+    "dctcp": lambda rate, max_rate, now: Dctcp(rate, now),
+}
 
 
 def cubic_knobs(args: argparse.Namespace) -> dict[str, float]:
@@ -141,19 +170,19 @@ def scaled_knobs(args: argparse.Namespace) -> dict[str, float]:
     return knobs if knobs != SCALED_DEFAULTS else {}
 
 
-def registered_name(controller: str, args: argparse.Namespace) -> str:
-    """The ``evidently.rate_controller`` for ``--controller`` with this command line's knobs.
+def controller_for(controller: str, args: argparse.Namespace) -> tuple[str, ratelimit.ControllerFactory]:
+    """The ``evidently.rate_controller`` name for ``--controller`` with this command line's knobs, and its factory.
 
-    A shipped controller with knobs changed is registered once under a name
-    that spells them out, e.g. ``scaled[growth=0.1,beta=0.4,tau=20]``.
+    A shipped controller with knobs changed gets a name that spells them out,
+    e.g. ``scaled[growth=0.1,beta=0.4,tau=20]``.
     """
     cubic, scaled = cubic_knobs(args), scaled_knobs(args)
     if controller == "cubic" and cubic:
-        return _register(_spelled("cubic", cubic), lambda rate, max_rate, now: ExperimentalCubic(rate, now, **cubic))
+        return _spelled("cubic", cubic), lambda rate, max_rate, now: ExperimentalCubic(rate, now, **cubic)
     if controller == "scaled" and scaled:
-        return _register(_spelled("scaled", scaled),
-                         lambda rate, max_rate, now: ratelimit.ScaledAimd(rate, now, max_rate, **scaled))
-    return controller
+        return (_spelled("scaled", scaled),
+                lambda rate, max_rate, now: ratelimit.ScaledAimd(rate, now, max_rate, **scaled))
+    return controller, FLEET_CONTROLLERS[controller]
 
 
 def _spelled(name: str, knobs: dict[str, float]) -> str:

@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import aiohttp
 import orjson
@@ -34,7 +34,7 @@ PROJECT = "fleet"
 
 
 def forwarder_config(i: int, url: str, args: argparse.Namespace, share: float, state: Path,
-                     rate_controller: str) -> config_mod.Config:
+                     rate_controller: str, known: Mapping[str, ratelimit.ControllerFactory]) -> config_mod.Config:
     """One instance: its own state, short retry backoffs, batches always full (the buffer never empties)."""
     raw = {
         "intake": {"host": "127.0.0.1", "port": 0},
@@ -48,7 +48,7 @@ def forwarder_config(i: int, url: str, args: argparse.Namespace, share: float, s
         "dead_letter": {"path": str(state / f"fwd-{i}-dead-letter.ndjson")},
         "shutdown": {"drain_timeout": 0.2},
     }
-    return config_mod.from_dict(raw, {})
+    return config_mod.from_dict(raw, {}, known)
 
 
 def max_rate(args: argparse.Namespace, share: float) -> float:
@@ -132,7 +132,8 @@ async def run_fleet(m: int, controller: str, args: argparse.Namespace, state: Pa
     """One run: start the emulator and M forwarders, feed, change the quota, measure, stop."""
     sched = Schedule(args.quota, args.duration, args.warmup)
     share = args.quota * EVENTS_PER_CALL / m  # events/s of one forwarder's fair share
-    rate_controller = controllers.registered_name(controller, args)
+    rate_controller, factory = controllers.controller_for(controller, args)
+    known = {rate_controller: factory}
     burst = ["--quota-burst", str(args.quota_burst)] if args.quota_burst else []
     # Not pinned: the forwarders of this process and the emulator share the machine as before.
     emu = emulator(state, "--no-record", "--quota", str(args.quota), *burst, core=None,
@@ -142,9 +143,9 @@ async def run_fleet(m: int, controller: str, args: argparse.Namespace, state: Pa
         try:
             await emu.launch(session)
             for i in range(m):
-                fwd = Forwarder(forwarder_config(i, emu.url, args, share, state, rate_controller),
+                fwd = Forwarder(forwarder_config(i, emu.url, args, share, state, rate_controller, known),
                                 credentials=(f"fwd-{i}", "secret"), registry=CollectorRegistry(),
-                                process_metrics=False)
+                                process_metrics=False, controllers=known)
                 forwarders.append(fwd)
                 await fwd.start()
             # As `forwarder run` does after start-up: M forwarders' botocore models are
@@ -180,9 +181,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 description="M forwarders that do not know each other share one account quota "
                                             "(docs/scaling.md).")
     p.add_argument("--forwarders", type=int, nargs="+", default=[4, 16, 64], help="fleet sizes M to run")
-    p.add_argument("--controller", nargs="+", choices=tuple(ratelimit.CONTROLLERS), default=["scaled"],
-                   help="rate controller(s) to run: forwarder/delivery/rate.py's, or one registered by "
-                        "benchmarks/fleet/controllers.py (dctcp)")
+    p.add_argument("--controller", nargs="+", choices=tuple(controllers.FLEET_CONTROLLERS), default=["scaled"],
+                   help="rate controller(s) to run: forwarder/delivery/rate.py's, or one of "
+                        "benchmarks/fleet/controllers.py (aimd, dctcp)")
     p.add_argument("--quota", type=float, default=100.0, help="account quota Q, requests/s")
     p.add_argument("--quota-burst", type=float, default=None,
                    help="emulator token bucket size (default: one second of quota, the emulator's default)")

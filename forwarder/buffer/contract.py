@@ -71,9 +71,6 @@ class Receipt:
                 return
         runs.append((lease, start, stop))
 
-    def __len__(self) -> int:
-        return sum(stop - start for _, start, stop in self.runs)
-
     def subset(self, indexes: Iterable[int]) -> "Receipt":
         """The receipt of the batch's events at ``indexes`` (ascending), in that order."""
         out = Receipt()
@@ -100,10 +97,6 @@ class Chunk:
     events: Sequence[bytes]
     lease: Lease
     first: int = 0  # position of the chunk's first event in its lease
-
-    def receipt(self, start: int = 0, stop: int | None = None) -> Receipt:
-        stop = len(self.events) if stop is None else stop
-        return Receipt([(self.lease, self.first + start, self.first + stop)])
 
 
 class BufferFull(Exception):

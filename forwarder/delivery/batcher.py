@@ -16,6 +16,7 @@ from forwarder.buffer.contract import Chunk
 from forwarder.config import BatchConfig
 from forwarder.delivery.batch import Batch, FlushReason
 from forwarder.observability import Observer
+from forwarder.tasks import supervise
 from forwarder.wakeup import EARLY
 
 __all__ = ["Batch", "Batcher", "FlushLoop", "FlushReason", "Sink", "Source"]
@@ -116,9 +117,7 @@ class FlushLoop:
 
     def start(self, on_crash: Callable[[BaseException], None]) -> None:
         """Start the loop; a crash of the loop's own bookkeeping is reported, not hidden."""
-        self._task = asyncio.create_task(self._run(), name="forwarder-flush-loop")
-        self._task.add_done_callback(
-            lambda t: None if t.cancelled() or t.exception() is None else on_crash(t.exception()))  # type: ignore[arg-type]
+        self._task = supervise(asyncio.create_task(self._run(), name="forwarder-flush-loop"), on_crash)
 
     @property
     def alive(self) -> bool:

@@ -13,7 +13,9 @@ idle period. Then the controller (``evidently.rate_controller``) owns the rate:
   quota (one sidecar per pod): each adds per second a share of a slow average
   of its own rate and cuts by 40% on a throttle, which pulls the shares
   together.
-* ``aimd``: kept for comparison.
+
+Benchmarks build their own controllers (``Controller``) and pass them in; the
+configuration accepts only ``SHIPPED_CONTROLLERS`` unless told otherwise.
 
 Only throttling teaches the rate anything: 5xx, timeouts and an unreachable
 endpoint are an outage (``circuits.Endpoint``), not a quota. One decrease per
@@ -27,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Callable, Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:  # config imports this module's names: no import cycle at run time
     from forwarder.config import EvidentlyConfig
@@ -80,33 +83,6 @@ class Cubic:
         self._last_throttle = now
 
 
-class Aimd:
-    """Additive increase (requests/s per second), multiplicative decrease.
-
-    Its increase is max_rate/100 per second, so it behaves well only with
-    max_rate near the forwarder's share (docs/scaling.md).
-    """
-
-    def __init__(self, initial_rate: float, now: float, increase: float = 1.0, beta: float = 0.7) -> None:
-        self._rate = initial_rate
-        self._increase = increase
-        self._beta = beta
-        self._last = now
-
-    def success(self, now: float) -> float:
-        self._rate += self._increase * max(0.0, now - self._last)
-        self._last = now
-        return self._rate
-
-    def throttle(self, rate: float, now: float) -> float:
-        self._rate = rate * self._beta
-        self._last = now
-        return self._rate
-
-    def resume(self, rate: float, now: float) -> None:
-        self._rate, self._last = rate, now
-
-
 class ScaledAimd:
     """AIMD whose increase per second is ``growth`` x a slow average of its own rate.
 
@@ -148,11 +124,11 @@ class ScaledAimd:
 class RateLimiter:
     """Paces PutProjectEvents calls at an allowed rate that adapts to throttling."""
 
-    def __init__(self, initial_rate: float, max_rate: float, controller: str = "cubic",
+    def __init__(self, initial_rate: float, max_rate: float, controller: ControllerFactory | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[float, str], None] | None = None) -> None:
         self._clock = clock
-        self._name = controller
+        self._make_controller = controller or SHIPPED_CONTROLLERS["cubic"]
         self._on_change = on_change
         self._tokens = 1.0
         now = clock()
@@ -166,7 +142,7 @@ class RateLimiter:
     def _restart(self, initial_rate: float, max_rate: float, now: float) -> None:
         self.initial_rate, self.max_rate = initial_rate, max_rate
         self.rate = max(MIN_RATE, min(initial_rate, max_rate))
-        self._controller: Controller = make_controller(self._name, self.rate, max_rate, now)
+        self._controller: Controller = self._make_controller(self.rate, max_rate, now)
         self._enter_slow_start(now)
 
     def _enter_slow_start(self, now: float) -> None:
@@ -265,28 +241,10 @@ class RateLimiter:
 # A controller for a limiter: factory(initial_rate, max_rate, now).
 ControllerFactory = Callable[[float, float, float], Controller]
 
-# The names evidently.rate_controller accepts, in registration order.
-CONTROLLERS: dict[str, ControllerFactory] = {}
-
-
-def register_controller(name: str, factory: ControllerFactory) -> None:
-    """Make ``name`` a valid ``evidently.rate_controller``, built by ``factory(initial_rate, max_rate, now)``.
-
-    The injection point for experiments (benchmarks/fleet registers its own);
-    the configuration must be loaded after the registration.
-    """
-    if name in CONTROLLERS:
-        raise ValueError(f"rate controller {name!r} is already registered")
-    CONTROLLERS[name] = factory
-
-
-register_controller("cubic", lambda rate, max_rate, now: Cubic(rate, now))
-register_controller("aimd", lambda rate, max_rate, now: Aimd(rate, now, increase=max(1.0, max_rate / 100)))
-register_controller("scaled", lambda rate, max_rate, now: ScaledAimd(rate, now, max_rate))
-
-
-def make_controller(name: str, rate: float, max_rate: float, now: float) -> Controller:
-    factory = CONTROLLERS.get(name)
-    if factory is None:
-        raise ValueError(f"rate controller must be one of {', '.join(CONTROLLERS)}, got {name!r}")
-    return factory(rate, max_rate, now)
+# The controllers evidently.rate_controller names in production, in the order
+# the configuration's error lists them. Read-only: the composition root picks
+# from it, and a benchmark passes its own mapping instead of adding to this one.
+SHIPPED_CONTROLLERS: Mapping[str, ControllerFactory] = MappingProxyType({
+    "cubic": lambda rate, max_rate, now: Cubic(rate, now),
+    "scaled": lambda rate, max_rate, now: ScaledAimd(rate, now, max_rate),
+})

@@ -22,6 +22,7 @@ from forwarder.delivery.outcome import Plan, plan
 from forwarder.delivery.rate import RateLimiter
 from forwarder.delivery.schedule import Schedule
 from forwarder.observability import Observer
+from forwarder.tasks import supervise
 
 STALLED_AFTER = 60.0  # seconds without a delivery, with work waiting, before /readyz says so
 
@@ -50,14 +51,8 @@ class Sender:
 
     async def start(self, on_crash: Callable[[BaseException], None]) -> None:
         """Start the workers; a worker that dies is reported through ``on_crash``."""
-        def done(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                on_crash(task.exception())  # type: ignore[arg-type]
-
         for i in range(self._concurrency):
-            task = asyncio.create_task(self._work(), name=f"forwarder-sender-{i}")
-            task.add_done_callback(done)
-            self._workers.append(task)
+            self._workers.append(supervise(asyncio.create_task(self._work(), name=f"forwarder-sender-{i}"), on_crash))
 
     @property
     def alive(self) -> bool:

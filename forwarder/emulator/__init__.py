@@ -14,10 +14,3 @@ wiring), ``cli`` (``forwarder emulator``). Only the commands that use it (``forw
 dev``), the tests and the benchmarks import this package; ``forwarder run``
 never does (tests/emulator/test_emulator.py checks its import graph).
 """
-
-from forwarder.emulator.decisions import stable_fraction
-from forwarder.emulator.faults import FaultConfig
-from forwarder.emulator.records import AcceptedEvent, Stats
-from forwarder.emulator.server import Emulator
-
-__all__ = ["AcceptedEvent", "Emulator", "FaultConfig", "Stats", "stable_fraction"]

@@ -17,13 +17,12 @@ import hashlib
 import itertools
 import random
 import re
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from forwarder.evidently.protocol import EVENT_TYPES, MAX_EVENTS_PER_CALL, ProtocolError
+from forwarder.evidently.protocol import EVENT_TYPES, MAX_EVENTS_PER_CALL, ProtocolError, uuid_prefix
 from forwarder.evidently.sigv4 import INVALID, Denial, Verifier
 
 VALIDATION = "ValidationException"
@@ -193,7 +192,7 @@ class EventIds:
     """
 
     def __init__(self) -> None:
-        self._prefix = str(uuid.uuid4())[:24]
+        self._prefix = uuid_prefix()
         self._counter = itertools.count()
 
     def next(self) -> str:

@@ -3,8 +3,9 @@
 Each accepted event is turned, once, into the exact bytes PutProjectEvents will
 carry (``{"data":"<json string>","timestamp":<epoch s>,"type":"..."}``). From here
 on it is never parsed or re-encoded: the sender joins these bytes into a body.
-Raw JSON bytes cost about 264 B per ~220 B event where json.loads dicts cost
-1490 B, which is what keeps 200k buffered events within 2x their JSON size.
+Raw JSON bytes cost a few times less memory than json.loads dicts, which is what
+keeps buffered events within 2x their JSON size (benchmarks/RESULTS.md, row
+"memory per buffered event").
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import msgspec
 import orjson
@@ -67,9 +68,10 @@ def encode_event(event: object, index: int, now: float) -> bytes:
         "timestamp": _timestamp(event.get("timestamp"), index, now),
         "type": _type(event.get("type"), index),
     })
-    # orjson hands back its 4 KiB output buffer without shrinking it: kept as is,
-    # 200k buffered events cost 4,216 B RSS each instead of ~300. The join makes
-    # an exact-size copy (~55 ns; bytes(memoryview(...)) took ~170 ns).
+    # orjson hands back its whole output buffer without shrinking it: kept as is,
+    # every buffered event would hold that buffer. The join makes an exact-size
+    # copy, the cheapest way measured (benchmarks/RESULTS.md, row "memory held
+    # per encoded event").
     return b"".join((encoded, b""))
 
 
@@ -179,8 +181,7 @@ def encode_wire_body(body: bytes, now: float) -> list[bytes] | None:
                 e.timestamp = _rfc3339(ts, 0)
             except EventError:
                 return None
-    # Exact-size copies here too: msgspec's result keeps its grown buffer, 404 B
-    # allocated for a 248 B event against 282 B for the copy (tracemalloc).
+    # Exact-size copies here too: msgspec's result keeps its grown buffer.
     return [b"".join((_encode_wire_event(e), b"")) for e in events]
 
 
@@ -217,17 +218,21 @@ def request_events(body: object) -> list:
     return events
 
 
-def ndjson_events(body: bytes) -> list:
-    """One event per non-blank line; a malformed line stays in place as an error marker."""
-    out: list = []
-    for line in body.splitlines():
+def ndjson_lines(body: bytes) -> Iterator[tuple[int, bytes, Any]]:
+    """(line number, line, parsed value or the orjson.JSONDecodeError) for each non-blank line of NDJSON."""
+    for number, line in enumerate(body.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            out.append(orjson.loads(line))
+            yield number, line, orjson.loads(line)
         except orjson.JSONDecodeError as e:
-            out.append(_BadLine(str(e)))
-    return out
+            yield number, line, e
+
+
+def ndjson_events(body: bytes) -> list:
+    """One event per non-blank line; a malformed line stays in place as an error marker."""
+    return [_BadLine(str(value)) if isinstance(value, orjson.JSONDecodeError) else value
+            for _, _, value in ndjson_lines(body)]
 
 
 class _BadLine:

@@ -26,10 +26,14 @@ _PROJECT_RE = re.compile(
 )
 
 
-# x-amzn-RequestId values: UUID-shaped, unique per process run, cheap. A random
-# prefix per run and a counter in the last group: several times cheaper than
-# uuid4(), and every answer carries one.
-_REQUEST_ID_PREFIX = str(uuid.uuid4())[:24]  # 8-4-4-4- : the last group is the counter
+def uuid_prefix() -> str:
+    """A random UUID's first 24 characters (``8-4-4-4-``): ids unique per process run are this and a counter
+    in the last group, several times cheaper than a uuid4() each."""
+    return str(uuid.uuid4())[:24]
+
+
+# x-amzn-RequestId values: every answer carries one.
+_REQUEST_ID_PREFIX = uuid_prefix()
 _request_numbers = itertools.count()
 
 
@@ -39,13 +43,14 @@ def request_id() -> str:
 
 
 class ProtocolError(Exception):
-    """A whole request the service would refuse: status, AWS error type, message."""
+    """A whole request refused: status, AWS error type, message, and any headers the answer needs."""
 
-    def __init__(self, status: int, error_type: str, message: str) -> None:
+    def __init__(self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
+        self.headers = headers
 
 
 def project_error(project: str) -> str | None:
@@ -128,4 +133,4 @@ def error_response(
 
 
 def protocol_error_response(err: ProtocolError) -> web.Response:
-    return error_response(err.status, err.error_type, err.message)
+    return error_response(err.status, err.error_type, err.message, err.headers)

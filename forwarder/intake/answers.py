@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import uuid
 from typing import Callable
 
 import orjson
@@ -11,7 +10,7 @@ from aiohttp import web
 from multidict import istr
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from forwarder.evidently.protocol import request_id
+from forwarder.evidently.protocol import request_id, uuid_prefix
 
 REQUEST_ID = istr("x-amzn-RequestId")  # istr: multidict skips case-folding it on every answer
 
@@ -26,7 +25,7 @@ class EventIds:
     MAX_TEMPLATED = 4096
 
     def __init__(self) -> None:
-        self._prefix = str(uuid.uuid4())[:24]  # 8-4-4-4- : the last group is ours
+        self._prefix = uuid_prefix()
         self._requests = itertools.count()
         self._templates: dict[int, bytes] = {}
 

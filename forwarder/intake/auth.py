@@ -144,6 +144,14 @@ class SecretsFile(Generic[T]):
         self._observer.auth_loaded(self.path, len(loaded), reload)  # type: ignore[arg-type]
 
 
+def _ambiguous(request: web.BaseRequest) -> bool:
+    """More than one Authorization header: which one counts would depend on who reads it, so AWS refuses it."""
+    return len(request.headers.getall(hdrs.AUTHORIZATION, ())) > 1
+
+
+AMBIGUOUS = "the request has more than one Authorization header; send exactly one"
+
+
 def _refuse(observer: Observer, request: web.BaseRequest, scheme: str, status: int, error_type: str, reason: str,
             message: str, headers: dict[str, str] | None = None) -> web.Response:
     key = _CREDENTIAL_KEY_RE.search(request.headers.get("Authorization", "")) if scheme == "sigv4" else None
@@ -165,6 +173,9 @@ class SigV4Authenticator:
         self.reconfigure = self.file.reconfigure
 
     def __call__(self, request: web.BaseRequest, body: bytes) -> web.Response | None:
+        if _ambiguous(request):
+            return _refuse(self._observer, request, "sigv4", 403, "IncompleteSignatureException", "duplicate_header",
+                           AMBIGUOUS)
         result = self._verifier.verify(request.method, request.raw_path, request.headers, body)
         if type(result) is str:
             return None
@@ -215,6 +226,8 @@ class TokenAuthenticator:
 
     def __call__(self, request: web.BaseRequest, body: bytes) -> web.Response | None:
         header = request.headers.get(hdrs.AUTHORIZATION)  # istr: no case folding per request
+        if header is not None and _ambiguous(request):
+            return self._refuse(request, 400, "BadRequestException", "duplicate_header", AMBIGUOUS)
         if header is not None:
             presented = self._digest(header)
             found = False

@@ -27,19 +27,15 @@ CACHE_SIZE = 256  # distinct header values remembered per check (a bound, not an
 PROJECT_CACHE_SIZE = 1024  # validated request paths kept: most requests repeat a few paths
 
 
-class Refusal(Exception):
-    """A request refused whole: status, AWS error type, message, events_rejected reason
-    (counted ``count`` times) and any headers the answer needs."""
+class Refusal(ProtocolError):
+    """A request the intake refuses whole (protocol.ProtocolError), with the events_rejected reason its
+    events are counted under, ``count`` times."""
 
     def __init__(self, status: int, error_type: str, message: str, reason: str, count: int = 1,
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
+        super().__init__(status, error_type, message, headers)
         self.reason = reason
         self.count = count
-        self.headers = headers
 
 
 class ProjectPaths:

@@ -18,7 +18,6 @@ taken more than ``body_timeout``. The sweep costs nothing per request.
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
 import socket
 import ssl
@@ -26,15 +25,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Callable
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
 
+from forwarder.evidently.protocol import request_id
+from forwarder.intake.aiohttp_fence import BodyTimeout, Handler, IntakeProtocol, Phase, make_server, shut_down
 from forwarder.observability import Observer
-from forwarder.evidently.protocol import error_response, request_id
+from forwarder.tasks import supervise
 
 # Files the daemon needs beside the intake's connections: interpreter, buffer
 # database (3 files), dead-letter file, event loop, metrics port, logs.
@@ -49,10 +48,6 @@ LISTEN_BACKLOG = 1024
 MIN_CONNECTIONS = 8
 SWEEP_INTERVAL = 1.0  # seconds; timeouts are enforced within one interval
 ACCEPT_RETRY_DELAY = 0.1  # seconds before accepting again after EMFILE with nothing to evict
-# Requests parsed ahead of the one being handled (aiohttp's default is 32). A
-# client pipelining without reading its answers stops being read beyond this,
-# so queued request heads stay within a few times intake.max_header_bytes.
-PIPELINE_DEPTH = 4
 
 
 @dataclass(frozen=True)
@@ -72,20 +67,6 @@ def connection_limit(configured: int, nofile: int, upstream: int) -> int:
     return max(0, min(configured, nofile - FIXED_FILES - ACCEPT_BATCH - upstream))
 
 
-class Phase(enum.Enum):
-    CONNECTING = "connecting"  # accepted; transport (TLS handshake) being set up
-    IDLE = "idle"  # waiting for a request, no byte of it yet
-    HEAD = "head"  # part of a request's headers received
-    BODY = "body"  # headers done; the handler waits for the rest of the body
-    BUSY = "busy"  # a request being handled, or parsed and queued
-    WRITING = "writing"  # an answer not yet taken by the client (it does not read)
-
-    @property
-    def evictable(self) -> bool:
-        """No request of this connection is in progress: closing it loses nothing accepted."""
-        return self in (Phase.CONNECTING, Phase.IDLE, Phase.HEAD)
-
-
 def overdue(phase: Phase, since: float, now: float, limits: Limits) -> str | None:
     """The timeout a connection in ``phase`` since ``since`` has run out at ``now``, or None."""
     if phase is Phase.HEAD and now - since >= limits.header_timeout:
@@ -97,17 +78,6 @@ def overdue(phase: Phase, since: float, now: float, limits: Limits) -> str | Non
     return None
 
 
-def http_error(exc: BaseException | None) -> tuple[int, str, str, str]:
-    """(status, AWS error type, message, rejection reason) for a request aiohttp could not parse."""
-    if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message):
-        return (431, "RequestHeaderFieldsTooLargeException",
-                f"the request line or a header is too large: {exc.message[:200]}", "headers_too_large")
-    if isinstance(exc, HttpProcessingError):
-        return 400, "BadRequestException", f"malformed HTTP request: {exc.message[:200]}", "malformed_http"
-    return (500, "InternalServerException",
-            "the forwarder failed while answering this request; see its log", "internal_error")
-
-
 def raw_error(status: int, error_type: str, message: str) -> bytes:
     """A whole AWS-style error answer that closes the connection, for when no request object exists."""
     body = orjson.dumps({"message": message})
@@ -117,128 +87,12 @@ def raw_error(status: int, error_type: str, message: str) -> bytes:
             "Connection: close\r\n\r\n").encode() + body
 
 
-class BodyTimeout(Exception):
-    """The request body did not arrive within intake.body_timeout."""
-
-
-class IntakeProtocol(RequestHandler):
-    """aiohttp's HTTP/1.1 protocol with a bound on request heads and the state the sweep reads.
-
-    It reads aiohttp 3.14's RequestHandler internals (``_messages``,
-    ``_request_count``, ``_request_in_progress``, the queue thresholds);
-    tests/intake/test_connections.py exercises each of them.
-    """
-
-    __slots__ = ("_pool", "_max_head", "_head_bytes", "_body", "_seen", "_since", "accept_task", "peer")
-
-    def __init__(self, manager: web.Server, pool: "Connections", **kwargs: Any) -> None:
-        # No TCP keep-alive probes: idle_timeout closes an idle connection long
-        # before the kernel's first probe (2 h), and setting it costs each accept.
-        super().__init__(manager, loop=pool.loop, keepalive_timeout=pool.limits.idle_timeout, access_log=None,
-                         auto_decompress=False, tcp_keepalive=False, **kwargs)
-        # Only the protocol's own pause/resume thresholds change: the parser
-        # still stops at aiohttp's 32, but reading pauses from PIPELINE_DEPTH.
-        self._max_msg_queue_size = PIPELINE_DEPTH
-        self._msg_queue_resume_size = PIPELINE_DEPTH // 2
-        self._pool = pool
-        self._max_head = pool.limits.max_header_bytes
-        self._head_bytes = 0  # bytes of request heads not yet parsed into requests
-        self._body: Any = None  # payload of the last request whose head was parsed
-        self._seen: tuple[Phase, int] | None = None  # what the sweep saw last, and since when
-        self._since = 0.0
-        self.accept_task: asyncio.Task[None] | None = None
-        self.peer: Any = None  # the client certificate's verdict, kept by intake/auth.py (auth = "mtls")
-
-    # The state of this connection, as the sweep and the limit read it.
-
-    @property
-    def phase(self) -> Phase:
-        transport = self.transport
-        if transport is None:
-            return Phase.CONNECTING
-        if self.writing_paused:  # the client stopped reading: a handler may wait on it for ever
-            return Phase.WRITING
-        if self._request_in_progress or self._messages:
-            body = self._body
-            if not self._messages and body is not None and not body.is_eof():
-                return Phase.BODY
-            return Phase.BUSY
-        # Closing such a connection could lose the answer to events already accepted.
-        if transport.get_write_buffer_size():
-            return Phase.WRITING
-        return Phase.HEAD if self._head_bytes else Phase.IDLE
-
-    def observe(self, now: float) -> tuple[Phase, float]:
-        """This connection's phase and since when the sweep has seen it in it (the same request)."""
-        phase = self.phase
-        seen = (phase, self._request_count)
-        if seen != self._seen:
-            self._seen, self._since = seen, now
-        return phase, self._since
-
-    # aiohttp hooks
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._pool.forget(self)
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        # Bytes that arrive while no body is being read belong to a request
-        # head. (What follows the end of a body in the same read is not counted:
-        # at most one read, which the parser holds until that head completes.)
-        body = self._body
-        in_head = body is None or body.is_eof()
-        count = self._request_count
-        RequestHandler.data_received(self, data)
-        limit = self._max_head
-        if self._request_count != count:  # one or more heads completed
-            heads, self._head_bytes = self._head_bytes + len(data), 0
-            self._body = self._messages[-1][1] if self._messages else None
-            # The read held more than a head's worth: measure the heads it completed.
-            if heads > limit and (largest := self._largest_new_head(count)) > limit:
-                self._refuse_head(largest)
-        elif in_head:
-            heads = self._head_bytes + len(data)
-            if heads > limit:
-                self._refuse_head(heads)
-            else:
-                self._head_bytes = heads
-
-    def _largest_new_head(self, before: int) -> int:
-        """Bytes of the largest request head parsed since request number ``before``."""
-        new = self._request_count - before
-        return max((len(msg.path) + sum(len(k) + len(v) + 4 for k, v in msg.raw_headers)
-                    for msg, _ in list(self._messages)[-new:] if hasattr(msg, "raw_headers")), default=0)
-
-    def _refuse_head(self, size: int) -> None:
-        limit = self._max_head
-        self._head_bytes = 0
-        answer = None
-        if not self._request_in_progress:  # otherwise an answer is being written: just close
-            answer = raw_error(431, "RequestHeaderFieldsTooLargeException",
-                               f"the request head is more than {size} bytes; intake.max_header_bytes is {limit}")
-        self._pool.hang_up(self, "headers_too_large", answer)
-
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        """Every answer aiohttp makes on its own (malformed HTTP, a failed handler) in AWS style."""
-        status, error_type, text, reason = http_error(exc)
-        self._pool.rejected(reason, exc if status == 500 else None)
-        if request.writer.output_size > 0:  # as aiohttp: the answer has begun, the connection is lost
-            raise ConnectionError("an answer was already being sent")
-        response = error_response(status, error_type, text)
-        response.force_close()
-        return response
-
-    def log_exception(self, *args: Any, **kw: Any) -> None:
-        if isinstance(kw.get("exc_info"), BodyTimeout):  # aiohttp reading the rest of a timed-out body
-            return
-        self._pool.observer.limited("error", "intake_internal_error", message=str(args[0]) if args else "",
-                                    exc_info=kw.get("exc_info"))
-
-
 class Connections:
-    """Every intake connection, across listeners: the limit, the idle order, the sweep."""
+    """Every intake connection, across listeners: the limit, the idle order, the sweep.
+
+    It speaks to aiohttp only through aiohttp_fence (IntakeProtocol's public
+    methods, ``make_server``, ``shut_down``).
+    """
 
     def __init__(self, limits: Limits, observer: Observer, clock: Callable[[], float] = time.monotonic) -> None:
         self.loop = asyncio.get_running_loop()
@@ -264,6 +118,10 @@ class Connections:
         """False once the sweep has crashed: timeouts would no longer apply (/healthz says so)."""
         return self._sweeper is None or self._sweeper.alive
 
+    def server(self, handler: Handler, client_max_size: int) -> web.Server:
+        """The HTTP server for one kind of listener; a request starting makes its connection the most recent."""
+        return make_server(handler, self, client_max_size)
+
     def listen(self, sock: socket.socket, server: web.Server, tls: ssl.SSLContext | None) -> None:
         """Accept on ``sock`` (bound and listening), handing requests to ``server``."""
         acceptor = _Acceptor(self, sock, server, tls)
@@ -287,9 +145,7 @@ class Connections:
             task.cancel()
         await asyncio.gather(*connecting, return_exceptions=True)
         await asyncio.sleep(0)  # requests already received start before idle connections are closed
-        for acceptor in listeners:
-            acceptor.server.pre_shutdown()
-        await asyncio.gather(*(acceptor.server.shutdown(timeout) for acceptor in listeners))
+        await shut_down([acceptor.server for acceptor in listeners], timeout)
 
     # bookkeeping
 
@@ -299,10 +155,10 @@ class Connections:
     def forget(self, protocol: IntakeProtocol) -> None:
         self._order.pop(protocol, None)
 
-    def touch(self, protocol: RequestHandler) -> None:
+    def request_started(self, protocol: IntakeProtocol) -> None:
         """A request starts on ``protocol``: it becomes the most recently active."""
         try:
-            self._order.move_to_end(protocol)  # type: ignore[arg-type]
+            self._order.move_to_end(protocol)
         except KeyError:  # evicted or lost while its request was queued
             pass
 
@@ -311,12 +167,26 @@ class Connections:
         if exc is not None:
             self.observer.limited("error", "intake_internal_error", error=repr(exc), exc_info=exc)
 
+    def internal_error(self, message: str, exc: BaseException | None) -> None:
+        self.observer.limited("error", "intake_internal_error", message=message, exc_info=exc)
+
+    def head_too_large(self, protocol: IntakeProtocol, size: int, answerable: bool) -> None:
+        """``protocol`` got a request head over intake.max_header_bytes: a 431 if it can still answer, then close."""
+        limit = self.limits.max_header_bytes
+        answer = None
+        if answerable:
+            answer = raw_error(431, "RequestHeaderFieldsTooLargeException",
+                               f"the request head is more than {size} bytes; intake.max_header_bytes is {limit}")
+        self.hang_up(protocol, "headers_too_large", answer)
+
     # the limit
 
     def make_room(self) -> bool:
         """True when one more connection fits, after closing the longest-idle one if needed."""
-        if len(self._order) < self.limits.max_connections:
-            return True
+        return len(self._order) < self.limits.max_connections or self.evict()
+
+    def evict(self) -> bool:
+        """Close the connection idle the longest to make room; False when every one has a request in progress."""
         victim = self._longest_idle()
         if victim is None:
             return False
@@ -341,7 +211,7 @@ class Connections:
         self.observer.connection_closed(reason, len(self._order), self.limits.max_connections)
         if answer is not None:
             self.rejected(reason)
-        _close_at_once(protocol, answer)
+        protocol.close_now(answer)
 
     def refused(self) -> None:
         self.rejected("connection_limit")
@@ -368,29 +238,9 @@ class Connections:
         if waited >= 2 * self.limits.body_timeout:  # the handler did not answer the first time
             self.hang_up(protocol, "body_timeout", None)
             return
-        body = protocol._body
-        if body is not None and body.exception() is None:
+        if protocol.fail_body(BodyTimeout(
+                f"the request body did not arrive within intake.body_timeout ({self.limits.body_timeout:g} s)")):
             self.observer.connection_closed("body_timeout", len(self._order), self.limits.max_connections)
-            body.set_exception(BodyTimeout(
-                f"the request body did not arrive within intake.body_timeout ({self.limits.body_timeout:g} s)"))
-
-
-def _close_at_once(protocol: IntakeProtocol, answer: bytes | None) -> None:
-    """Close ``protocol``'s connection now, after ``answer`` if any (one still connecting: its set-up is cancelled)."""
-    transport = protocol.transport
-    if transport is None:
-        if protocol.accept_task is not None:
-            protocol.accept_task.cancel()
-        return
-    if answer is not None:
-        transport.write(answer)
-    # close() waits for the answer to be written; a peer that reads nothing
-    # would keep the descriptor, so anything left unwritten is dropped.
-    if answer is None or transport.get_write_buffer_size():
-        transport.abort()
-    else:
-        transport.close()
-    protocol.force_close()
 
 
 class _Sweeper:
@@ -399,15 +249,13 @@ class _Sweeper:
     def __init__(self, pool: Connections, clock: Callable[[], float]) -> None:
         self.pool = pool
         self._clock = clock
-        self._task = pool.loop.create_task(self._sweep_forever())
-        self._task.add_done_callback(self._done)
+        self._task = supervise(pool.loop.create_task(self._sweep_forever()), self._crashed)
 
     @property
     def alive(self) -> bool:
         return not self._task.done()
 
     async def stop(self) -> None:
-        self._task.remove_done_callback(self._done)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 
@@ -418,10 +266,8 @@ class _Sweeper:
             await asyncio.sleep(interval)
             self.pool.sweep(self._clock())
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.pool.observer.log.error("intake_sweep_crashed", error=repr(task.exception()),
-                                         exc_info=task.exception())
+    def _crashed(self, exc: BaseException) -> None:
+        self.pool.observer.log.error("intake_sweep_crashed", error=repr(exc), exc_info=exc)
 
 
 class _Acceptor:
@@ -475,10 +321,9 @@ class _Acceptor:
                 self._refuse(conn)
                 continue
             conn.setblocking(False)
-            protocol = IntakeProtocol(self.server, pool)
+            protocol = IntakeProtocol(self.server, pool, pool.limits.idle_timeout, pool.limits.max_header_bytes)
             pool.add(protocol)
-            protocol.accept_task = task = pool.loop.create_task(self._connect(conn, protocol))
-            task.add_done_callback(self._connected)
+            protocol.accept_task = supervise(pool.loop.create_task(self._connect(conn, protocol)), self._crashed)
 
     def _accept_failed(self, e: OSError) -> None:
         pool = self.pool
@@ -486,10 +331,7 @@ class _Acceptor:
         if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
             # Descriptors are short although the limit should leave room (other
             # files of the process?): free one if anything is idle, else wait.
-            victim = pool._longest_idle()
-            if victim is not None:
-                pool.hang_up(victim, "evicted", None)
-            self._pause(0 if victim is not None else ACCEPT_RETRY_DELAY)
+            self._pause(0 if pool.evict() else ACCEPT_RETRY_DELAY)
 
     def _refuse(self, conn: socket.socket) -> None:
         """At the limit with every connection busy: a 503 (plain HTTP) and close, nothing held."""
@@ -522,7 +364,5 @@ class _Acceptor:
         finally:
             protocol.accept_task = None
 
-    def _connected(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.pool.observer.limited("error", "intake_accept_crashed", error=repr(task.exception()),
-                                       exc_info=task.exception())
+    def _crashed(self, exc: BaseException) -> None:
+        self.pool.observer.limited("error", "intake_accept_crashed", error=repr(exc), exc_info=exc)

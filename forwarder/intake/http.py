@@ -21,7 +21,6 @@ from typing import Callable, Protocol
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry
 
 from forwarder.intake.answers import REQUEST_ID, EventIds
@@ -33,7 +32,8 @@ from forwarder.intake.listeners import Listeners, TlsCertificates
 from forwarder.observability import Observer
 from forwarder.intake.probes import Health, Probes
 from forwarder.evidently.protocol import PUT_PATH_PREFIX, error_response, project_error, region_error, request_id
-from forwarder.intake.connections import BodyTimeout, Connections
+from forwarder.intake.aiohttp_fence import BodyTimeout
+from forwarder.intake.connections import Connections
 
 
 class Authenticator(Protocol):
@@ -158,9 +158,9 @@ class Intake:
         except web.HTTPRequestEntityTooLarge:  # no Content-Length: read() enforces client_max_size
             raise Refusal(413, "PayloadTooLargeException", f"the request body exceeds intake.max_body_bytes ({limit})",
                           "body_too_large") from None
-        except BodyTimeout as e:  # set by the connection sweep (server.py), which then closes the connection
+        except BodyTimeout as e:  # set by the connection sweep (connections.py), which then closes the connection
             raise Refusal(408, "RequestTimeoutException", str(e), "body_timeout") from None
-        except (RequestPayloadError, HttpProcessingError) as e:  # e.g. a malformed chunked encoding
+        except (web.RequestPayloadError, HttpProcessingError) as e:  # e.g. a malformed chunked encoding
             raise Refusal(400, "BadRequestException", f"the request body could not be read: {e}",
                           "malformed_http") from None
         if self.authenticate is not None:

@@ -5,30 +5,24 @@ Every failure here is a one-line start-up error naming the configuration key.
 
 from __future__ import annotations
 
-import ipaddress
-import os
+import functools
 import resource
 import socket
 import ssl
-import stat
-import tempfile
-import asyncio
-import functools
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from forwarder.config import IntakeConfig
+from forwarder.config import IntakeConfig, is_loopback_address
 from forwarder.observability import Observer
 from forwarder.reading import MiB, FileRefused, OffLoop, read_bounded
 from forwarder.intake.connections import LISTEN_BACKLOG, MIN_CONNECTIONS, Connections, Limits, connection_limit
+from forwarder.intake.unix_socket import UnixSocket, bind_unix
 
 Handler = Callable[[bool, web.BaseRequest], Awaitable[web.StreamResponse]]
 
 CLOSE_TIMEOUT = 5.0  # seconds requests in progress get to finish when the listeners close
 MAX_PEM_BYTES = MiB  # a certificate chain or key file beyond this is refused, never read whole
-
 
 
 class ListenerError(OSError):
@@ -65,91 +59,7 @@ def bind_tcp(host: str, port: int) -> list[socket.socket]:
 
 def is_loopback(sockets: list[socket.socket]) -> bool:
     """True when every socket listens on a loopback address (then Host is checked)."""
-    return all(ipaddress.ip_address(s.getsockname()[0]).is_loopback for s in sockets)
-
-
-@dataclass(frozen=True)
-class UnixSocket:
-    """A bound Unix socket and the identity of its file, so that close removes only ours."""
-
-    sock: socket.socket
-    path: str
-    inode: tuple[int, int]
-
-    def remove(self) -> None:
-        """Unlink the socket file if it is still the one this process created."""
-        try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self.inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-def bind_unix(path: str, mode: int) -> UnixSocket:
-    """A listening Unix socket at ``path`` with permissions ``mode`` from its first instant.
-
-    (The temporary name is config.UNIX_TEMP_OVERHEAD bytes longer than the
-    directory; intake.unix_socket's length is validated with it.)
-
-    The socket is bound inside a fresh 0700 directory next to ``path``, given
-    its mode there, and renamed into place: no one can connect before the mode
-    applies, and a stale socket left by a crashed run is replaced atomically.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ListenerError(f"intake.unix_socket: directory {directory} does not exist")
-    _check_replaceable(path)
-    try:
-        private = tempfile.mkdtemp(prefix=".", dir=directory)
-    except OSError as e:
-        raise ListenerError(f"intake.unix_socket: cannot create a socket in {directory}: {e.strerror}") from None
-    temporary = os.path.join(private, "s")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(temporary)
-        os.chmod(temporary, mode)
-        os.rename(temporary, path)
-        st = os.lstat(path)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as e:
-        sock.close()
-        raise ListenerError(f"intake.unix_socket: cannot listen on {path}: {e.strerror or e}") from None
-    finally:
-        _remove_quietly(temporary)
-        os.rmdir(private)
-    return UnixSocket(sock, path, (st.st_dev, st.st_ino))
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _check_replaceable(path: str) -> None:
-    """Nothing at ``path``, or a socket nobody listens on (left by a crashed run)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ListenerError(f"intake.unix_socket: {path} exists and is not a socket; remove it or choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return  # stale
-    except BlockingIOError:
-        pass  # a listener with a full backlog: alive
-    except OSError as e:
-        raise ListenerError(f"intake.unix_socket: cannot check whether {path} is in use: {e.strerror}") from None
-    finally:
-        probe.close()
-    raise ListenerError(f"intake.unix_socket: {path} is in use by another process (another forwarder running?)")
+    return all(is_loopback_address(s.getsockname()[0]) for s in sockets)
 
 
 class TlsCertificates:
@@ -249,7 +159,6 @@ class Listeners:
         ``check_host`` is true on loopback TCP listeners, where Host must name this machine.
         """
         c = self._config
-        self._loop = asyncio.get_running_loop()
         limits = Limits(self._connection_limit(), c.idle_timeout, c.header_timeout, c.body_timeout,
                         c.max_header_bytes)
         self.connections = connections = Connections(limits, self._observer)
@@ -266,7 +175,9 @@ class Listeners:
                 for sock in sockets:
                     connections.listen(sock, tcp, self._tls.context if self._tls else None)
             if c.unix_socket:
-                self._unix = bind_unix(c.unix_socket, int(c.unix_socket_mode, 8))
+                self._unix = bind_unix(c.unix_socket, int(c.unix_socket_mode, 8), socket.SOCK_STREAM,
+                                       "intake.unix_socket")
+                self._unix.sock.listen(LISTEN_BACKLOG)
                 connections.listen(self._unix.sock, self._server(handler, False), None)
         except BaseException:
             await self.close()
@@ -282,12 +193,8 @@ class Listeners:
         # adds a router, a middleware chain and a web.Request with match info to
         # every request, a visible share of a single-event request's CPU
         # (docs/intake.md). Six fixed routes need none of that.
-        return web.Server(functools.partial(handler, check_host), request_factory=self._make_request)
-
-    def _make_request(self, message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
-        self.connections.touch(protocol)  # type: ignore[union-attr]
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
-                               client_max_size=self._config.max_body_bytes)
+        assert self.connections is not None
+        return self.connections.server(functools.partial(handler, check_host), self._config.max_body_bytes)
 
     def _connection_limit(self) -> int:
         configured = self._config.max_connections

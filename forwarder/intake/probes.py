@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable, Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 
-from forwarder.intake.answers import json_response, metrics_response
 from forwarder.buffer.contract import Buffer
-from forwarder.config import Config
+from forwarder.config import Config, is_loopback_address
+from forwarder.evidently.protocol import error_response
+from forwarder.intake.answers import json_response, metrics_response
+from forwarder.intake.checks import HostCheck, Refusal
 from forwarder.intake.listeners import Listeners
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
@@ -65,16 +67,29 @@ class Probes:
 
 
 async def serve_metrics(registry: CollectorRegistry, config: Config) -> web.AppRunner | None:
-    """/metrics alone on its own listener when metrics.port is set; cleanup() the runner to stop it."""
+    """/metrics alone on its own listener when metrics.port is set; cleanup() the runner to stop it.
+
+    On loopback it answers only a ``Host`` naming this machine, as the intake
+    does (a web page's DNS-rebound name must not read the metrics).
+    """
     if not config.metrics.port:
         return None
+    host = config.metrics.host or config.intake.host
+    hosts = HostCheck(host)
+    loopback = False
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.Response:
+        if loopback:
+            try:
+                hosts.check(request.headers.get(hdrs.HOST))
+            except Refusal as e:
+                return error_response(e.status, e.error_type, e.message)
         return metrics_response(registry)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, config.metrics.host or config.intake.host, config.metrics.port).start()
+    await web.TCPSite(runner, host, config.metrics.port).start()
+    loopback = all(is_loopback_address(address[0]) for address in runner.addresses)
     return runner

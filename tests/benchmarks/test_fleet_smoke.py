@@ -15,7 +15,8 @@ import pytest
 
 from benchmarks.fleet import analysis, controllers, report
 from benchmarks.fleet.runner import forwarder_config, parse_args
-from forwarder.delivery.rate import RateLimiter, make_controller
+from forwarder.config import ConfigError, from_dict
+from forwarder.delivery.rate import SHIPPED_CONTROLLERS, RateLimiter
 from tests.fakes import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,27 +80,41 @@ def test_dctcp_experiment_cuts_by_half_the_throttled_fraction_of_the_answers_it_
     assert dctcp.throttle(10.0, now=1.0) == pytest.approx(10.0 * (1 - dctcp.alpha / 2))
 
 
-def test_experiments_reach_the_limiter_through_the_controller_registry(tmp_path):
+def test_aimd_adds_per_second_and_multiplies_down():
+    aimd = controllers.Aimd(10.0, now=0.0, increase=2.0, beta=0.5)
+    assert aimd.success(now=1.5) == pytest.approx(13.0)
+    assert aimd.throttle(13.0, now=1.5) == pytest.approx(6.5)
+
+
+def test_experiments_reach_the_limiter_through_the_controllers_the_fleet_passes_in(tmp_path):
     args = parse_args(["--controller", "cubic", "scaled", "dctcp", "--cubic-c", "0.1", "--cubic-k-min", "3",
                        "--scaled-beta", "0.7"])
-    cut_to = {}
+    cut_to, factories = {}, {}
     for controller in args.controller:
-        name = controllers.registered_name(controller, args)
-        config = forwarder_config(0, "http://127.0.0.1:9", args, 250.0, tmp_path, name)  # validation knows it
-        limiter = RateLimiter(10.0, 100.0, config.evidently.rate_controller, clock=FakeClock(0.0))
+        name, factory = controllers.controller_for(controller, args)
+        config = forwarder_config(0, "http://127.0.0.1:9", args, 250.0, tmp_path, name, {name: factory})
+        limiter = RateLimiter(10.0, 100.0, factory, clock=FakeClock(0.0))
         limiter.on_throttle(sent_at=0.0)
-        cut_to[name] = limiter.rate
+        cut_to[config.evidently.rate_controller] = limiter.rate
+        factories[name] = factory
 
     assert cut_to == {
         "cubic[c=0.1,beta=0.7,ref_rate=0,target=0,weight=0.05,k_min=3,k_calls=0]": pytest.approx(7.0),
         "scaled[growth=0.08,beta=0.7,tau=20]": pytest.approx(3.0),  # the shipped scaled cuts to 6
         "dctcp": pytest.approx(10.0),  # alpha is still 0: no throttled fraction seen yet
     }
-    gentle, shipped = (make_controller(name, 10.0, 100.0, now=0.0) for name in (next(iter(cut_to)), "cubic"))
+    gentle, shipped = factories[next(iter(cut_to))](10.0, 100.0, 0.0), SHIPPED_CONTROLLERS["cubic"](10.0, 100.0, 0.0)
     for ctl in (gentle, shipped):
         ctl.throttle(10.0, now=0.0)
     assert gentle.success(now=1.5) < shipped.success(now=1.5)  # C = 0.1 and K >= 3 s probe more gently
-    assert controllers.registered_name("cubic", parse_args([])) == "cubic"  # no knob changed: the shipped CUBIC
+    assert controllers.controller_for("cubic", parse_args([])) == ("cubic", SHIPPED_CONTROLLERS["cubic"])
+
+
+@pytest.mark.parametrize("name", ["aimd", "dctcp"])
+def test_the_fleet_s_controllers_do_not_pass_production_validation(name):
+    assert name in controllers.FLEET_CONTROLLERS  # imported, and still unknown to a production configuration
+    with pytest.raises(ConfigError, match="evidently.rate_controller must be one of 'cubic', 'scaled'"):
+        from_dict({"evidently": {"rate_controller": name}}, {})
 
 
 @pytest.mark.e2e

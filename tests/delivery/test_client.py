@@ -17,12 +17,8 @@ from forwarder.delivery.client import EvidentlyClient, ModelMissing, check_model
 from forwarder.config import EvidentlyConfig
 from forwarder.delivery.retry import CallResult, RetryReason
 from forwarder.emulator.harness import free_port
+from tests import support
 from tests.fakes import local_server
-
-
-def events(n):
-    return [orjson.dumps({"data": orjson.dumps({"i": i}).decode(), "timestamp": 1_790_000_000.5,
-                          "type": "aws.evidently.custom"}) for i in range(n)]
 
 
 @pytest.fixture
@@ -44,20 +40,20 @@ def test_a_missing_evidently_model_fails_with_the_package_to_install():
 
 
 def test_the_body_is_the_encoded_events_joined_as_sent():
-    assert orjson.loads(encode_body(events(2))) == {"events": [orjson.loads(e) for e in events(2)]}
+    assert orjson.loads(encode_body(support.events(2))) == {"events": [orjson.loads(e) for e in support.events(2)]}
 
 
 async def test_pre_encoded_events_arrive_signed_and_unchanged(client, emulator):
-    result = await client.put_events("arn:aws:evidently:us-east-1:1:project/p", events(3))
+    result = await client.put_events("arn:aws:evidently:us-east-1:1:project/p", support.events(3))
     assert result.status == 200 and result.failed == ()
     assert [(e.project, e.data, e.timestamp) for e in emulator.accepted] == [
-        ("arn:aws:evidently:us-east-1:1:project/p", f'{{"i":{i}}}', 1_790_000_000.5) for i in range(3)]
+        ("arn:aws:evidently:us-east-1:1:project/p", f'{{"id":"e{i}"}}', 1_790_000_000.5) for i in range(3)]
     assert {e.access_key for e in emulator.accepted} == {"k"}  # SigV4 with our credentials
 
 
 async def test_failed_entries_of_a_200_come_back_with_index_and_code(client, emulator):
     emulator.configure(invalid_event_rate=1.0)
-    result = await client.put_events("p", events(2))
+    result = await client.put_events("p", support.events(2))
     assert result.status == 200
     assert [(i, code) for i, code, _ in result.failed] == [(0, "ValidationException"), (1, "ValidationException")]
 
@@ -67,13 +63,13 @@ async def test_failed_entries_of_a_200_come_back_with_index_and_code(client, emu
     ({"down": True}, 503, "ServiceUnavailableException"),
     ({"missing_projects": ["p"]}, 404, "ResourceNotFoundException"),
     ({"denied_projects": ["p"]}, 403, "AccessDeniedException"),
-    ({"reject_marker": '"i"'}, 400, "ValidationException"),
+    ({"reject_marker": '"id"'}, 400, "ValidationException"),
 ])
 async def test_whole_request_errors_keep_status_and_code(client, emulator, faults, status, code):
     emulator.configure(**faults)
     if "quota" in faults:
-        await client.put_events("p", events(1))  # spends the only token
-    result = await client.put_events("p", events(1))
+        await client.put_events("p", support.events(1))  # spends the only token
+    result = await client.put_events("p", support.events(1))
     assert (result.status, result.code) == (status, code)
 
 
@@ -82,7 +78,7 @@ async def test_an_unreachable_endpoint_is_a_connection_failure_not_an_exception(
                         credentials=("k", "s"))
     await c.start()
     try:
-        result = await c.put_events("p", events(1))
+        result = await c.put_events("p", support.events(1))
     finally:
         await c.close()
     assert (result.unanswered, result.maybe_delivered) == (RetryReason.CONNECTION, False)  # nothing was sent
@@ -126,7 +122,7 @@ async def test_the_client_reports_an_unconfirming_200_from_a_real_server_as_a_pr
         c = EvidentlyClient(EvidentlyConfig(endpoint_url=url, request_timeout=2.0), credentials=("k", "s"))
         await c.start()
         try:
-            result = await c.put_events("p", events(10))
+            result = await c.put_events("p", support.events(10))
         finally:
             await c.close()
     assert result.unanswered is RetryReason.PROTOCOL and len(seen) == 1
@@ -146,7 +142,7 @@ async def test_a_connection_closed_in_the_middle_of_the_answer_may_have_delivere
                         credentials=("k", "s"))
     await c.start()
     try:
-        result = await c.put_events("p", events(10))
+        result = await c.put_events("p", support.events(10))
     finally:
         await c.close()
         server.close()
@@ -175,11 +171,11 @@ async def test_the_request_as_sent_carries_a_valid_sigv4_signature():
         c = EvidentlyClient(EvidentlyConfig(endpoint_url=url, region="eu-west-1"), credentials=("AKID", "SECRET"))
         await c.start()
         try:
-            assert (await c.put_events("arn:aws:evidently:eu-west-1:1:project/p", events(2))).status == 200
+            assert (await c.put_events("arn:aws:evidently:eu-west-1:1:project/p", support.events(2))).status == 200
         finally:
             await c.close()
     method, sent_url, headers, body = seen[0]
-    assert body == encode_body(events(2))
+    assert body == encode_body(support.events(2))
     auth = re.fullmatch(r"AWS4-HMAC-SHA256 Credential=AKID/(\d{8})/eu-west-1/evidently/aws4_request, "
                         r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})", headers["Authorization"])
     assert auth is not None, headers["Authorization"]
@@ -204,7 +200,7 @@ async def test_calls_go_through_the_proxy_named_by_the_environment(monkeypatch):
         c = EvidentlyClient(EvidentlyConfig(endpoint_url=endpoint), credentials=("k", "s"))
         await c.start()
         try:
-            assert (await c.put_events("p", events(1))).status == 200
+            assert (await c.put_events("p", support.events(1))).status == 200
         finally:
             await c.close()
     assert [url for _, url, _, _ in seen] == [f"{endpoint}/events/projects/p"]

@@ -17,38 +17,14 @@ import pytest
 
 from forwarder.config import to_toml
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, wait_for
+from tests.support import post_numbered, process_sections, queue_empty
 from tests.upstream import Reply, Upstream
 
 pytestmark = pytest.mark.e2e
 
 
-def numbered(start: int, n: int) -> list[dict]:
-    return [{"data": {"i": i}} for i in range(start, start + n)]
-
-
 def ids(datas) -> Counter:
     return Counter(orjson.loads(d)["i"] for d in datas)
-
-
-async def post(session, fwd: ForwarderProcess, start: int, n: int, project: str = "p") -> None:
-    status, body = await fwd.post(session, project, numbered(start, n))
-    assert status == 200 and body["failedEventCount"] == 0, body
-
-
-async def queue_empty(session, fwd: ForwarderProcess) -> bool:
-    return await fwd.metric(session, "forwarder_queue_depth") == 0
-
-
-def sections(endpoint: str, **extra: dict) -> dict:
-    config = {
-        "evidently": {"endpoint_url": endpoint, "concurrency": 2},
-        "batch": {"max_events": 10, "flush_interval": 0.05},
-        "retry": {"initial_backoff": 0.01, "max_backoff": 0.1, "max_elapsed": 60.0},
-        "shutdown": {"drain_timeout": 5.0},
-    }
-    for section, values in extra.items():
-        config.setdefault(section, {}).update(values)
-    return config
 
 
 # --- upstream answers that confirm nothing (issue 16, items 1-3) --------------
@@ -76,10 +52,10 @@ async def test_an_answer_that_confirms_nothing_is_retried_and_counted_never_take
     bad_calls = 3
     upstream = await Upstream(lambda n, events: bad if n < bad_calls else Reply()).start()
     try:
-        fwd = procs(ForwarderProcess(tmp_path, sections(upstream.url)))
+        fwd = procs(ForwarderProcess(tmp_path, process_sections(upstream.url)))
         await fwd.ready(session)
         for k in range(0, 100, 10):
-            await post(session, fwd, k, 10)
+            await post_numbered(session, fwd, k, 10)
         await wait_for(lambda: queue_empty(session, fwd), 30, "the queue to drain")
         assert set(ids(upstream.received.elements())) == set(range(100))  # every event arrived, some twice
         assert await fwd.metric(session, "forwarder_events_sent_total") == 100  # each counted once
@@ -99,7 +75,7 @@ async def test_an_answer_that_confirms_nothing_is_retried_and_counted_never_take
 async def test_a_sighup_storm_changing_batch_limits_loses_and_duplicates_nothing(tmp_path, procs, session):
     emu = procs(EmulatorProcess(tmp_path))
     await emu.ready(session)
-    config = sections(emu.url, batch={"max_events": 50, "flush_interval": 1.0}, evidently={"concurrency": 4})
+    config = process_sections(emu.url, batch={"max_events": 50, "flush_interval": 1.0}, evidently={"concurrency": 4})
     fwd = procs(ForwarderProcess(tmp_path, config))
     await fwd.ready(session)
     total, per_request = 20_000, 40
@@ -119,7 +95,7 @@ async def test_a_sighup_storm_changing_batch_limits_loses_and_duplicates_nothing
 
     async def flow() -> None:
         for k in range(0, total, per_request):
-            await post(session, fwd, k, per_request)
+            await post_numbered(session, fwd, k, per_request)
             await asyncio.sleep(0.02)  # the stream lasts about as long as the storm
 
     reloads, _ = await asyncio.gather(storm(), flow())
@@ -139,9 +115,9 @@ async def test_a_sighup_storm_changing_batch_limits_loses_and_duplicates_nothing
 async def test_a_second_sigterm_cuts_the_drain_short_and_still_exits_in_order(tmp_path, procs, session):
     emu = procs(EmulatorProcess(tmp_path, "--down"))
     await emu.ready(session)
-    fwd = procs(ForwarderProcess(tmp_path, sections(emu.url, shutdown={"drain_timeout": 600.0})))
+    fwd = procs(ForwarderProcess(tmp_path, process_sections(emu.url, shutdown={"drain_timeout": 600.0})))
     await fwd.ready(session)
-    await post(session, fwd, 0, 200)
+    await post_numbered(session, fwd, 0, 200)
     fwd.signal(signal.SIGTERM)
     await wait_for(lambda: _logged(fwd, '"draining"'), 10, "the drain to begin")
     fwd.signal(signal.SIGHUP)  # ignored while draining, not the default action (death)
@@ -162,12 +138,12 @@ async def test_an_unwritable_dead_letter_file_keeps_refused_events_and_never_res
         tmp_path, procs, session):
     emu = procs(EmulatorProcess(tmp_path, "--invalid-event-rate", "0.1", "--seed", "3"))
     await emu.ready(session)
-    fwd = procs(ForwarderProcess(tmp_path, sections(emu.url)))
+    fwd = procs(ForwarderProcess(tmp_path, process_sections(emu.url)))
     await fwd.ready(session)
     # A directory where the file should be: every write fails (root ignores permissions).
     fwd.dead_letter_path.mkdir(parents=True)
     for k in range(0, 500, 50):
-        await post(session, fwd, k, 50)
+        await post_numbered(session, fwd, k, 50)
 
     async def write_errors() -> bool:
         return await fwd.metric(session, "forwarder_dead_letter_write_errors_total") > 0

@@ -5,16 +5,7 @@ import asyncio
 import pytest
 
 from forwarder.config import ConfigError, EvidentlyConfig, from_dict
-from forwarder.delivery.rate import (
-    CONTROLLERS,
-    MIN_RATE,
-    Aimd,
-    Cubic,
-    RateLimiter,
-    ScaledAimd,
-    make_controller,
-    register_controller,
-)
+from forwarder.delivery.rate import SHIPPED_CONTROLLERS, MIN_RATE, Cubic, RateLimiter, ScaledAimd
 from tests.fakes import FakeClock
 
 
@@ -26,12 +17,6 @@ def test_cubic_cuts_by_beta_and_climbs_back_to_the_last_throttled_rate():
     assert cubic.success(now=k) == pytest.approx(100.0)  # plateau at W_max...
     assert cubic.success(now=k + 0.5) < 100.5  # ...where it probes gently
     assert cubic.success(now=k + 5) > 140.0  # and faster once past it
-
-
-def test_aimd_adds_per_second_and_multiplies_down():
-    aimd = Aimd(10.0, now=0.0, increase=2.0, beta=0.5)
-    assert aimd.success(now=1.5) == pytest.approx(13.0)
-    assert aimd.throttle(13.0, now=1.5) == pytest.approx(6.5)
 
 
 def climb(controller: ScaledAimd, start: float, seconds: float, step: float = 0.1) -> list[float]:
@@ -73,15 +58,15 @@ def test_scaled_aimd_never_grows_past_max_rate():
     assert max(climb(scaled, 0.0, 120.0, step=1.0)) == 40.0
 
 
-def test_unknown_controller_names_the_choices():
-    with pytest.raises(ValueError, match="cubic, aimd, scaled"):
-        make_controller("bbr", 10.0, 100.0, now=0.0)
+def test_unknown_controller_names_the_shipped_choices():
+    with pytest.raises(ConfigError, match="evidently.rate_controller must be one of 'cubic', 'scaled', got 'bbr'"):
+        from_dict({"evidently": {"rate_controller": "bbr"}}, {})
 
 
-@pytest.mark.parametrize("controller", ["cubic", "aimd", "scaled"])
+@pytest.mark.parametrize("controller", list(SHIPPED_CONTROLLERS))
 def test_every_controller_cuts_once_for_the_calls_in_flight_and_stays_within_bounds(controller):
     clock = FakeClock(0.0)
-    limiter = RateLimiter(100.0, 100.0, controller, clock=clock)
+    limiter = RateLimiter(100.0, 100.0, SHIPPED_CONTROLLERS[controller], clock=clock)
     sent = [clock() for _ in range(4)]
     clock.advance(0.01)
     for s in sent:
@@ -140,7 +125,7 @@ async def test_throttle_of_a_call_booked_before_a_decrease_is_news_only_if_it_wa
                                                                                           cuts_again):
     # At 10 calls/s the second call waits 0.1 s: it goes out at the old pace, part of the
     # episode already answered. At 1 call/s it waits 1 s, and a throttle that late is news.
-    limiter = RateLimiter(rate, 100.0, "scaled", clock=virtual_time.time)
+    limiter = RateLimiter(rate, 100.0, SHIPPED_CONTROLLERS["scaled"], clock=virtual_time.time)
     first = await limiter.acquire()
     # the first call's throttle arrives while the second waits for its turn
     asyncio.get_running_loop().call_later(0.05, limiter.on_throttle, first)
@@ -208,7 +193,7 @@ async def test_a_backlog_reaches_max_rate_within_a_second_by_slow_start(virtual_
 
 @pytest.mark.parametrize("controller", ["cubic", "scaled"])
 async def test_slow_start_finds_a_quota_below_max_rate_and_the_controller_stays_near_it(virtual_time, controller):
-    limiter = RateLimiter(100.0, 1000.0, controller, clock=virtual_time.time)
+    limiter = RateLimiter(100.0, 1000.0, SHIPPED_CONTROLLERS[controller], clock=virtual_time.time)
     rates, throttled = await drain(limiter, virtual_time, 20.0, quota=200.0)
     assert not limiter.slow_start
     assert all(100.0 <= r <= 300.0 for r in rates[2:]), rates
@@ -235,7 +220,7 @@ async def test_after_an_idle_period_the_next_burst_starts_fast_again(virtual_tim
 
 async def test_reloading_the_rates_starts_over_from_initial_rate_and_unchanged_rates_change_nothing():
     clock = FakeClock(0.0)
-    limiter = RateLimiter(50.0, 100.0, "scaled", clock=clock)
+    limiter = RateLimiter(50.0, 100.0, SHIPPED_CONTROLLERS["scaled"], clock=clock)
     await limiter.reconfigure(EvidentlyConfig(initial_rate=0.5, max_rate=0.5))  # lowered...
     assert limiter.rate == 0.5
     await limiter.reconfigure(EvidentlyConfig(initial_rate=30.0, max_rate=300.0))  # ...and raised again
@@ -248,7 +233,7 @@ async def test_reloading_the_rates_starts_over_from_initial_rate_and_unchanged_r
 
 async def test_the_scaled_controller_grows_up_to_a_raised_max_rate():
     clock = FakeClock(0.0)
-    limiter = RateLimiter(10.0, 10.0, "scaled", clock=clock)
+    limiter = RateLimiter(10.0, 10.0, SHIPPED_CONTROLLERS["scaled"], clock=clock)
     await limiter.reconfigure(EvidentlyConfig(initial_rate=10.0, max_rate=100.0))
     limiter.on_throttle(clock())  # out of slow start, into the controller
     limiter.measured = 1000.0  # calls are queued: growth is not capped by what is sent
@@ -271,24 +256,46 @@ def test_the_forwarder_paces_with_the_configured_controller(tmp_path, name, kind
     assert type(fwd.limiter.controller) is kind
 
 
-def test_a_registered_controller_is_a_valid_rate_controller_and_paces_the_limiter(request):
+class Halving:
+    """A controller that halves on a throttle and never grows."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+
+    def success(self, now: float) -> float:
+        return self._rate
+
+    def throttle(self, rate: float, now: float) -> float:
+        self._rate = rate / 2
+        return self._rate
+
+    def resume(self, rate: float, now: float) -> None:
+        self._rate = rate
+
+
+def test_a_controller_passed_in_by_its_caller_is_valid_for_it_alone_and_paces_the_limiter(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from forwarder.app import Forwarder, StartupError
+
     built = []
 
-    def factory(rate: float, max_rate: float, now: float) -> Aimd:
+    def factory(rate: float, max_rate: float, now: float) -> Halving:
         built.append((rate, max_rate, now))
-        return Aimd(rate, now, beta=0.5)
+        return Halving(rate)
 
-    register_controller("halving-for-test", factory)
-    request.addfinalizer(lambda: CONTROLLERS.pop("halving-for-test"))
-    config = from_dict({"evidently": {"rate_controller": "halving-for-test", "initial_rate": 8.0,
-                                      "max_rate": 40.0}}, {})
-    limiter = RateLimiter(config.evidently.initial_rate, config.evidently.max_rate,
-                          config.evidently.rate_controller, clock=FakeClock(3.0))
+    known = {"halving": factory}
+    raw = {"evidently": {"rate_controller": "halving", "initial_rate": 8.0, "max_rate": 40.0},
+           "dead_letter": {"path": str(tmp_path / "dl.ndjson")}}
+    config = from_dict(raw, {}, known)
+    fwd = Forwarder(config, registry=CollectorRegistry(), process_metrics=False, controllers=known)
+    assert type(fwd.limiter.controller) is Halving
+    limiter = RateLimiter(config.evidently.initial_rate, config.evidently.max_rate, factory, clock=FakeClock(3.0))
     limiter.on_throttle(sent_at=3.0)
-
-    assert built == [(8.0, 40.0, 3.0)]
+    assert built[-1] == (8.0, 40.0, 3.0)
     assert limiter.rate == 4.0
-    with pytest.raises(ValueError, match="'cubic' is already registered"):
-        register_controller("cubic", factory)
-    with pytest.raises(ConfigError, match="evidently.rate_controller must be one of 'cubic', 'aimd', 'scaled'"):
-        from_dict({"evidently": {"rate_controller": "halving"}}, {})
+    # Nothing was registered anywhere: the shipped configuration and composition root do not know it.
+    with pytest.raises(ConfigError, match="evidently.rate_controller must be one of 'cubic', 'scaled'"):
+        from_dict(raw, {})
+    with pytest.raises(StartupError, match="evidently.rate_controller must be one of cubic, scaled, got 'halving'"):
+        Forwarder(config, registry=CollectorRegistry(), process_metrics=False)

@@ -4,90 +4,22 @@ import asyncio
 import random
 from collections import Counter
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
-from forwarder.buffer.contract import Lease, Receipt
-from forwarder.delivery.batch import Batch
 from forwarder.clock import Clock
 from forwarder.config import RetryConfig
-from forwarder.observability import Metrics, Observer
 from forwarder.delivery.rate import RateLimiter
 from forwarder.delivery.retry import CallResult, RetryReason, no_answer
 from forwarder.delivery.admission import MAX_PROBE_INTERVAL, OUTAGE_AFTER
 from forwarder.delivery.sender import Sender
-from tests.fakes import VirtualTime
+from tests.fakes import DeadLetters, Ledger, Scripted, VirtualTime
+from tests import support
 
 FAST = RetryConfig(max_elapsed=0.5, initial_backoff=0.001, max_backoff=0.01)
 OK = CallResult(200)
 DOWN = CallResult(503, "ServiceUnavailableException", "down")
-
-
-class Ledger:
-    """A buffer stand-in: hands out leases and records which events come back acknowledged (once each)."""
-
-    def __init__(self, wall) -> None:
-        self.acked: Counter[bytes] = Counter()
-        self.depth = 0
-        self._wall = wall
-        self._events: dict[int, list[bytes]] = {}
-
-    def batch(self, project: str, evs: list[bytes]) -> Batch:
-        lease = Lease(map(len, evs))
-        self._events[id(lease)] = list(evs)
-        self.depth += len(evs)
-        batch = Batch(project, self._wall())
-        batch.fill(evs, lease, 0)
-        return batch
-
-    async def ack(self, receipt: Receipt) -> None:
-        for lease, start, stop in receipt.runs:
-            positions, _, repeats = lease.resolve(start, stop)
-            assert repeats == 0, "an event was acknowledged twice"
-            self.acked.update(self._events[id(lease)][p] for p in positions)
-            self.depth -= len(positions)
-
-
-class DeadLetters:
-    def __init__(self, failures: int = 0) -> None:
-        self.entries: list[dict] = []
-        self.failures = failures  # the next writes that fail (e.g. disk full)
-
-    async def write(self, data: bytes) -> None:
-        if self.failures:
-            self.failures -= 1
-            raise OSError(28, "No space left on device")
-        self.entries.extend(orjson.loads(line) for line in data.splitlines())
-
-    def events(self) -> list[bytes]:
-        return [orjson.dumps(e["event"]) for e in self.entries]
-
-
-class Scripted:
-    """A transport answering from a function of (call number, project, events, time)."""
-
-    def __init__(self, answer, clock=lambda: 0.0) -> None:
-        self.answer = answer
-        self.clock = clock
-        self.calls: list[tuple[str, list[bytes], float]] = []
-        self.delivered: Counter[bytes] = Counter()
-
-    async def put_events(self, project, events):
-        self.calls.append((project, list(events), self.clock()))
-        result = self.answer(len(self.calls) - 1, project, events)
-        if result.status == 200 or result.maybe_delivered:
-            failed = {i for i, _, _ in result.failed}
-            self.delivered.update(e for i, e in enumerate(events) if i not in failed)
-        await asyncio.sleep(0)
-        return result
-
-
-def events(n, tag="e"):
-    return [orjson.dumps({"data": orjson.dumps({"id": f"{tag}{i}"}).decode(), "timestamp": 1, "type": "t"})
-            for i in range(n)]
 
 
 class Rig:
@@ -99,7 +31,7 @@ class Rig:
         self.transport = transport or Scripted(answer, vt.time)
         self.ledger = Ledger(vt.wall)
         self.dead = DeadLetters(dead_failures)
-        observer = Observer(Metrics(CollectorRegistry(), process_collectors=False))
+        observer = support.observer()
         self.registry = observer.metrics.registry
         self.limiter = RateLimiter(rate, rate, clock=vt.time)
         self.sender = Sender(self.transport, self.ledger, self.dead, self.limiter, observer, retry, concurrency,
@@ -121,7 +53,7 @@ class Rig:
 
 
 async def test_partial_failure_resends_only_throttled_events_and_dead_letters_invalid_ones(virtual_time):
-    evs = events(5)
+    evs = support.events(5)
 
     def answer(n, project, sent):
         if n == 0:
@@ -144,7 +76,7 @@ async def test_partial_failure_resends_only_throttled_events_and_dead_letters_in
 
 
 async def test_one_refused_event_in_a_batch_that_fails_as_a_whole_is_isolated_by_bisection(virtual_time):
-    evs = events(50)
+    evs = support.events(50)
     poison = evs[37]
 
     def answer(n, project, sent):
@@ -164,7 +96,7 @@ async def test_throttling_slows_the_send_rate_down(virtual_time):
         return CallResult(429, "ThrottlingException", "Rate exceeded") if n < 3 else OK
 
     rig = Rig(virtual_time, answer, rate=50.0)
-    await rig.run([rig.ledger.batch("p", events(1))])
+    await rig.run([rig.ledger.batch("p", support.events(1))])
     assert rig.limiter.rate < 50.0
     assert rig.metric("forwarder_throttled_total") == 3.0
     assert rig.metric("forwarder_retries_total", {"reason": "throttled"}) == 3.0
@@ -176,7 +108,7 @@ async def test_a_project_answering_404_opens_its_circuit_without_stalling_anothe
 
     rig = Rig(virtual_time, answer, retry=RetryConfig(max_elapsed=30.0, initial_backoff=0.1, max_backoff=20.0),
               concurrency=2)
-    a, b = events(10, "a"), events(200, "b")
+    a, b = support.events(10, "a"), support.events(200, "b")
     batches = [rig.ledger.batch("A", a)] + [rig.ledger.batch("B", b[i:i + 50]) for i in range(0, 200, 50)]
     await rig.run(batches)
     first_refusal = min(t for p, _, t in rig.transport.calls if p == "A")
@@ -193,7 +125,7 @@ async def test_a_project_answering_404_opens_its_circuit_without_stalling_anothe
 async def test_a_circuit_is_closed_once_its_project_has_nothing_left_to_send(virtual_time):
     rig = Rig(virtual_time, lambda n, p, s: CallResult(403, "AccessDeniedException", "denied"),
               retry=RetryConfig(max_elapsed=5.0, initial_backoff=0.1, max_backoff=2.0))
-    await rig.run([rig.ledger.batch("A", events(3))])
+    await rig.run([rig.ledger.batch("A", support.events(3))])
     assert len(rig.dead.entries) == 3
     assert rig.metric("forwarder_circuit_open", {"project": "A"}) == 0  # the alert must not fire forever
 
@@ -202,7 +134,7 @@ async def test_events_that_keep_failing_are_dead_lettered_at_max_elapsed_with_th
     rig = Rig(virtual_time, lambda n, p, s: CallResult(500, "InternalServerException", "boom"),
               retry=RetryConfig(20.0, 0.01, 5.0))
     started = virtual_time.time()
-    await rig.run([rig.ledger.batch("p", events(3))])
+    await rig.run([rig.ledger.batch("p", support.events(3))])
     assert virtual_time.time() - started >= 20.0
     assert [e["errorCode"] for e in rig.dead.entries] == ["InternalServerException"] * 3
     assert rig.dead.entries[0]["attempts"] >= 2
@@ -220,8 +152,8 @@ async def test_close_returns_batches_that_could_not_be_delivered(virtual_time):
 
     rig = Rig(virtual_time, None, concurrency=1, transport=Stuck())
     await rig.sender.start(rig.crashes.append)
-    await rig.sender.send(rig.ledger.batch("p", events(2)))
-    await rig.sender.send(rig.ledger.batch("q", events(3)))
+    await rig.sender.send(rig.ledger.batch("p", support.events(2)))
+    await rig.sender.send(rig.ledger.batch("q", support.events(3)))
     assert not await rig.sender.drain(0.05)
     left = await rig.sender.close()
     assert sorted(len(b.events) for b in left) == [2, 3]
@@ -237,7 +169,7 @@ async def test_a_worker_that_crashes_on_a_bookkeeping_bug_is_reported(virtual_ti
 
     rig.ledger.ack = broken_ack
     await rig.sender.start(rig.crashes.append)
-    await rig.sender.send(rig.ledger.batch("p", events(1)))
+    await rig.sender.send(rig.ledger.batch("p", support.events(1)))
     while rig.sender.alive:
         await asyncio.sleep(0.01)
     assert rig.crashes == [bug]
@@ -250,7 +182,7 @@ async def test_a_worker_that_crashes_on_a_bookkeeping_bug_is_reported(virtual_ti
 ])
 async def test_an_answer_that_confirms_nothing_is_retried_as_a_possible_duplicate(virtual_time, answer):
     rig = Rig(virtual_time, lambda n, p, s: answer if n == 0 else OK)
-    evs = events(10)
+    evs = support.events(10)
     await rig.run([rig.ledger.batch("p", evs)])
     assert [len(sent) for _, sent, _ in rig.transport.calls] == [10, 10]
     assert rig.ledger.acked == Counter(evs)
@@ -260,7 +192,7 @@ async def test_an_answer_that_confirms_nothing_is_retried_as_a_possible_duplicat
 
 
 async def test_a_failed_dead_letter_write_neither_resends_delivered_events_nor_loses_the_refused_one(virtual_time):
-    evs = events(4)
+    evs = support.events(4)
 
     def answer(n, project, sent):
         return CallResult(200, failed=((2, "ValidationException", "bad"),)) if n == 0 else OK
@@ -284,7 +216,7 @@ async def test_an_outage_sends_one_probe_at_a_time_and_teaches_the_rate_limiter_
     rig = Rig(vt, answer, retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.1, max_backoff=20.0),
               concurrency=4, rate=200.0)
     rate_before = rig.limiter.rate
-    batches = [rig.ledger.batch("p", events(50, f"b{i}-")) for i in range(40)]
+    batches = [rig.ledger.batch("p", support.events(50, f"b{i}-")) for i in range(40)]
     await rig.run(batches)
     down_calls = [t for _, _, t in rig.transport.calls if t < up_at]
     # Once the outage is recognized, calls are probes spaced by the probe backoff (capped at 1 s).
@@ -303,7 +235,7 @@ async def test_the_end_of_an_outage_resumes_backed_off_retries_at_once(virtual_t
     up_at = 30.0
     rig = Rig(vt, lambda n, p, s: OK if vt.time() >= up_at else DOWN,
               retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.5, max_backoff=60.0), rate=1000.0)
-    batches = [rig.ledger.batch("p", events(5, f"b{i}-")) for i in range(20)]
+    batches = [rig.ledger.batch("p", support.events(5, f"b{i}-")) for i in range(20)]
     await rig.run(batches)
     # Every batch went out right after the probe that found the service back,
     # not at the end of its own (up to 60 s) backoff.
@@ -331,7 +263,7 @@ async def test_a_failing_dead_letter_write_is_tried_again_after_a_growing_wait_c
     rig = Rig(vt, lambda n, p, s: CallResult(400, "ValidationException", "bad"),
               retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.1, max_backoff=5.0))
     rig.dead = rig.sender._effects._dead_letters = Failing(vt.time, until=60.0)
-    evs = events(1)
+    evs = support.events(1)
     await rig.run([rig.ledger.batch("p", evs)])
     gaps = [round(y - x, 6) for x, y in zip(rig.dead.tries, rig.dead.tries[1:])]
     assert gaps[:7] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0]  # doubling, then capped
@@ -345,7 +277,7 @@ async def test_every_extra_copy_of_a_batch_that_may_have_been_stored_counts_as_p
     timeout = no_answer(RetryReason.TIMEOUT, "no answer", maybe_delivered=True)
     script = [timeout, timeout, DOWN, OK]  # the 503 refused its copy at the door: not a copy stored
     rig = Rig(virtual_time, lambda n, p, s: script[n])
-    evs = events(10)
+    evs = support.events(10)
     await rig.run([rig.ledger.batch("p", evs)])
     assert len(rig.transport.calls) == 4
     assert rig.metric("forwarder_duplicates_total") == 20  # copies 2 and 4 each may repeat copy 1
@@ -364,7 +296,7 @@ async def test_a_probe_call_that_raises_in_an_outage_gives_its_slot_back_and_del
             return await super().put_events(project, evs)
 
     rig = Rig(vt, None, retry=retry, transport=RaisingProbe(lambda n, p, s: DOWN if n < OUTAGE_AFTER else OK, vt.time))
-    evs = events(5)
+    evs = support.events(5)
     await rig.run([rig.ledger.batch("p", evs)], timeout=60.0)
     raised_at = rig.transport.calls[OUTAGE_AFTER][2]
     assert len(rig.transport.calls) == OUTAGE_AFTER + 2
@@ -390,7 +322,7 @@ async def test_a_project_probe_that_raises_lets_the_next_batch_probe_the_circuit
     refused = CallResult(403, "AccessDeniedException", "denied")
     rig = Rig(vt, None, retry=RetryConfig(max_elapsed=60.0, initial_backoff=0.1, max_backoff=2.0),
               transport=RaisingProbe(lambda n, p, s: refused if n == 0 else OK, vt.time))
-    evs = events(3)
+    evs = support.events(3)
     await rig.run([rig.ledger.batch("A", evs)], timeout=60.0)
     assert rig.ledger.acked == Counter(evs) and not rig.dead.entries  # delivered, not held until it expired
     assert rig.transport.calls[-1][2] < 10.0
@@ -403,7 +335,7 @@ async def test_a_new_initial_backoff_reaches_the_outage_breakers_probes(virtual_
     rig = Rig(vt, lambda n, p, s: OK if vt.time() >= up_at else DOWN, concurrency=1,
               retry=RetryConfig(max_elapsed=600.0, initial_backoff=0.001, max_backoff=0.01))
     await rig.sender.reconfigure(RetryConfig(max_elapsed=600.0, initial_backoff=0.8, max_backoff=0.01))
-    await rig.run([rig.ledger.batch("p", events(1))])
+    await rig.run([rig.ledger.batch("p", support.events(1))])
     times = [t for _, _, t in rig.transport.calls]
     # The retries' own waits stay under max_backoff (0.01 s): the first probe waits the new initial backoff.
     assert times[OUTAGE_AFTER] - times[OUTAGE_AFTER - 1] >= 0.8 - 1e-9
@@ -475,7 +407,7 @@ def test_whatever_calls_do_every_event_ends_exactly_once_delivered_dead_lettered
             transport = Chaos(script, random.Random(seed), vt.time)
             rig = Rig(vt, None, retry=RetryConfig(20.0, 0.01, 1.0), dead_failures=dead_failures, seed=seed,
                       transport=transport)
-            batches = [rig.ledger.batch(f"p{i % 2}", events(n, f"b{i}-")) for i, n in enumerate(sizes)]
+            batches = [rig.ledger.batch(f"p{i % 2}", support.events(n, f"b{i}-")) for i, n in enumerate(sizes)]
             await rig.sender.start(rig.crashes.append)
             for b in batches:
                 await rig.sender.send(b)

@@ -21,16 +21,14 @@ import pytest
 import yaml
 
 from forwarder import config as forwarder_config
+from tests.deploy.manifests import (CENTRAL, KUBERNETES, SIDECAR, SIDECAR_CHAINED, container_env, documents, find,
+                                    forwarder_container, tier_config, tier_documents, workload)
 from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "forwarder.service"
 DOCKERFILE = DEPLOY / "container" / "Dockerfile"
-KUBERNETES = DEPLOY / "kubernetes"
-SIDECAR = KUBERNETES / "sidecar"
-CENTRAL = KUBERNETES / "central"
-SIDECAR_CHAINED = KUBERNETES / "sidecar-chained"  # a sidecar sending to the central tier
 TIERS, TIER_IDS = [SIDECAR, CENTRAL, SIDECAR_CHAINED], ["sidecar", "central", "sidecar-chained"]
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
@@ -291,54 +289,6 @@ def test_dockerfile_default_config_listens_beyond_loopback_and_will_not_run_open
 
 def kubernetes_files() -> list[Path]:
     return sorted(KUBERNETES.rglob("*.yaml"))
-
-
-def documents(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-def tier_documents(tier: Path) -> list[dict[str, Any]]:
-    return [d for path in sorted(tier.glob("*.yaml")) for d in documents(path)]
-
-
-def find(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind]
-
-
-def workload(tier: Path) -> dict[str, Any]:
-    (doc,) = [d for d in tier_documents(tier) if d["kind"] in ("Deployment", "StatefulSet")]
-    return doc
-
-
-def forwarder_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
-    (container,) = [c for c in pod_spec.get("initContainers", []) + pod_spec["containers"]
-                    if c["name"] == "forwarder"]
-    return container
-
-
-def container_env(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-
-
-def mounted_config(tier: Path) -> tuple[Path, dict[str, str]]:
-    """The TOML text of the ConfigMap the forwarder mounts, and the mount path of its file."""
-    spec = workload(tier)["spec"]["template"]["spec"]
-    container = forwarder_container(spec)
-    config_arg = container["args"][container["args"].index("--config") + 1]
-    mount = next(m for m in container["volumeMounts"] if config_arg.startswith(m["mountPath"] + "/"))
-    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-    configmap = next(d for d in find(tier_documents(tier), "ConfigMap")
-                     if d["metadata"]["name"] == volume["configMap"]["name"])
-    return Path(config_arg), configmap["data"]
-
-
-def tier_config(tier: Path, tmp_path: Path) -> forwarder_config.Config:
-    config_path, data = mounted_config(tier)
-    path = tmp_path / config_path.name
-    path.write_text(data[config_path.name])
-    env = {k: v for k, v in container_env(forwarder_container(workload(tier)["spec"]["template"]["spec"])).items()
-           if k.startswith("FORWARDER_")}
-    return forwarder_config.load(path, environ=env)
 
 
 def quantity_bytes(quantity: str) -> int:

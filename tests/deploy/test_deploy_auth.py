@@ -11,8 +11,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from forwarder.intake.auth import certificate_identities, identity_allowed
-from tests.deploy.test_deploy import (CENTRAL, SIDECAR_CHAINED, container_env, find, forwarder_container, tier_config,
-                               tier_documents, workload)
+from tests.deploy.manifests import (CENTRAL, SIDECAR_CHAINED, container_env, find, forwarder_container, tier_config,
+                                    tier_documents, workload)
 
 
 def mounted_volume(spec: dict[str, Any], path: Path) -> dict[str, Any]:

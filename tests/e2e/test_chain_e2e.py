@@ -28,9 +28,9 @@ import pytest
 from forwarder.config import BufferConfig
 from forwarder.buffer.disk.buffer import DiskBuffer
 from forwarder.evidently.events import encode_event
-from forwarder.observability import Metrics, Observer
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
 from tests.tools import make_ca_and_server_pair
+from tests import support
 
 pytestmark = pytest.mark.e2e
 
@@ -163,7 +163,7 @@ async def test_an_event_the_central_tier_refuses_comes_back_per_event_and_is_dea
     central = await start_central(procs, session, tmp_path, central_sections(tmp_path, emulator))
     sidecar = sidecar_process(tmp_path, central)
     buffer = DiskBuffer(BufferConfig(type="disk", path=str(tmp_path / "sidecar-state")),
-                        Observer(Metrics(process_collectors=False)))
+                        support.observer())
     await buffer.open()
     good = [encode_event({"data": {"i": i}}, i, time.time()) for i in (0, 2)]
     bad = b'{"data":"not a JSON object","timestamp":1790000000,"type":"aws.evidently.custom"}'

@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
-from forwarder.emulator import stable_fraction
+from forwarder.emulator.decisions import stable_fraction
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ import pytest
 
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
 from tests.certificates import Authority, Pair
-from tests.e2e.test_chain_e2e import REGION, delivered_ids, wait_delivered
+from tests.e2e.chain import REGION, delivered_ids, wait_delivered
 
 pytestmark = pytest.mark.e2e
 

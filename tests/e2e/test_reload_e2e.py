@@ -13,7 +13,7 @@ import pytest
 
 from forwarder.config import to_toml
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, wait_for
-from tests.delivery.test_faults_e2e import post, queue_empty, sections
+from tests.support import post_numbered, process_sections, queue_empty
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ async def reload_quietly(session, fwd: ForwarderProcess, config: dict) -> None:
 
 
 async def started(tmp_path, procs, session, emu, **extra) -> tuple[ForwarderProcess, dict]:
-    config = sections(emu.url, **extra)
+    config = process_sections(emu.url, **extra)
     fwd = procs(ForwarderProcess(tmp_path, config))
     await fwd.ready(session)
     return fwd, config
@@ -81,7 +81,7 @@ async def test_a_reload_that_cannot_use_the_file_is_one_reload_failed_and_the_da
     await wait_for(_logged(fwd, '"reload_failed"'), 10, "reload_failed in the log")
     async with session.get(f"http://127.0.0.1:{fwd.port}/healthz") as r:  # the loop is not waiting on a read
         assert r.status == 200
-    await post(session, fwd, 0, 10)
+    await post_numbered(session, fwd, 0, 10)
     await wait_for(lambda: queue_empty(session, fwd), 10, "the events to be delivered")
     assert len(await emu.events(session)) == 10
     # The reload path is not wedged either: a good file applies at the next SIGHUP.
@@ -101,10 +101,10 @@ async def test_lowering_batch_max_events_splits_new_batches_only_and_duplicates_
     emu = procs(EmulatorProcess(tmp_path))
     await emu.ready(session)
     fwd, config = await started(tmp_path, procs, session, emu, batch={"max_events": 50, "flush_interval": 5.0})
-    await post(session, fwd, 0, 30)
+    await post_numbered(session, fwd, 0, 30)
     config["batch"]["max_events"] = 10
     await reload(session, fwd, config)
-    await post(session, fwd, 30, 50)
+    await post_numbered(session, fwd, 30, 50)
     await wait_for(lambda: queue_empty(session, fwd), 20, "the events to be delivered")
     stats = await emu.stats(session)
     assert stats["batch_sizes"] == {"10": 3, "50": 1}
@@ -115,10 +115,10 @@ async def test_a_shorter_flush_interval_applies_to_batches_opened_after_the_relo
     emu = procs(EmulatorProcess(tmp_path))
     await emu.ready(session)
     fwd, config = await started(tmp_path, procs, session, emu, batch={"max_events": 50, "flush_interval": 600.0})
-    await post(session, fwd, 0, 1, project="before")
+    await post_numbered(session, fwd, 0, 1, project="before")
     config["batch"]["flush_interval"] = 0.05
     await reload(session, fwd, config)
-    await post(session, fwd, 1, 1, project="after")
+    await post_numbered(session, fwd, 1, 1, project="after")
 
     async def after_delivered() -> bool:
         return len(await emu.events(session, "after")) == 1
@@ -131,7 +131,7 @@ async def test_a_shorter_max_elapsed_dead_letters_what_has_waited_longer(tmp_pat
     await emu.ready(session)
     fwd, config = await started(tmp_path, procs, session, emu,
                                 retry={"max_elapsed": 600.0, "initial_backoff": 0.05, "max_backoff": 0.5})
-    await post(session, fwd, 0, 20, project="gone")
+    await post_numbered(session, fwd, 0, 20, project="gone")
     await wait_for(_logged(fwd, '"circuit_opened"'), 10, "the project's circuit to open")
     config["retry"]["max_elapsed"] = 1.0
     await reload(session, fwd, config)
@@ -144,7 +144,7 @@ async def test_a_lower_max_backoff_shortens_the_waits_of_an_open_circuit(tmp_pat
     await emu.ready(session)
     fwd, config = await started(tmp_path, procs, session, emu,
                                 retry={"max_elapsed": 600.0, "initial_backoff": 0.05, "max_backoff": 600.0})
-    await post(session, fwd, 0, 5, project="gone")
+    await post_numbered(session, fwd, 0, 5, project="gone")
     await wait_for(lambda: _calls_at_least(session, emu, 4), 20, "the circuit to back off to 8 s")
     config["retry"]["max_backoff"] = 0.1
     await reload(session, fwd, config)

@@ -15,9 +15,7 @@ import pytest
 
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
 from tests.certificates import Authority, kubernetes_secret_volume, swap_secret_volume
-from tests.e2e.test_chain_e2e import REGION, wait_delivered
-from tests.intake.test_auth_e2e import EVENT, boto, credentials, put
-from tests.intake.test_listeners import der, served_certificate
+from tests.e2e.chain import EVENT, REGION, boto, credentials, der, put, served_certificate, wait_delivered
 
 pytestmark = pytest.mark.e2e
 

@@ -16,18 +16,17 @@ import boto3
 import botocore.config
 import orjson
 import pytest
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 
 from forwarder.app import Forwarder
 from forwarder.config import from_dict
-from forwarder.emulator import Emulator, FaultConfig
+from forwarder.emulator.faults import FaultConfig
+from forwarder.emulator.server import Emulator
 from forwarder.emulator.cli import add_cli_arguments, credentials_from_args, faults_from_args
 from forwarder.emulator.decisions import MAX_BODY_BYTES
 from forwarder.emulator.harness import ForwarderProcess, delivered
+from tests import support
 
 ARN = "arn:aws:evidently:us-east-1:123456789012:project/shop"
 SIGNED = {
@@ -89,13 +88,6 @@ def client(emulator: Emulator, access_key: str = "k", validate: bool = True):
     )
 
 
-def events(n: int, start: int = 0, **data) -> list[dict]:
-    return [
-        {"data": json.dumps({"i": i, **data}), "timestamp": 1700000000 + i, "type": "aws.evidently.custom"}
-        for i in range(start, start + n)
-    ]
-
-
 async def put(evidently, project: str, batch: list[dict]) -> dict:
     return await asyncio.to_thread(evidently.put_project_events, project=project, events=batch)
 
@@ -126,7 +118,7 @@ async def post_json(http, emulator: Emulator, path: str, body):
 
 
 async def test_a_boto3_call_gets_event_ids_and_the_events_are_recorded(emulator):
-    answer = await put(client(emulator, "AKIDONE"), "shop", events(3))
+    answer = await put(client(emulator, "AKIDONE"), "shop", support.event_dicts(3))
 
     assert answer["failedEventCount"] == 0
     assert [set(r) for r in answer["eventResults"]] == [{"eventId"}] * 3
@@ -138,7 +130,7 @@ async def test_a_boto3_call_gets_event_ids_and_the_events_are_recorded(emulator)
 
 
 async def test_an_arn_project_percent_encoded_by_boto3_is_recorded_as_the_arn(emulator, http):
-    await put(client(emulator), ARN, events(1))
+    await put(client(emulator), ARN, support.event_dicts(1))
 
     _, body = await get_json(http, emulator, f"/_emulator/events?project={ARN}")
     assert [e["project"] for e in body["events"]] == [ARN]
@@ -146,9 +138,9 @@ async def test_an_arn_project_percent_encoded_by_boto3_is_recorded_as_the_arn(em
 
 async def test_events_listing_filters_by_project_and_keeps_arrival_order_and_batch(emulator, http):
     evidently = client(emulator)
-    await put(evidently, "a", events(2))
-    await put(evidently, "b", events(1))
-    await put(evidently, "a", events(1, start=5))
+    await put(evidently, "a", support.event_dicts(2))
+    await put(evidently, "b", support.event_dicts(1))
+    await put(evidently, "a", support.event_dicts(1, start=5))
 
     _, body = await get_json(http, emulator, "/_emulator/events?project=a")
     assert [(json.loads(e["data"])["i"], e["batch"]) for e in body["events"]] == [(0, 1), (1, 1), (5, 3)]
@@ -172,16 +164,16 @@ async def test_an_empty_batch_is_accepted_with_no_results(emulator):
         ([1], "request body"),
         ({}, "events is required"),
         ({"events": {"data": "{}"}}, "events is required"),
-        ({"events": events(51)}, "at most 50 events, got 51"),
-        ({"events": [*events(3), "x"]}, "events[3] must be an object"),
+        ({"events": support.event_dicts(51)}, "at most 50 events, got 51"),
+        ({"events": [*support.event_dicts(3), "x"]}, "events[3] must be an object"),
         ({"events": [{"timestamp": 1, "type": "aws.evidently.custom"}]}, "events[0].data"),
         ({"events": [{"data": {"a": 1}, "timestamp": 1, "type": "aws.evidently.custom"}]}, "events[0].data"),
-        ({"events": [*events(3), {"data": "[1]", "timestamp": 1, "type": "aws.evidently.custom"}]},
+        ({"events": [*support.event_dicts(3), {"data": "[1]", "timestamp": 1, "type": "aws.evidently.custom"}]},
          "events[3].data must be a string holding a JSON object"),
         ({"events": [{"data": "{oops", "timestamp": 1, "type": "aws.evidently.custom"}]}, "events[0].data"),
         ({"events": [{"data": "{}", "timestamp": True, "type": "aws.evidently.custom"}]}, "events[0].timestamp"),
         ({"events": [{"data": "{}", "timestamp": "1", "type": "aws.evidently.custom"}]}, "events[0].timestamp"),
-        ({"events": [*events(2), {"data": "{}", "timestamp": -1, "type": "aws.evidently.custom"}]},
+        ({"events": [*support.event_dicts(2), {"data": "{}", "timestamp": -1, "type": "aws.evidently.custom"}]},
          "events[2].timestamp must not be before 1970"),
         ({"events": [{"data": "{}", "type": "aws.evidently.custom"}]}, "events[0].timestamp"),
         ({"events": [{"data": "{}", "timestamp": 1.5, "type": "custom"}]}, "events[0].type"),
@@ -201,7 +193,7 @@ async def test_an_invalid_body_gets_400_validation_naming_the_field(emulator, ht
     [("bad%20name", "project"), ("a/b", "one path segment"), ("x" * 2049, "at most 2048")],
 )
 async def test_an_invalid_project_gets_400_validation(emulator, http, project, named):
-    status, error_type, answer = await post_raw(http, emulator, {"events": events(1)}, project=project)
+    status, error_type, answer = await post_raw(http, emulator, {"events": support.event_dicts(1)}, project=project)
 
     assert (status, error_type) == (400, "ValidationException")
     assert named in answer["message"]
@@ -210,11 +202,11 @@ async def test_an_invalid_project_gets_400_validation(emulator, http, project, n
 async def test_boto3_parses_validation_errors_as_validation_exception_naming_the_field(emulator):
     evidently = client(emulator, validate=False)
     as_list = [{"data": "[1, 2]", "timestamp": 1, "type": "aws.evidently.custom"}]
-    bad_type = [*events(2), {"data": "{}", "timestamp": 1, "type": "aws.evidently.other"}]
+    bad_type = [*support.event_dicts(2), {"data": "{}", "timestamp": 1, "type": "aws.evidently.other"}]
 
     list_error = await put_error(evidently, "shop", as_list)
     type_error = await put_error(evidently, "shop", bad_type)
-    too_many = await put_error(evidently, "shop", events(51))
+    too_many = await put_error(evidently, "shop", support.event_dicts(51))
 
     assert list_error.response["Error"]["Code"] == "ValidationException"
     assert "events[0].data" in list_error.response["Error"]["Message"]
@@ -265,7 +257,7 @@ async def test_event_ids_match_the_uuid_shape_of_the_api_model(emulator):
     shape = _SESSION._session.get_service_model("evidently").shape_for("Uuid")
     pattern = re.compile(shape.metadata["pattern"])
 
-    answer = await put(client(emulator), "shop", events(50))
+    answer = await put(client(emulator), "shop", support.event_dicts(50))
 
     ids = [r["eventId"] for r in answer["eventResults"]]
     assert all(pattern.fullmatch(i) and len(i) == shape.metadata["max"] for i in ids), ids[:3]
@@ -273,7 +265,7 @@ async def test_event_ids_match_the_uuid_shape_of_the_api_model(emulator):
 
 
 async def test_boto3_reads_the_request_id_of_an_accepted_call(emulator):
-    answer = await put(client(emulator), "shop", events(1))
+    answer = await put(client(emulator), "shop", support.event_dicts(1))
 
     assert re.fullmatch(r"[0-9a-f-]{36}", answer["ResponseMetadata"]["RequestId"])
 
@@ -281,7 +273,7 @@ async def test_boto3_reads_the_request_id_of_an_accepted_call(emulator):
 async def test_every_answer_carries_a_request_id_and_errors_are_aws_style(make_emulator, http):
     emulator = await make_emulator(FaultConfig(quota=1))
     put_url = f"{emulator.url}/events/projects/shop"
-    valid = orjson.dumps({"events": events(1)})
+    valid = orjson.dumps({"events": support.event_dicts(1)})
     calls = [
         ("POST", put_url, valid, SIGNED, 200),
         ("POST", put_url, valid, SIGNED, 429),
@@ -308,6 +300,7 @@ async def test_every_answer_carries_a_request_id_and_errors_are_aws_style(make_e
     assert len(set(request_ids)) == len(calls)
 
 
+@pytest.mark.e2e
 async def test_forwarder_run_never_imports_the_emulator_or_the_test_harness(tmp_path, procs, http):
     """A real ``forwarder run`` up to ready and a clean stop, with every import it made logged."""
     fwd = procs(ForwarderProcess(tmp_path, {"evidently": {"endpoint_url": "http://127.0.0.1:9"}},
@@ -338,14 +331,14 @@ async def test_forwarder_run_never_imports_the_emulator_or_the_test_harness(tmp_
     ],
 )
 async def test_missing_or_malformed_authorization_gets_403(emulator, http, headers, error_type):
-    status, got_type, _ = await post_raw(http, emulator, {"events": events(1)}, headers=headers)
+    status, got_type, _ = await post_raw(http, emulator, {"events": support.event_dicts(1)}, headers=headers)
 
     assert (status, got_type) == (403, error_type)
     assert emulator.accepted == []
 
 
 async def test_the_raw_signed_request_records_the_access_key_from_the_credential(emulator, http):
-    status, _, _ = await post_raw(http, emulator, {"events": events(1)})
+    status, _, _ = await post_raw(http, emulator, {"events": support.event_dicts(1)})
 
     assert status == 200
     assert emulator.accepted[0].access_key == "AKIDRAW"
@@ -356,10 +349,9 @@ async def test_the_raw_signed_request_records_the_access_key_from_the_credential
 
 def signed_headers(url: str, body: bytes, key: str = "AKIDGOOD", secret: str = "good-secret",
                    region: str = "us-east-1") -> dict[str, str]:
-    """The headers botocore's SigV4 signer gives a POST of ``body`` to ``url``."""
-    request = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": "application/json"})
-    SigV4Auth(Credentials(key, secret), "evidently", region).add_auth(request)
-    return dict(request.headers.items())
+    """The headers botocore's SigV4 signer gives a POST of ``body`` to ``url`` (aiohttp adds Host and the length)."""
+    _, headers = support.sign(url, body, key, secret, region)
+    return {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")}
 
 
 @pytest.fixture
@@ -376,7 +368,7 @@ async def test_with_credentials_a_correctly_signed_boto3_call_is_accepted_under_
         aws_secret_access_key="other-secret",
         config=botocore.config.Config(inject_host_prefix=False, retries={"total_max_attempts": 1}))
 
-    answer = await put(evidently, ARN, events(2))
+    answer = await put(evidently, ARN, support.event_dicts(2))
 
     assert answer["failedEventCount"] == 0
     assert [(e.project, e.access_key) for e in verifying.accepted] == [(ARN, "AKIDOTHER")] * 2
@@ -390,7 +382,7 @@ async def test_with_credentials_a_correctly_signed_boto3_call_is_accepted_under_
 async def test_with_credentials_a_bad_signature_gets_403_naming_what_is_wrong(verifying, http, signer, error_type,
                                                                                named):
     url = f"{verifying.url}/events/projects/shop"
-    body = orjson.dumps({"events": events(1)})
+    body = orjson.dumps({"events": support.event_dicts(1)})
 
     status, got_type, answer = await post_raw(http, verifying, body, signed_headers(url, body, **signer))
 
@@ -401,10 +393,11 @@ async def test_with_credentials_a_bad_signature_gets_403_naming_what_is_wrong(ve
 
 async def test_with_credentials_a_body_changed_after_signing_is_refused(verifying, http):
     url = f"{verifying.url}/events/projects/shop"
-    headers = signed_headers(url, orjson.dumps({"events": events(1)}))
+    headers = signed_headers(url, orjson.dumps({"events": support.event_dicts(1)}))
 
-    status, got_type, _ = await post_raw(http, verifying, orjson.dumps({"events": events(1, start=1)}), headers)
-    good = await post_raw(http, verifying, orjson.dumps({"events": events(1)}), headers)
+    changed = orjson.dumps({"events": support.event_dicts(1, start=1)})
+    status, got_type, _ = await post_raw(http, verifying, changed, headers)
+    good = await post_raw(http, verifying, orjson.dumps({"events": support.event_dicts(1)}), headers)
 
     assert (status, got_type) == (403, "InvalidSignatureException")
     assert good[0] == 200
@@ -416,7 +409,7 @@ async def test_with_credentials_a_signature_from_an_hour_ago_has_expired(http):
     await emulator.start()
     try:
         url = f"{emulator.url}/events/projects/shop"
-        body = orjson.dumps({"events": events(1)})
+        body = orjson.dumps({"events": support.event_dicts(1)})
         status, got_type, answer = await post_raw(http, emulator, body, signed_headers(url, body))
     finally:
         await emulator.close()
@@ -453,14 +446,14 @@ async def test_quota_answers_429_throttling_above_the_rate_and_refills_with_time
     emulator = await make_emulator(FaultConfig(quota=2), clock=clock)
     evidently = client(emulator)
 
-    await put(evidently, "shop", events(1))
-    await put(evidently, "shop", events(1))
+    await put(evidently, "shop", support.event_dicts(1))
+    await put(evidently, "shop", support.event_dicts(1))
     with pytest.raises(evidently.exceptions.ThrottlingException):
-        await put(evidently, "shop", events(1))
+        await put(evidently, "shop", support.event_dicts(1))
     clock.now += 0.5  # one token at 2/s
-    await put(evidently, "shop", events(1))
+    await put(evidently, "shop", support.event_dicts(1))
     with pytest.raises(evidently.exceptions.ThrottlingException):
-        await put(evidently, "shop", events(1))
+        await put(evidently, "shop", support.event_dicts(1))
 
     stats = emulator.stats_dict()
     assert stats["throttled_requests"] == 2
@@ -474,8 +467,8 @@ async def test_quota_is_shared_by_all_access_keys_and_burst_sets_the_bucket_size
     first, second = client(emulator, "AKID1"), client(emulator, "AKID2")
 
     for evidently in (first, second, first):
-        await put(evidently, "shop", events(1))
-    error = await put_error(second, "shop", events(1))
+        await put(evidently, "shop", support.event_dicts(1))
+    error = await put_error(second, "shop", support.event_dicts(1))
 
     assert error.response["Error"]["Code"] == "ThrottlingException"
     assert "Rate exceeded" in error.response["Error"]["Message"]
@@ -488,7 +481,7 @@ async def test_quota_is_shared_by_all_access_keys_and_burst_sets_the_bucket_size
 async def test_per_event_throttling_shows_in_results_and_the_failed_count(make_emulator):
     emulator = await make_emulator(FaultConfig(throttle_event_rate=0.5, seed=3))
 
-    answer = await put(client(emulator), "shop", events(50))
+    answer = await put(client(emulator), "shop", support.event_dicts(50))
 
     failed = [r for r in answer["eventResults"] if "errorCode" in r]
     assert 0 < len(failed) < 50
@@ -501,7 +494,7 @@ async def test_per_event_throttling_shows_in_results_and_the_failed_count(make_e
 async def test_invalid_events_are_the_same_events_on_every_attempt(make_emulator):
     emulator = await make_emulator(FaultConfig(invalid_event_rate=0.3))
     evidently = client(emulator)
-    batch = events(50)
+    batch = support.event_dicts(50)
 
     def invalid(answer):
         return [i for i, r in enumerate(answer["eventResults"]) if r.get("errorCode") == "ValidationException"]
@@ -517,10 +510,10 @@ async def test_invalid_events_are_the_same_events_on_every_attempt(make_emulator
 async def test_a_reject_marker_fails_the_whole_request_naming_the_event(make_emulator):
     emulator = await make_emulator(FaultConfig(reject_marker="POISON"))
     evidently = client(emulator)
-    batch = [*events(2), *events(1, start=2, note="POISON here")]
+    batch = [*support.event_dicts(2), *support.event_dicts(1, start=2, note="POISON here")]
 
     error = await put_error(evidently, "shop", batch)
-    await put(evidently, "shop", events(2))
+    await put(evidently, "shop", support.event_dicts(2))
 
     assert error.response["Error"]["Code"] == "ValidationException"
     assert "events[2]" in error.response["Error"]["Message"]
@@ -530,7 +523,7 @@ async def test_a_reject_marker_fails_the_whole_request_naming_the_event(make_emu
 async def test_error_rate_one_answers_500_internal_server_error(make_emulator):
     emulator = await make_emulator(FaultConfig(error_rate=1.0))
 
-    error = await put_error(client(emulator), "shop", events(1))
+    error = await put_error(client(emulator), "shop", support.event_dicts(1))
 
     assert error.response["Error"]["Code"] == "InternalServerException"
     assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 500
@@ -545,10 +538,10 @@ async def test_missing_and_denied_projects_get_404_and_403(make_emulator):
     evidently = client(emulator)
 
     with pytest.raises(evidently.exceptions.ResourceNotFoundException):
-        await put(evidently, "gone", events(1))
+        await put(evidently, "gone", support.event_dicts(1))
     with pytest.raises(evidently.exceptions.AccessDeniedException):
-        await put(evidently, ARN, events(1))
-    await put(evidently, "shop", events(1))
+        await put(evidently, ARN, support.event_dicts(1))
+    await put(evidently, "shop", support.event_dicts(1))
 
     assert [e.project for e in emulator.accepted] == ["shop"]
 
@@ -557,10 +550,10 @@ async def test_down_mode_answers_503_until_switched_back_up_over_http(emulator, 
     evidently = client(emulator)
 
     status, config = await post_json(http, emulator, "/_emulator/config", {"down": True})
-    error = await put_error(evidently, "shop", events(1))
+    error = await put_error(evidently, "shop", support.event_dicts(1))
     _, health = await get_json(http, emulator, "/healthz")
     await post_json(http, emulator, "/_emulator/config", {"down": False})
-    await put(evidently, "shop", events(1))
+    await put(evidently, "shop", support.event_dicts(1))
 
     assert status == 200 and config["down"] is True
     assert error.response["Error"]["Code"] == "ServiceUnavailableException"
@@ -574,9 +567,9 @@ async def test_down_mode_answers_503_until_switched_back_up_over_http(emulator, 
 
 async def test_stats_count_requests_batches_keys_and_duplicates(emulator, http):
     evidently = client(emulator, "AKIDSTATS")
-    await put(evidently, "shop", events(3))
-    await put(evidently, "shop", events(1))  # event 0 again: a duplicate
-    await put(evidently, ARN, events(1, start=9))
+    await put(evidently, "shop", support.event_dicts(3))
+    await put(evidently, "shop", support.event_dicts(1))  # event 0 again: a duplicate
+    await put(evidently, ARN, support.event_dicts(1, start=9))
     await post_raw(http, emulator, b"{}")
 
     _, stats = await get_json(http, emulator, "/_emulator/stats")
@@ -591,7 +584,7 @@ async def test_stats_count_requests_batches_keys_and_duplicates(emulator, http):
 
 
 async def test_reset_clears_records_and_counters(emulator, http):
-    await put(client(emulator), "shop", events(2))
+    await put(client(emulator), "shop", support.event_dicts(2))
 
     status, _ = await post_json(http, emulator, "/_emulator/reset", {})
     _, stats = await get_json(http, emulator, "/_emulator/stats")
@@ -605,8 +598,8 @@ async def test_reset_clears_records_and_counters(emulator, http):
 async def test_without_recording_only_counters_are_kept(make_emulator):
     emulator = await make_emulator(FaultConfig(record=False))
 
-    await put(client(emulator), "shop", events(4))
-    await put(client(emulator), "shop", events(4))
+    await put(client(emulator), "shop", support.event_dicts(4))
+    await put(client(emulator), "shop", support.event_dicts(4))
 
     assert emulator.accepted == []
     assert emulator.stats_dict()["events_accepted"] == 8
@@ -618,7 +611,7 @@ async def test_config_round_trips_and_applies_at_once(emulator, http):
         http, emulator, "/_emulator/config", {"invalid_event_rate": 1, "missing_projects": ["x"]}
     )
     _, fetched = await get_json(http, emulator, "/_emulator/config")
-    answer = await put(client(emulator), "shop", events(2))
+    answer = await put(client(emulator), "shop", support.event_dicts(2))
 
     assert status == 200 and config == fetched
     assert fetched["invalid_event_rate"] == 1.0 and fetched["missing_projects"] == ["x"]
@@ -696,7 +689,7 @@ def test_cli_rejects_a_rate_above_one():
 
 async def test_run_emulator_announces_its_url_serves_and_exits_cleanly_on_sigterm(http):
     code = (
-        "from forwarder.emulator import FaultConfig; from forwarder.emulator.cli import run_emulator;"
+        "from forwarder.emulator.faults import FaultConfig; from forwarder.emulator.cli import run_emulator;"
         "run_emulator('127.0.0.1', 0, FaultConfig())"
     )
     process = await asyncio.create_subprocess_exec(

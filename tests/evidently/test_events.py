@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forwarder.evidently.events import EventError, encode_all, encode_event, encode_wire_body, ndjson_events, request_events
+from forwarder.evidently.events import (EventError, encode_all, encode_event, encode_wire_body, ndjson_events,
+                                       ndjson_lines, request_events)
 
 NOW = 1_790_000_000.5
 
@@ -145,3 +146,10 @@ def test_a_valid_wire_body_takes_the_fast_path_with_defaults_filled_in():
         {"data": '{"a":1}', "timestamp": 1_790_000_000.5, "type": "aws.evidently.custom"},
         {"data": "{}", "timestamp": datetime(2026, 11, 26, 12, tzinfo=timezone.utc).timestamp(),
          "type": "aws.evidently.evaluation"}]
+
+
+def test_ndjson_lines_numbers_every_line_skips_blank_ones_and_keeps_a_malformed_one_in_place():
+    lines = list(ndjson_lines(b'{"a":1}\n\n  \n{"b":\n[2]\r\n'))
+    assert [(number, line) for number, line, _ in lines] == [(1, b'{"a":1}'), (4, b'{"b":'), (5, b"[2]")]
+    assert lines[0][2] == {"a": 1} and lines[2][2] == [2]
+    assert isinstance(lines[1][2], orjson.JSONDecodeError)

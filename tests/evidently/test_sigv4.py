@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import datetime
-from unittest import mock
-from urllib.parse import urlsplit
 
 import pytest
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
 from forwarder.evidently import sigv4
+from tests import support
 from forwarder.evidently.sigv4 import (INCOMPLETE, INVALID, MISSING, UNRECOGNIZED, Denial, Verifier, canonical_query,
                              canonical_uri, parse_amz_date, remove_dot_segments)
 
@@ -35,16 +31,8 @@ def sign(path: str = "/events/projects/shop", body: bytes = BODY, key: str = KEY
          region: str = REGION, service: str = "evidently", at: datetime.datetime = SIGNED_AT,
          headers: dict[str, str] | None = None, query: str = "") -> Signed:
     url = "http://127.0.0.1:8080" + path + (f"?{query}" if query else "")
-    request = AWSRequest("POST", url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
-    with mock.patch("botocore.auth.get_current_datetime", return_value=at):
-        SigV4Auth(Credentials(key, secret), service, region).add_auth(request)
-    prepared = request.prepare()
-    received: CIMultiDict[str] = CIMultiDict()
-    for name, value in prepared.headers.items():
-        received.add(name, value.decode() if isinstance(value, bytes) else value)
-    received["Host"] = urlsplit(url).netloc
-    parts = urlsplit(prepared.url)
-    return Signed(parts.path + (f"?{parts.query}" if parts.query else ""), received, body)
+    target, received = support.sign(url, body, key, secret, region, service, at, headers)
+    return Signed(target, received, body)
 
 
 def verifier(clock_offset: float = 0.0, secrets: dict[str, str] | None = None) -> Verifier:

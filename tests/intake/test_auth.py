@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import boto3
+import orjson
 import botocore.config
 import botocore.exceptions
 import pytest
@@ -17,7 +18,8 @@ from forwarder.intake import auth as auth_mod
 from forwarder.app import Forwarder, StartupError
 from forwarder.intake.auth import CredentialsError, TokenAuthenticator, load_credentials, load_tokens
 from forwarder.config import ConfigError, IntakeConfig, from_dict
-from forwarder.observability import Metrics, Observer
+from forwarder.observability import Observer
+from tests import support
 
 TOKEN_A = "a" * 20 + "-token-one"
 TOKEN_B = "b" * 20 + "-token-two"
@@ -32,10 +34,6 @@ def write(path: Path, text: str) -> str:
 
 def credentials_text(*pairs: tuple[str, str]) -> str:
     return "".join(f"[p{i}]\naws_access_key_id = {k}\naws_secret_access_key = {s}\n\n" for i, (k, s) in enumerate(pairs))
-
-
-def observer() -> Observer:
-    return Observer(Metrics(CollectorRegistry(), process_collectors=False), structlog.get_logger("test"))
 
 
 def refusals(obs: Observer, reason: str) -> float:
@@ -91,7 +89,7 @@ def test_a_credentials_file_others_can_read_is_warned_about(tmp_path: Path) -> N
     path.write_text(TOKEN_A + "\n")
     path.chmod(0o644)
     with structlog.testing.capture_logs() as logs:
-        TokenAuthenticator(str(path), Observer(Metrics(CollectorRegistry(), process_collectors=False)))
+        TokenAuthenticator(str(path), support.observer())
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["credentials_readable_by_others"]
 
 
@@ -99,7 +97,7 @@ def test_a_credentials_file_others_can_read_is_warned_about(tmp_path: Path) -> N
 
 def test_a_token_is_compared_against_every_configured_token_whichever_matches(tmp_path: Path, monkeypatch) -> None:
     tokens = [f"{c * 20}-token" for c in "abcdef"]
-    check = TokenAuthenticator(write(tmp_path / "tokens", "\n".join(tokens)), observer())
+    check = TokenAuthenticator(write(tmp_path / "tokens", "\n".join(tokens)), support.observer())
     calls = []
     compare = auth_mod.hmac.compare_digest
     monkeypatch.setattr(auth_mod.hmac, "compare_digest", lambda a, b: calls.append(len(a)) or compare(a, b))
@@ -121,7 +119,7 @@ def test_the_authorization_header_is_checked_against_every_token_in_either_form(
                                                                                   header, status) -> None:
     from aiohttp.test_utils import make_mocked_request
 
-    check = TokenAuthenticator(write(tmp_path / "tokens", f"{TOKEN_B}\n{TOKEN_A}\n"), observer())
+    check = TokenAuthenticator(write(tmp_path / "tokens", f"{TOKEN_B}\n{TOKEN_A}\n"), support.observer())
     calls = []
     compare = auth_mod.hmac.compare_digest
     monkeypatch.setattr(auth_mod.hmac, "compare_digest", lambda a, b: calls.append(len(a)) or compare(a, b))
@@ -134,7 +132,7 @@ def test_the_authorization_header_is_checked_against_every_token_in_either_form(
 
 async def test_a_reload_that_cannot_read_its_file_keeps_the_previous_tokens(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
-    obs = observer()
+    obs = support.observer()
     check = TokenAuthenticator(write(path, TOKEN_A + "\n"), obs)
     path.write_text("# emptied by mistake\n")
     with structlog.testing.capture_logs() as logs:
@@ -298,6 +296,51 @@ async def test_a_missing_signature_gets_missing_authentication_token(sigv4_forwa
     assert sigv4_forwarder.buffer.depth == 0
 
 
+# --- one Authorization header ---------------------------------------------------
+
+@pytest.mark.parametrize("first, second", [
+    (f"Bearer {TOKEN_A}", "Bearer wrong-token-wrong-token"),
+    ("Bearer wrong-token-wrong-token", f"Bearer {TOKEN_A}"),
+    (f"Bearer {TOKEN_A}", f"Bearer {TOKEN_A}"),
+])
+def test_two_authorization_headers_are_refused_even_when_one_is_a_valid_token(tmp_path: Path, first: str,
+                                                                               second: str) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    obs = support.observer()
+    check = TokenAuthenticator(write(tmp_path / "tokens", f"{TOKEN_A}\n"), obs)
+    assert check(make_mocked_request("POST", "/events", headers=[("Authorization", f"Bearer {TOKEN_A}")]), b"") is None
+    answer = check(make_mocked_request("POST", "/events", headers=[("Authorization", first),
+                                                                   ("Authorization", second)]), b"")
+    assert answer is not None and answer.status == 400
+    assert answer.headers["x-amzn-ErrorType"] == "BadRequestException"
+    assert "more than one Authorization header" in json.loads(answer.body)["message"]
+    assert refusals(obs, "duplicate_header") == 1
+
+
+@pytest.mark.parametrize("valid_first", [True, False])
+def test_two_authorization_headers_are_refused_even_when_one_is_a_valid_signature(tmp_path: Path,
+                                                                                   valid_first: bool) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from forwarder.intake.auth import SigV4Authenticator
+
+    obs = support.observer()
+    check = SigV4Authenticator(write(tmp_path / "credentials", credentials_text(("AKIDAPP", "app-secret"))),
+                               REGION, obs)
+    body = orjson.dumps({"events": [EVENT]})
+    target, headers = support.sign("http://localhost/events/projects/shop", body, "AKIDAPP", "app-secret", REGION)
+    assert check(make_mocked_request("POST", target, headers=headers), body) is None  # alone, it verifies
+    forged = headers["Authorization"].replace("AKIDAPP", "AKIDOTHER")
+    pairs = [(k, v) for k, v in headers.items() if k.lower() != "authorization"]
+    both = [("Authorization", headers["Authorization"]), ("Authorization", forged)]
+    answer = check(make_mocked_request("POST", target, headers=pairs + (both if valid_first else both[::-1])), body)
+    assert answer is not None and answer.status == 403
+    assert answer.headers["x-amzn-ErrorType"] == "IncompleteSignatureException"
+    assert "more than one Authorization header" in json.loads(answer.body)["message"]
+    assert refusals(obs, "duplicate_header") == 1
+
+
 class _Protocol:
     peer = None
 
@@ -316,7 +359,7 @@ class _Request:
 
 
 async def test_a_reloaded_identity_list_applies_to_new_connections_and_not_to_open_ones() -> None:
-    obs = observer()
+    obs = support.observer()
     check = auth_mod.MtlsAuthenticator(("spiffe://td/ns/shop/sa/checkout",), obs)
     open_connection = _Request(PEERCERT)
     assert check(open_connection, b"") is None

@@ -15,11 +15,10 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from prometheus_client import CollectorRegistry
 
 from forwarder.app import Forwarder
-from forwarder.intake.connections import (ACCEPT_BATCH, FIXED_FILES, IntakeProtocol, Limits, Phase, connection_limit, http_error,
-                              overdue)
+from forwarder.intake.aiohttp_fence import IntakeProtocol, Phase, http_error
+from forwarder.intake.connections import ACCEPT_BATCH, FIXED_FILES, Limits, connection_limit, overdue
 from forwarder.emulator.harness import wait_for
-from tests.intake.test_http import make_config
-from tests.intake.test_intake_inputs import head_and_body
+from tests.support import head_and_body, make_config
 
 LIMITS = Limits(max_connections=4, idle_timeout=60.0, header_timeout=5.0, body_timeout=7.0, max_header_bytes=4096)
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
@@ -189,11 +188,11 @@ async def test_a_request_head_trickled_in_small_reads_is_bounded_in_total(fwd):
     for i in range(40):  # each read well under the bound, their sum over it
         if protocol.transport is None:
             break
-        before = protocol._head_bytes
+        before = protocol.head_bytes
         client.send(b"X-Field-%d: %s\r\n" % (i, b"v" * 200))
 
         async def read_by_server() -> bool:
-            return protocol.transport is None or protocol._head_bytes > before
+            return protocol.transport is None or protocol.head_bytes > before
         await wait_for(read_by_server, 5, "the server to read the next header")
     status, _, _ = head_and_body(await client.answer())
     assert status == 431 and i < 39

@@ -4,38 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
-from pathlib import Path
 
-import boto3
-import botocore.config
 import botocore.exceptions
 import pytest
 from prometheus_client import CollectorRegistry
 
 from forwarder.app import Forwarder
-from forwarder.config import from_dict
 from forwarder.emulator.harness import ForwarderProcess, delivered, wait_for
+from tests.support import JSON, boto_client, make_config
 from tests.tools import require_tool
-
-
-JSON = {"Content-Type": "application/json"}
-
-
-def make_config(tmp_path: Path, emulator_url: str, **sections):
-    raw = {
-        "intake": {"port": 0, "max_body_bytes": 4096, "max_events_per_request": 20},
-        "batch": {"flush_interval": 0.05},
-        "evidently": {"endpoint_url": emulator_url, "default_project": "dflt"},
-        "retry": {"initial_backoff": 0.01, "max_backoff": 0.05},
-        "dead_letter": {"path": str(tmp_path / "dl.ndjson")},
-        "shutdown": {"drain_timeout": 2.0},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return from_dict(raw, {})
 
 
 @pytest.fixture
@@ -46,12 +27,6 @@ async def forwarder(tmp_path, emulator):
     fwd.url = f"http://127.0.0.1:{fwd.intake.port}"
     yield fwd
     await fwd.shutdown()
-
-
-def boto_client(url):
-    return boto3.client("evidently", region_name="us-east-1", endpoint_url=url,
-                        aws_access_key_id="k", aws_secret_access_key="s",
-                        config=botocore.config.Config(inject_host_prefix=False, retries={"total_max_attempts": 1}))
 
 
 async def test_a_real_boto3_client_works_unchanged_against_the_intake(forwarder, emulator, session):
@@ -219,6 +194,7 @@ async def test_systemd_is_told_ready_and_then_stopping(tmp_path, emulator, monke
         assert sock.recv(4096).split(b"\n")[0] == b"STOPPING=1"
 
 
+@pytest.mark.e2e
 async def test_sighup_applies_live_keys_and_reports_the_others(tmp_path, procs, session, emulator_process):
     fwd = procs(ForwarderProcess(tmp_path, {"evidently": {"endpoint_url": emulator_process.url},
                                             "batch": {"flush_interval": 0.2}}))
@@ -267,6 +243,6 @@ async def test_the_daemon_run_freezes_its_start_up_objects_out_of_the_cyclic_gc(
         await wait_for(frozen, 10.0, "run() to freeze the start-up objects")
         assert fwd.intake.port  # frozen after start-up, not before
     finally:
-        fwd.request_stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # what a service manager sends: run() handles it (installed first)
         assert await run == 0
         gc.unfreeze()

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from forwarder.app import Forwarder
 from forwarder.evidently.events import EventError, encode_all, encode_event, rfc3339_seconds
-from tests.intake.test_http import JSON, boto_client, make_config
+from tests.support import JSON, boto_client, head_and_body, make_config
 
 PATH = "/events/projects/p"
 
@@ -42,13 +42,6 @@ async def raw_exchange(port: int, request: bytes) -> bytes:
         return await asyncio.wait_for(reader.read(), 5)
     finally:
         writer.close()
-
-
-def head_and_body(answer: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
 def wire_body(events: list[dict]) -> bytes:

@@ -19,6 +19,7 @@ from forwarder.buffer.disk.files import Opened
 from forwarder.buffer.disk.space import DiskFull
 from forwarder.buffer.disk.store import Append, Cycled, Store
 from forwarder.observability import Observer
+from forwarder.tasks import supervise
 from forwarder.wakeup import Wakeup
 
 ERROR_BACKOFF = 0.2  # seconds between two cycles after a failed one, so a broken disk does not spin
@@ -110,8 +111,7 @@ class Writer:
         self.progress.check()
         if on_crash is not None:
             self._on_crash = on_crash
-        self._task = asyncio.create_task(self._loop(), name="forwarder-buffer-writer")
-        self._task.add_done_callback(self._task_done)
+        self._task = supervise(asyncio.create_task(self._loop(), name="forwarder-buffer-writer"), self._crashed)
         self.readable.set()  # recovered rows are readable at once
 
     async def stop(self) -> None:
@@ -225,17 +225,15 @@ class Writer:
             else:
                 _resolve(work.reader, error)  # the flush loop stops loudly; a restart re-checks the file
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        self._broken = task.exception()
+    def _crashed(self, exc: BaseException) -> None:
+        self._broken = exc
         self._observer.log.error("buffer_writer_crashed", error=repr(self._broken), exc_info=self._broken)
         for work in (self._in_cycle, self._queue):
             if work is None:
                 continue
             for future in [p.done for p in work.appends] + ([work.reader] if work.reader else []):
                 _resolve(future, self._broken)
-        self._on_crash(self._broken)  # type: ignore[arg-type]
+        self._on_crash(exc)
 
 
 def _resolve(future: asyncio.Future, outcome: object) -> None:  # type: ignore[type-arg]

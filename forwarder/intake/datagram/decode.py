@@ -22,7 +22,7 @@ from typing import Callable
 import msgspec
 import orjson
 
-from forwarder.evidently.events import encode_all, encode_wire_body
+from forwarder.evidently.events import encode_all, encode_wire_body, ndjson_lines
 from forwarder.evidently.protocol import project_error, region_error
 
 PROJECT_CACHE_SIZE = 1024  # validated project names kept: most datagrams repeat a few projects
@@ -113,14 +113,12 @@ class DatagramDecoder:
 
     def _lines(self, data: bytes, now: float, into: dict[str, list[bytes]]) -> int:
         values = []
-        for number, line in enumerate(data.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                values.append(orjson.loads(line))
-            except orjson.JSONDecodeError as e:
-                reason, n, message = _unreadable(line, e)
+        for number, line, value in ndjson_lines(data):
+            if isinstance(value, orjson.JSONDecodeError):
+                reason, n, message = _unreadable(line, value)
                 self._reject(reason, n, f"line {number}: {message}")
+            else:
+                values.append(value)
         return self._events(values, now, into)
 
     def _events(self, values: list, now: float, into: dict[str, list[bytes]]) -> int:

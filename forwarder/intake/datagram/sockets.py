@@ -1,9 +1,9 @@
 """The datagram intake's sockets: a Unix datagram socket file, a loopback UDP port.
 
-The socket file appears with its mode already set (bound under a temporary
-name, chmod, renamed into place), replaces a stale file from a crashed run but
-never a socket another process still receives on, and is removed on exit only
-if it is still ours. UDP drops are read from the kernel's own counter.
+The socket file is bound by the intake's one binder (forwarder/intake/unix_socket.py):
+it appears with its mode already set, replaces a stale file from a crashed run
+but never a socket another process still receives on, and is removed on exit
+only if it is still ours. UDP drops are read from the kernel's own counter.
 ``Sockets`` holds the intake's open sockets and stops the loop's reading of
 them while any reason to pause stands.
 """
@@ -11,22 +11,22 @@ them while any reason to pause stands.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from forwarder.config import IntakeConfig
+from forwarder.intake.unix_socket import UnixSocket, bind_unix
 
-TEMP_SUFFIX = ".new"  # config.py allows 103 bytes of path so that this fits in sun_path
 PROC_UDP = (Path("/proc/net/udp"), Path("/proc/net/udp6"))
 
 
 class SocketError(OSError):
-    """A datagram socket cannot be opened; the message names the key and what to fix.
+    """A UDP socket cannot be opened; the message names the key and what to fix.
+
+    A socket file that cannot be bound raises unix_socket.UnixSocketError.
 
     An OSError, so that ``forwarder run`` reports it as it reports a port in use.
     """
@@ -39,56 +39,14 @@ class Bound:
     sock: socket.socket
     kind: str  # "unix" or "udp"
     address: str  # the path, or host:port
-    inode: int  # the socket file's inode (unix) or the socket's own (udp, as /proc/net/udp lists it)
+    inode: int  # the UDP socket's inode, as /proc/net/udp lists it (0 for unix)
+    file: UnixSocket | None = None  # the socket file (unix): removed only while still ours
 
 
-def bind_unix(path: str, mode: int, key: str = "intake.datagram_socket") -> Bound:
+def bind_unix_datagram(path: str, mode: int, key: str = "intake.datagram_socket") -> Bound:
     """A non-blocking Unix datagram socket at ``path``, whose file has ``mode`` from the moment it exists."""
-    _refuse_live(path, key)
-    temp = path + TEMP_SUFFIX
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        _unlink_stale(temp)
-        sock.bind(temp)
-        os.chmod(temp, mode)
-        os.rename(temp, path)  # atomic: replaces a stale file, never shows the wrong mode
-        return Bound(sock, "unix", path, os.stat(path).st_ino)
-    except OSError as e:
-        sock.close()
-        _unlink_stale(temp)
-        raise SocketError(f"{key}: cannot bind {path}: {e.strerror or e}") from None
-
-
-def _refuse_live(path: str, key: str) -> None:
-    """Fail unless ``path`` is absent or a socket file nobody receives on (left by a crashed run)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise SocketError(f"{key}: cannot inspect {path}: {e.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketError(f"{key}: {path} exists and is not a socket; remove it or choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        return  # stale: the rename replaces it
-    except OSError as e:
-        if e.errno == errno.EPROTOTYPE:
-            raise SocketError(f"{key}: {path} is a stream socket in use (another listener?)") from None
-        raise SocketError(f"{key}: cannot probe {path}: {e.strerror}") from None
-    finally:
-        probe.close()
-    raise SocketError(f"{key}: another process receives on {path}; stop it or choose another path")
-
-
-def _unlink_stale(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    unix = bind_unix(path, mode, socket.SOCK_DGRAM, key)
+    return Bound(unix.sock, "unix", path, 0, unix)
 
 
 def bind_udp(host: str, port: int, rcvbuf: int, key: str = "intake.datagram_port") -> Bound:
@@ -113,11 +71,8 @@ def receive_buffer(sock: socket.socket) -> int:
 
 def remove_unix(bound: Bound) -> None:
     """Remove the socket file if it is still ours (a newer instance may have replaced it)."""
-    try:
-        if os.stat(bound.address).st_ino == bound.inode:
-            os.unlink(bound.address)
-    except FileNotFoundError:
-        pass
+    if bound.file is not None:
+        bound.file.remove()
 
 
 def udp_drops(inodes: set[int], tables: tuple[Path, ...] = PROC_UDP) -> int | None:
@@ -153,7 +108,7 @@ class Sockets:
         self._loop = asyncio.get_running_loop()
         c = self._config
         if c.datagram_socket:
-            self.bound.append(bind_unix(c.datagram_socket, int(c.datagram_socket_mode, 8)))
+            self.bound.append(bind_unix_datagram(c.datagram_socket, int(c.datagram_socket_mode, 8)))
         if c.datagram_port:
             self.bound.append(bind_udp(c.datagram_host, c.datagram_port, c.datagram_rcvbuf))
         for bound in self.bound:

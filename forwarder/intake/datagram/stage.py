@@ -27,6 +27,7 @@ from forwarder.intake.datagram.append import GroupAppender
 from forwarder.intake.datagram.decode import DatagramDecoder
 from forwarder.intake.datagram.sockets import Bound, Sockets
 from forwarder.observability import Observer
+from forwarder.tasks import supervise
 from forwarder.wakeup import Wakeup
 
 # Datagrams read per wake-up and socket before the loop gets a turn: the flush
@@ -95,8 +96,7 @@ class DatagramIntake:
             return
         self._on_crash = on_crash
         self._sockets.open()
-        self._task = asyncio.create_task(self._append_loop(), name="datagram-appender")
-        self._task.add_done_callback(self._task_done)
+        self._task = supervise(asyncio.create_task(self._append_loop(), name="datagram-appender"), on_crash)
 
     async def stop(self) -> None:
         """Stop taking datagrams, read what the kernel already holds, and wait until it is in the buffer."""
@@ -121,10 +121,6 @@ class DatagramIntake:
         if left:
             self._observer.events_dropped("shutdown", left)
         self._sockets.close()
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._on_crash(task.exception())  # type: ignore[arg-type]
 
     # reading
 

@@ -18,9 +18,10 @@ from forwarder.config import BufferConfig
 from forwarder.buffer.disk.buffer import DB_NAME, BufferDisplaced, DiskBuffer, Progress
 from forwarder.buffer.disk.space import ROW_OVERHEAD, DiskFull, fitting, free_bytes, insert_cost, wal_debt
 from forwarder.buffer.disk.store import Append, Cycled, Store, _ranges, connect
-from forwarder.observability import Metrics, Observer
+from forwarder.observability import Observer
 from tests.fakes import FakeClock
 from forwarder.emulator.harness import wait_for
+from tests import support
 
 
 def events(prefix: str, n: int, size: int = 20) -> list[bytes]:
@@ -49,7 +50,7 @@ class Buffers:
 
     async def open(self, path: Path | None = None, connect_to=connect, clock=time.monotonic,
                    on_crash=None, settle_after: float = 1.0, **config) -> tuple[DiskBuffer, Observer, int]:
-        observer = Observer(Metrics(process_collectors=False))
+        observer = support.observer()
         buf = DiskBuffer(BufferConfig(type="disk", path=str(path or self.path), **config), observer, connect_to, clock,
                          settle_after)
         recovered = await buf.open(on_crash)
@@ -176,7 +177,7 @@ async def test_ack_lowers_depth_at_once_and_deletes_exactly_the_acked_rows(buffe
     await buf.append("p1", events("a", 5, size=10), 100.0)
     [chunk] = await buf.read(0)
     acked = [0, 2, 4]  # not consecutive: the rows between must stay
-    await buf.ack(chunk.receipt().subset(acked))
+    await buf.ack(support.receipt(chunk).subset(acked))
     assert (buf.depth, buf.nbytes) == (2, 20)
     await buf.close()
     assert [body for _, _, body in rows_on_disk(buffers.path)] == [chunk.events[1], chunk.events[3]]
@@ -186,7 +187,7 @@ async def test_acks_are_deleted_without_waiting_for_close(buffers):
     buf, _, _ = await buffers.open()
     await buf.append("p1", events("a", 4), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt())
+    await buf.ack(support.receipt(chunk))
 
     async def deleted() -> bool:
         return rows_on_disk(buffers.path) == []
@@ -222,7 +223,7 @@ async def test_a_failed_commit_fails_its_appends_but_keeps_its_acks(buffers):
     buf, _, _ = await buffers.open(connect_to=failing_connect)
     await buf.append("p1", events("a", 2), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt())
+    await buf.ack(support.receipt(chunk))
     FailingOnce.error = sqlite3.OperationalError("disk I/O error")
     with pytest.raises(sqlite3.OperationalError):
         await buf.append("p1", events("b", 1), 100.0)
@@ -261,7 +262,7 @@ async def test_a_full_disk_refuses_appends_but_still_commits_acks_and_reads(buff
     chunks = await read_all(buf)  # reading works on a full disk...
     assert sum(len(c.events) for c in chunks) == stored
     for chunk in chunks:
-        await buf.ack(chunk.receipt())  # ...and so does deleting
+        await buf.ack(support.receipt(chunk))  # ...and so does deleting
 
     async def deleted() -> bool:
         return rows_on_disk(buffers.path) == []
@@ -274,7 +275,7 @@ async def test_appends_resume_by_themselves_once_the_disk_has_room_again(buffers
     buf, _, _ = await buffers.open(connect_to=capped(40), clock=clock, max_events=1_000_000)
     await fill(buf)
     for chunk in await read_all(buf):
-        await buf.ack(chunk.receipt())
+        await buf.ack(support.receipt(chunk))
     with pytest.raises(BufferFull):  # refused at once while the disk counts as full
         await buf.append("p1", events("x", 1), 100.0)
     clock.advance(1.5)  # past DISK_FULL_RETRY: the next append tries the disk again
@@ -303,9 +304,9 @@ async def test_a_full_buffer_rejects_the_whole_request_and_readiness_returns_bel
     assert len(rows_on_disk(buffers.path)) == 16
     await buf.append("p1", events("c", 4), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt(0, 1))
+    await buf.ack(support.receipt(chunk, 0, 1))
     assert buf.full  # 19 of 20: still above the hysteresis line
-    await buf.ack(chunk.receipt(1, 2))
+    await buf.ack(support.receipt(chunk, 1, 2))
     assert not buf.full  # 18 of 20
 
 
@@ -348,7 +349,7 @@ async def test_reopening_recovers_pending_rows_and_reads_them_first(buffers):
     buf, _, _ = await buffers.open()
     await buf.append("p1", events("a", 3, size=10), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt(0, 1))
+    await buf.ack(support.receipt(chunk, 0, 1))
     await buf.append("p2", events("b", 2, size=10), 101.0)
     await buf.close()
 
@@ -380,7 +381,7 @@ async def test_new_rows_after_a_restart_are_not_counted_as_duplicates(buffers):
     buf, _, _ = await buffers.open()
     await buf.append("p1", events("a", 3), 100.0)
     [chunk] = await buf.read(0)
-    await buf.ack(chunk.receipt())
+    await buf.ack(support.receipt(chunk))
     await buf.close()
     again, observer, recovered = await buffers.open()
     await again.append("p1", events("b", 2), 101.0)
@@ -399,7 +400,7 @@ def write_garbage(path: Path) -> None:
 
 
 async def truncate_a_real_buffer(path: Path) -> None:
-    buf = DiskBuffer(BufferConfig(type="disk", path=str(path)), Observer(Metrics(process_collectors=False)))
+    buf = DiskBuffer(BufferConfig(type="disk", path=str(path)), support.observer())
     await buf.open()
     for i in range(10):
         await buf.append("p1", events(f"r{i}", 300, size=200), 100.0)
@@ -458,7 +459,7 @@ async def test_a_second_forwarder_cannot_open_a_buffer_in_use_whatever_files_wer
         if leftover.name != DB_NAME:
             leftover.unlink()
     second = DiskBuffer(BufferConfig(type="disk", path=str(buffers.path)),
-                        Observer(Metrics(process_collectors=False)))
+                        support.observer())
     with pytest.raises(OSError, match="in use by another forwarder"):
         await second.open()
     await second.close()
@@ -661,7 +662,7 @@ async def test_close_is_idempotent_and_later_appends_fail(buffers):
 
 async def test_close_without_open_does_nothing(tmp_path):
     buf = DiskBuffer(BufferConfig(type="disk", path=str(tmp_path / "never")),
-                     Observer(Metrics(process_collectors=False)))
+                     support.observer())
     await buf.close()
     assert not (tmp_path / "never").exists()
 

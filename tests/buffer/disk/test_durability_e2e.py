@@ -26,8 +26,8 @@ import pytest
 
 from forwarder.config import BufferConfig
 from forwarder.buffer.disk.buffer import DB_NAME, DiskBuffer
-from forwarder.observability import Metrics, Observer
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
+from tests import support
 
 pytestmark = pytest.mark.e2e
 
@@ -53,14 +53,10 @@ async def start(procs, session, tmp_path: Path, sections: dict) -> ForwarderProc
     return fwd
 
 
-def numbered(start: int, n: int) -> list[dict]:
-    return [{"data": {"i": i}} for i in range(start, start + n)]
-
-
 async def post_all(fwd: ForwarderProcess, session, total: int, per_request: int = 50) -> set[int]:
     acked: set[int] = set()
     for start_at in range(0, total, per_request):
-        status, body = await fwd.post(session, "p1", numbered(start_at, per_request))
+        status, body = await fwd.post(session, "p1", support.numbered(start_at, per_request))
         assert status == 200, body
         acked.update(range(start_at, start_at + per_request))
     return acked
@@ -127,7 +123,7 @@ class Client:
             await asyncio.sleep(self.pace)
 
     async def _post_until_acknowledged(self, start_at: int, deadline: float) -> None:
-        body = orjson.dumps({"events": numbered(start_at, 50)})
+        body = orjson.dumps({"events": support.numbered(start_at, 50)})
         while time.monotonic() < deadline:
             try:
                 async with self.session.post(f"{self.url}/events/projects/p1", data=body,
@@ -206,7 +202,7 @@ async def test_sigterm_in_memory_mode_drains_every_acknowledged_event_within_dra
 
 
 async def make_truncated_buffer(path: Path) -> None:
-    buf = DiskBuffer(BufferConfig(type="disk", path=str(path)), Observer(Metrics(process_collectors=False)))
+    buf = DiskBuffer(BufferConfig(type="disk", path=str(path)), support.observer())
     await buf.open()
     for i in range(10):
         await buf.append("p1", [b'{"data":"{}","timestamp":1,"type":"x"}'] * 500, time.time())
@@ -246,7 +242,7 @@ async def test_a_full_disk_buffer_answers_429_until_evidently_is_back(tmp_path, 
 
     acked: set[int] = set()
     for start_at in range(0, 1100, 50):
-        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps({"events": numbered(start_at, 50)}),
+        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps({"events": support.numbered(start_at, 50)}),
                                 headers={"Content-Type": "application/json"}) as r:
             if r.status == 200:
                 acked.update(range(start_at, start_at + 50))
@@ -320,7 +316,7 @@ async def test_a_full_disk_refuses_new_events_keeps_delivering_and_recovers_by_i
     await wait_delivered(emulator, session, acked, timeout=60)
 
     async def accepting_again() -> bool:
-        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps({"events": numbered(10**6, 50)}),
+        async with session.post(f"{fwd.url}/events/projects/p1", data=orjson.dumps({"events": support.numbered(10**6, 50)}),
                                 headers={"Content-Type": "application/json"}) as r:
             return r.status == 200
     await wait_for(accepting_again, 30, "new events accepted once the disk has room")
@@ -403,7 +399,7 @@ async def test_ten_fill_and_drain_cycles_beside_another_writer_never_wedge_nor_l
 
         async def accepting_again() -> bool:  # the other writer's file is still there: room for some
             nonlocal next_i
-            status, _ = await fwd.post(session, "p1", numbered(next_i, 50))
+            status, _ = await fwd.post(session, "p1", support.numbered(next_i, 50))
             if status == 200:
                 acked.update(range(next_i, next_i + 50))
                 next_i += 50
@@ -431,7 +427,7 @@ async def test_a_wal_deleted_under_the_running_daemon_is_noticed_and_survives_ki
     state = tmp_path / "forwarder-state"
     for suffix in ("-wal", "-shm"):
         (state / (DB_NAME + suffix)).unlink()
-    status, body = await fwd.post(session, "p1", numbered(200, 100))
+    status, body = await fwd.post(session, "p1", support.numbered(200, 100))
     assert status == 200, body  # committed only after the old WAL was copied into the database file
     acked.update(range(200, 300))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from forwarder.app import Forwarder
 from forwarder.config import from_dict
-from forwarder.intake.datagram.sockets import SocketError
+from forwarder.intake.unix_socket import UnixSocketError
 from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, free_port, wait_for
 
 
@@ -84,7 +83,7 @@ async def test_a_second_forwarder_on_the_same_socket_fails_to_start_and_leaves_t
     await first.start()
     try:
         second = forwarder(config(tmp_path, emulator.url, datagram_socket=str(sock_dir / "s")))
-        with pytest.raises(SocketError, match="intake.datagram_socket: another process receives on"):
+        with pytest.raises(UnixSocketError, match="intake.datagram_socket: .* is in use by another process"):
             await second.start()
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(datagram(1), str(sock_dir / "s"))
 
@@ -95,6 +94,7 @@ async def test_a_second_forwarder_on_the_same_socket_fails_to_start_and_leaves_t
         await first.shutdown()
 
 
+@pytest.mark.e2e
 async def test_a_real_forwarder_process_delivers_datagram_events_and_removes_its_socket_on_exit(
         tmp_path, procs, session, sock_dir):
     emulator = procs(EmulatorProcess(tmp_path))

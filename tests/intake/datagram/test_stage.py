@@ -13,15 +13,16 @@ from typing import AsyncIterator, Iterator
 
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 
 from forwarder.buffer.memory import MemoryBuffer
 from forwarder.config import BufferConfig, ConfigError, IntakeConfig, from_dict
 from forwarder.intake.datagram.stage import DatagramIntake
-from forwarder.intake.datagram.sockets import SocketError, udp_drops
+from forwarder.intake.datagram.sockets import udp_drops
+from forwarder.intake.unix_socket import UnixSocketError
 from forwarder.buffer.disk.buffer import DiskBuffer
-from forwarder.observability import Metrics, Observer
+from forwarder.observability import Observer
 from forwarder.emulator.harness import free_port, wait_for
+from tests import support
 
 REASONS = ("not_json", "truncated", "oversized", "invalid_event", "missing_project", "invalid_project")
 
@@ -49,7 +50,7 @@ class Stage:
 
     def __init__(self, intake: IntakeConfig, buffer: BufferConfig | None = None, default_project: str = "",
                  make_buffer=MemoryBuffer, **kwargs) -> None:
-        self.observer = Observer(Metrics(CollectorRegistry(), process_collectors=False))
+        self.observer = support.observer()
         self.buffer = make_buffer(buffer or BufferConfig(), self.observer)
         self.crashes: list[BaseException] = []
         self.intake = DatagramIntake(intake, default_project, self.buffer, self.observer, **kwargs)
@@ -66,7 +67,7 @@ class Stage:
         out = []
         for chunk in await self.buffer.read(0):
             out += [(chunk.project, e) for e in chunk.events]
-            await self.buffer.ack(chunk.receipt())
+            await self.buffer.ack(support.receipt(chunk))
         return out
 
     async def wait_depth(self, n: int) -> None:
@@ -305,7 +306,7 @@ async def test_a_socket_another_process_receives_on_is_not_taken_over(stages, so
     live = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     live.bind(str(sock_dir / "s"))
     try:
-        with pytest.raises(SocketError, match="intake.datagram_socket: another process receives on"):
+        with pytest.raises(UnixSocketError, match="intake.datagram_socket: .* is in use by another process"):
             await start(stages, IntakeConfig(datagram_socket=str(sock_dir / "s")))
         live.setblocking(False)
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"still mine", str(sock_dir / "s"))
@@ -316,7 +317,7 @@ async def test_a_socket_another_process_receives_on_is_not_taken_over(stages, so
 
 async def test_a_path_that_is_not_a_socket_is_refused(stages, sock_dir):
     (sock_dir / "s").write_text("not a socket")
-    with pytest.raises(SocketError, match="exists and is not a socket"):
+    with pytest.raises(UnixSocketError, match="exists and is not a socket"):
         await start(stages, IntakeConfig(datagram_socket=str(sock_dir / "s")))
     assert (sock_dir / "s").read_text() == "not a socket"
 
@@ -402,7 +403,7 @@ async def test_a_bug_in_decoding_or_appending_crashes_the_appender_task_and_is_r
     ({"datagram_port": 8125, "datagram_host": "10.0.0.7"}, "intake.datagram_host must be a loopback address"),
     ({"datagram_port": 8125, "datagram_host": "localhost"}, "intake.datagram_host must be a loopback address"),
     ({"datagram_port": 70000}, "intake.datagram_port must be between 0 and 65535"),
-    ({"datagram_socket": "/run/" + "x" * 100}, "intake.datagram_socket must be at most 103 bytes long"),
+    ({"datagram_socket": "/run/" + "x" * 103}, "intake.datagram_socket must be at most 107 bytes long"),
     ({"datagram_socket_mode": "rw-rw----"}, "intake.datagram_socket_mode must be octal permission bits"),
     ({"datagram_max_bytes": 100}, "intake.datagram_max_bytes must be between 1024 and 1048576"),
 ])
