@@ -21,6 +21,8 @@ import asyncio
 import os
 from typing import Awaitable, Callable, Iterable
 
+from forwarder.tasks import supervise
+
 INTERVAL = 1.0  # seconds between two looks at the files
 
 Identity = tuple[int, int, int, int] | None  # (st_dev, st_ino, st_mtime_ns, st_size); None: cannot be read
@@ -65,12 +67,7 @@ class FileWatch:
         """Poll every interval until close(); a crash of the loop is handed to ``on_crash``."""
         if not self._seen or self._task is not None:
             return
-        self._task = asyncio.get_running_loop().create_task(self._poll_forever())
-
-        def done(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                on_crash(task.exception())  # type: ignore[arg-type]
-        self._task.add_done_callback(done)
+        self._task = supervise(asyncio.get_running_loop().create_task(self._poll_forever()), on_crash)
 
     async def _poll_forever(self) -> None:
         while True:
