@@ -1,11 +1,15 @@
 """Wiring and lifecycle: intake -> buffer -> flush loop (batcher) -> sender -> Evidently.
 
-Start-up checks everything that can fail (model, buffer, port) before saying
-ready; shutdown is a sequence of phases under one deadline, like uvicorn's.
+Start-up checks what it can before saying ready: the Evidently model, the
+buffer, the dead-letter directory, the listeners and the intake's credential
+files. It does not check AWS credentials (the chain may only resolve them at
+the first call, and an emulator needs dummy ones). Shutdown is a sequence of
+phases under one deadline, like uvicorn's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import time
@@ -16,12 +20,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from forwarder import config as config_mod
+from forwarder import status as status_mod
 from forwarder import systemd
 from forwarder.intake.auth import CredentialsError, make_authenticator
 from forwarder.delivery.batcher import Batcher, FlushLoop
 from forwarder.buffer.contract import Buffer
 from forwarder.buffer.memory import MemoryBuffer
 from forwarder.delivery.client import ClientCertError, EvidentlyClient, Transport
+from forwarder.delivery.credentials import CredentialsWatch
 from forwarder.clock import Clock
 from forwarder.config import Config, LogConfig
 from forwarder.intake.datagram.stage import DatagramIntake
@@ -87,6 +93,11 @@ class Forwarder:
         self._signals = Signals(self.log)
         self._crash: BaseException | None = None
         self._closed = False
+        self.started_at = time.time()
+        self.credentials: CredentialsWatch | None = None
+        self._credentials_task: asyncio.Task[None] | None = None
+        if ev.default_project:  # its series exist at 0 from the start
+            self.metrics.known_project(ev.default_project)
         watch_pipeline(self.metrics, self.buffer, self.flush_loop.batcher, self.sender, self.limiter)
         self._reload.table()  # a stage declaring a key that does not exist fails here, not at the first SIGHUP
 
@@ -105,6 +116,10 @@ class Forwarder:
             return "buffer full"
         return self.buffer.problem or self.sender.stalled()
 
+    def status(self) -> dict[str, Any]:
+        """The status document of /status and `forwarder status`."""
+        return status_mod.document(self)
+
     def _crashed(self, exc: BaseException) -> None:
         self.log.error("task_crashed", error=repr(exc), exc_info=exc)
         self._crash = exc
@@ -117,7 +132,7 @@ class Forwarder:
         try:
             await self._start()
         except BaseException:
-            await self.shutdown()
+            await self.shutdown(started=False)
             raise
 
     async def _start(self) -> None:
@@ -128,17 +143,34 @@ class Forwarder:
                 await self.client.start()
             except ClientCertError as e:
                 raise StartupError(str(e)) from None
+            await self._check_credentials(self.client)
         await self.sender.start(self._crashed)
         self.flush_loop.start(self._crashed)
         port = await self.intake.start()
         await self.datagram.start(self._crashed)
         self.files = FileWatch(self.reloaded_files(), self._files_changed)
         self.files.start(self._crashed)
-        self._metrics_server = await serve_metrics(self.metrics.registry, self.config)
-        self.log.info("started", host=self.config.intake.host, port=port, buffer=self.config.buffer.type,
-                      region=self.config.evidently.region, endpoint_url=self.config.evidently.endpoint_url or None,
+        self._metrics_server = await serve_metrics(self.metrics.registry, self.config, self.status)
+        ev = self.config.evidently
+        self.log.info("started", host=self.config.intake.host, port=port if self.config.intake.port != -1 else None,
+                      unix_socket=self.config.intake.unix_socket or None, buffer=self.config.buffer.type,
+                      region=ev.region, region_source=ev.region_source,
+                      endpoint=self.client.endpoint if self.client is not None else ev.endpoint_url or None,
+                      credentials=self.credentials.method if self.credentials is not None else None,
                       send_rate=round(self.limiter.rate, 2), max_rate=self.limiter.max_rate)
         systemd.notify("READY=1\nSTATUS=accepting events")
+
+    async def _check_credentials(self, client: EvidentlyClient) -> None:
+        """Say at once when no credentials are found, and keep looking until some are."""
+        async def found(method: str) -> None:
+            await client.use_new_credentials()
+            self.observer.credentials_found(method)
+
+        self.credentials = CredentialsWatch(client.credentials_method, self.observer.credentials_missing, found)
+        if not await self.credentials.check():
+            task = self._credentials_task = asyncio.create_task(self.credentials.watch(), name="forwarder-credentials")
+            task.add_done_callback(lambda t: None if t.cancelled() or t.exception() is None
+                                   else self._crashed(t.exception()))  # type: ignore[arg-type]
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (or a crashed task), then shut down; returns the exit code."""
@@ -157,8 +189,12 @@ class Forwarder:
             self._signals.uninstall()
         return 1 if self._crash is not None else 0
 
-    async def shutdown(self) -> None:
-        """Stop accepting, flush, drain within shutdown.drain_timeout, report, close (idempotent)."""
+    async def shutdown(self, started: bool = True) -> None:
+        """Stop accepting, flush, drain within shutdown.drain_timeout, report, close (idempotent).
+
+        ``started=False``: a start-up that failed; the same phases, without the draining and
+        stopped lines of a daemon that never said it started.
+        """
         if self._closed:
             return
         self._closed = True
@@ -170,8 +206,10 @@ class Forwarder:
         if self.files is not None:
             await self.files.close()
         await deadline.within(self.datagram.stop(), None)  # what the sockets took goes into the buffer
-        systemd.notify("STOPPING=1\nSTATUS=draining")
-        self.log.info("draining", queue_depth=self.buffer.depth, drain_timeout=self.config.shutdown.drain_timeout)
+        if started:
+            systemd.notify("STOPPING=1\nSTATUS=draining")
+            self.log.info("draining", queue_depth=self.buffer.depth,
+                          drain_timeout=self.config.shutdown.drain_timeout)
 
         # 2. Flush every partial batch into the sender.
         flushed = await deadline.within(self.flush_loop.stop(deadline.remaining()), False)
@@ -185,6 +223,9 @@ class Forwarder:
         left, dropped = _report_undelivered(self.buffer.depth, self.config, self.observer)
 
         # 5. Close the AWS client, the listeners and the buffer.
+        if self._credentials_task is not None:
+            self._credentials_task.cancel()
+            await asyncio.gather(self._credentials_task, return_exceptions=True)
         if self.client is not None:
             await self.client.close()
         await self.intake.close()
@@ -192,6 +233,8 @@ class Forwarder:
         if self._metrics_server is not None:
             await self._metrics_server.cleanup()
         await self.buffer.close()
+        if not started:
+            return
         self.log.info("stopped", drained=drained, undelivered=left, dropped=dropped,
                       sent=int(self.metrics.registry.get_sample_value("forwarder_events_sent_total") or 0))
 

@@ -18,10 +18,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Collection, Iterable, Mapping
 
 from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error, region_error
+from forwarder.delivery.credentials import resolve_region
 from forwarder.delivery.rate import MIN_RATE, SHIPPED_CONTROLLERS
 from forwarder.reading import MiB, FileRefused, read_bounded
 
 ENV_PREFIX = "FORWARDER_"
+# A field the daemon fills in, not a key a user sets (e.g. where evidently.region came from).
+DERIVED = {"derived": True}
 MAX_CONFIG_BYTES = MiB  # a configuration file beyond this is refused, never read whole
 GiB, TiB = 1 << 30, 1 << 40
 MAX_RATE = 1_000_000  # requests/s: evidently.max_rate's ceiling, far above any quota
@@ -98,7 +101,8 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class EvidentlyConfig:
-    region: str = "us-east-1"
+    region: str = "us-east-1"  # unset: AWS_REGION, AWS_DEFAULT_REGION, the profile's region, else us-east-1
+    region_source: str = field(default="default", compare=False, metadata=DERIVED)  # where region came from
     endpoint_url: str = ""
     default_project: str = ""
     concurrency: int = 4
@@ -126,6 +130,7 @@ class RetryConfig:
     max_elapsed: float = 600.0  # seconds from an event's first attempt to dead letter
     initial_backoff: float = 0.1
     max_backoff: float = 20.0
+    not_found_grace: float = 90.0  # seconds a missing project (404) may take to appear before its events are dead-lettered
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,7 @@ def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
     for name, f in known.items():
         values = {**raw.get(name, {}), **{k: v for (s, k), (v, _) in from_env.items() if s == name}}
         sections[name] = _build(name, f.default_factory, values)  # type: ignore[misc]
-    config = Config(**sections)
+    config = _with_region(Config(**sections), raw, from_env, environ or {})
     try:
         _validate(config)
         _choice("evidently.rate_controller", config.evidently.rate_controller, tuple(controllers))
@@ -232,6 +237,25 @@ def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             raise ConfigError(f"{e} (set by {sources[0]})") from None
         raise
     return config
+
+
+def _with_region(config: Config, raw: Mapping[str, Any], from_env: dict[tuple[str, str], tuple[Any, str]],
+                 environ: Mapping[str, str]) -> Config:
+    """evidently.region as set, else as the AWS SDKs resolve it; with where it came from."""
+    if ("evidently", "region") in from_env:
+        source = from_env[("evidently", "region")][1]
+        region = config.evidently.region
+    elif "region" in raw.get("evidently", {}):
+        region, source = config.evidently.region, "evidently.region"
+    else:
+        region, source = resolve_region(environ)
+    return dataclasses.replace(config, evidently=dataclasses.replace(config.evidently, region=region,
+                                                                      region_source=source))
+
+
+def _settable(cls: type) -> dict[str, Any]:
+    """The keys of a section a user may set (derived fields excluded)."""
+    return {f.name: f for f in fields(cls) if not f.metadata.get("derived")}
 
 
 def _env_values(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[Any, str]]:
@@ -244,7 +268,7 @@ def _env_values(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[Any, 
         section, _, key = var[len(ENV_PREFIX):].lower().partition("__")
         if section not in sections:
             raise ConfigError(f"environment variable {var} names no section; known: {', '.join(sections)}")
-        names = {f.name: f for f in fields(sections[section])}
+        names = _settable(sections[section])
         if key not in names:
             raise ConfigError(f"environment variable {var} names no key of [{section}]; "
                               f"known: {', '.join(names)}")
@@ -297,7 +321,7 @@ _SHOW.maxlevel = 3
 
 
 def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
-    by_name = {f.name: f for f in fields(cls)}
+    by_name = _settable(cls)
     for key, value in values.items():
         if key not in by_name:
             raise ConfigError(f"unknown key {section}.{key}; known: {', '.join(by_name)}")
@@ -529,7 +553,7 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     out = []
     for section in fields(Config):
         a, b = getattr(old, section.name), getattr(new, section.name)
-        for f in fields(a):
+        for f in _settable(type(a)).values():
             if getattr(a, f.name) != getattr(b, f.name):
                 out.append(f"{section.name}.{f.name}")
     return out
@@ -537,7 +561,11 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 
 def to_toml(config: Config | Mapping[str, Mapping[str, Any]]) -> str:
     """TOML for a configuration or a plain {section: {key: value}} mapping (check-config's output)."""
-    sections = config.to_dict() if isinstance(config, Config) else config
+    if isinstance(config, Config):
+        sections = {s.name: {k: getattr(getattr(config, s.name), k) for k in _settable(type(getattr(config, s.name)))}
+                    for s in fields(Config)}
+    else:
+        sections = config
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")

@@ -13,6 +13,7 @@ import logging
 import ssl
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import prometheus_client
@@ -44,6 +45,7 @@ AUTH_REFUSAL_REASONS = ("missing", "malformed", "presigned", "wrong_scope", "exp
 # Beyond this many distinct projects a `project` label reads "other", so a
 # client sending random project names cannot blow up the series count.
 MAX_PROJECT_LABELS = 50
+MAX_LOGGED_IDS = 50  # eventIds in one log line (a batch holds at most 50 events)
 WARNING_INTERVAL = 10.0  # seconds between two lines of the same repeated warning
 DATAGRAM_REJECT_REASONS = ("not_json", "truncated", "oversized", "invalid_event", "missing_project",
                            "invalid_project", "wrong_region")
@@ -53,6 +55,20 @@ INTAKE_REJECTIONS = ("malformed_http", "headers_too_large", "header_timeout", "b
 # Why the intake closed a connection (intake_connections_closed reasons).
 CONNECTION_CLOSES = ("evicted", "refused", "header_timeout", "body_timeout", "write_timeout", "headers_too_large",
                      "tls_handshake_failed")
+# Why no event can be delivered whatever the events are (forwarder_delivery_blocked reasons):
+# no credentials found, credentials refused, a signature refused (wrong secret or region), access denied.
+BLOCKED_REASONS = ("no_credentials", "credentials_refused", "signature_refused", "access_denied")
+# Seconds between two "delivery_blocked" lines while delivery stays blocked.
+BLOCKED_LOG_INTERVAL = 60.0
+# Age of events at delivery (seconds), from the intake's receipt to Evidently's answer.
+DELIVERY_AGE_BUCKETS = (.05, .1, .25, .5, 1, 2, 5, 10, 30, 60, 300, 600, 1800)
+
+_debug = False  # set by configure_logging: the per-batch debug line costs one global read when off
+
+
+def cause(code: str, message: str) -> str:
+    """An error as one line a person can act on: its class or code, then its message."""
+    return f"{code}: {message}"[:500] if message else code
 
 
 class RetryReason(str, enum.Enum):
@@ -145,6 +161,23 @@ class Metrics:
         self.events_sent = Counter("forwarder_events_sent_total", "Events Evidently acknowledged.", registry=r)
         self.events_failed = Counter("forwarder_events_failed_total", "Events written to the dead-letter file.",
                                      ["code"], registry=r)
+        self.project_delivered = Counter(
+            "forwarder_project_events_delivered_total",
+            f"Events Evidently acknowledged, by project (beyond {MAX_PROJECT_LABELS} projects: \"other\").",
+            ["project"], registry=r)
+        self.project_dead_lettered = Counter(
+            "forwarder_project_events_dead_lettered_total",
+            f"Events written to the dead-letter file, by project (beyond {MAX_PROJECT_LABELS} projects: \"other\").",
+            ["project"], registry=r)
+        self.delivery_age = Histogram(
+            "forwarder_delivery_age_seconds",
+            "Age of each delivered batch's oldest event when Evidently acknowledged it (intake receipt to answer).",
+            buckets=DELIVERY_AGE_BUCKETS, registry=r)
+        self.delivery_blocked = Gauge(
+            "forwarder_delivery_blocked",
+            "1 while no event can be delivered because of the forwarder's own AWS identity, by reason: "
+            "no_credentials, credentials_refused, signature_refused (wrong secret or region), access_denied.",
+            ["reason"], registry=r)
         self.events_dropped = Counter("forwarder_events_dropped_total",
                                       "Accepted events lost on purpose (buffer.when_full=drop_oldest, shutdown).",
                                       ["reason"], registry=r)
@@ -238,6 +271,22 @@ class Metrics:
             self.retries.labels(retry_reason.value)
         for kind in ("send_failed", "ack_repeated"):
             self.internal_errors.labels(kind)
+        for reason in BLOCKED_REASONS:
+            self.delivery_blocked.labels(reason)
+        self._delivered: dict[str, Any] = {}  # project label -> its delivered counter (labels() costs a lock)
+
+    def known_project(self, project: str) -> None:
+        """A project known at start (evidently.default_project): its series exist at 0 from the start."""
+        label = self.project_label(project)
+        self.project_delivered.labels(label)
+        self.project_dead_lettered.labels(label)
+        self.circuit_open.labels(label)
+
+    def delivered_counter(self, label: str) -> Any:
+        counter = self._delivered.get(label)
+        if counter is None:
+            counter = self._delivered[label] = self.project_delivered.labels(label)
+        return counter
 
     def project_label(self, project: str) -> str:
         if project in self._projects:
@@ -271,6 +320,16 @@ class RateLimitedLog:
         getattr(self._log, level)(event, **fields)
 
 
+@dataclass(slots=True)
+class ProjectTally:
+    """What happened to one project's events (by its label, so bounded like the metrics)."""
+
+    delivered: int = 0
+    dead_lettered: int = 0
+    last_delivery: float | None = None  # wall clock of the last acknowledgement
+    last_dead_letter: str = ""  # the cause of the last dead letter
+
+
 class Observer:
     """One method per observable event: a structlog line (if any) and its metrics."""
 
@@ -278,6 +337,8 @@ class Observer:
         self.metrics = metrics
         self.log = log or structlog.get_logger("forwarder")
         self.limited = RateLimitedLog(self.log)
+        self.blocked_log = RateLimitedLog(self.log, BLOCKED_LOG_INTERVAL)
+        self.projects: dict[str, ProjectTally] = {}  # by project label: what /status shows per project
         self._connections_closed: dict[str, Any] = {}
 
     # intake
@@ -365,6 +426,23 @@ class Observer:
     def request_done(self, outcome: str, seconds: float) -> None:
         self.metrics.request_duration.labels(outcome).observe(seconds)
 
+    def batch_delivered(self, project: str, n: int, age: float, ids: Callable[[], tuple[str, str]] | None = None) -> None:
+        """Evidently acknowledged ``n`` events of a batch whose oldest event is ``age`` seconds old."""
+        m = self.metrics
+        label = m.project_label(project)
+        m.events_sent.inc(n)
+        m.delivered_counter(label).inc(n)
+        m.delivery_age.observe(age)
+        tally = self.projects.get(label)
+        if tally is None:
+            tally = self.projects[label] = ProjectTally()
+        tally.delivered += n
+        tally.last_delivery = time.time()
+        if _debug:  # one global read per batch when debug is off
+            first, last = ids() if ids is not None else (None, None)
+            self.log.debug("batch_delivered", project=project, events=n, first_event_id=first,
+                           last_event_id=last, age=round(age, 3))
+
     def events_sent(self, n: int) -> None:
         self.metrics.events_sent.inc(n)
 
@@ -372,11 +450,12 @@ class Observer:
         self.metrics.throttled.inc(n)
         self.limited("warning", "throttled", project=project, events=n)
 
-    def retry_scheduled(self, reason: RetryReason, n: int, project: str, delay: float, code: str) -> None:
+    def retry_scheduled(self, reason: RetryReason, n: int, project: str, delay: float, code: str,
+                        message: str = "") -> None:
         self.metrics.retries.labels(reason.value).inc(n)
         if reason is not RetryReason.THROTTLED:
             self.limited("warning", "retry_scheduled", reason=reason.value, project=project, events=n,
-                         delay=round(delay, 3), code=code)
+                         delay=round(delay, 3), code=code, error=cause(code, message))
 
     def send_failed(self, project: str, n: int, error: BaseException) -> None:
         """An attempt failed inside the forwarder (a bug): the batch is tried again later."""
@@ -390,17 +469,19 @@ class Observer:
 
     def dead_letter_failed(self, n: int, error: BaseException) -> None:
         self.metrics.dead_letter_errors.inc(n)
-        self.limited("error", "dead_letter_write_failed", events=n, error=repr(error))
+        self.limited("error", "dead_letter_write_failed", events=n, error=cause(type(error).__name__, str(error)))
 
-    def outage_started(self, failures: int, waiting: int) -> None:
+    def outage_started(self, failures: int, waiting: int, last_error: str = "") -> None:
         self.metrics.outage.set(1)
-        self.log.warning("outage_started", consecutive_failures=failures, events_waiting=waiting)
+        self.log.warning("outage_started", consecutive_failures=failures, events_waiting=waiting,
+                         last_error=last_error)
 
-    def outage_ended(self, seconds: float, probes: int, waiting: int, resumed_batches: int) -> None:
+    def outage_ended(self, seconds: float, probes: int, waiting: int, resumed_batches: int,
+                     last_error: str = "") -> None:
         self.metrics.outage.set(0)
         self.metrics.outage_seconds.inc(seconds)
         self.log.info("outage_ended", seconds=round(seconds, 3), probes=probes, events_waiting=waiting,
-                      resumed_batches=resumed_batches)
+                      resumed_batches=resumed_batches, last_error=last_error)
 
     def probe_sent(self) -> None:
         self.metrics.outage_probes.inc()
@@ -408,16 +489,49 @@ class Observer:
     def possible_duplicates(self, n: int) -> None:
         self.metrics.duplicates.inc(n)
 
-    def dead_lettered(self, code: str, n: int, project: str, message: str) -> None:
+    def dead_lettered(self, code: str, n: int, project: str, message: str, event_ids: list[str] | None = None,
+                      reason: str = "refused by Evidently", grace: float | None = None) -> None:
+        """Events written to the dead-letter file; ``reason``: what ended them (``grace``: a missing project's)."""
+        label = self.metrics.project_label(project)
         self.metrics.events_failed.labels(code).inc(n)
-        self.limited("error", "dead_lettered", code=code, project=project, events=n, message=message[:300])
+        self.metrics.project_dead_lettered.labels(label).inc(n)
+        tally = self.projects.get(label)
+        if tally is None:
+            tally = self.projects[label] = ProjectTally()
+        tally.dead_lettered += n
+        tally.last_dead_letter = cause(code, message)
+        self.limited("error", "dead_lettered", code=code, project=project, events=n, error=cause(code, message),
+                     reason=reason, grace=grace, event_ids=None if event_ids is None else event_ids[:MAX_LOGGED_IDS])
 
-    def circuit_changed(self, project: str, is_open: bool, reason: str = "", retry_in: float = 0.0) -> None:
+    def circuit_changed(self, project: str, is_open: bool, reason: str = "", retry_in: float = 0.0,
+                        message: str = "") -> None:
         self.metrics.circuit_open.labels(self.metrics.project_label(project)).set(1 if is_open else 0)
         if is_open:
-            self.limited("warning", "circuit_opened", project=project, reason=reason, retry_in=round(retry_in, 3))
+            self.limited("warning", "circuit_opened", project=project, reason=reason, retry_in=round(retry_in, 3),
+                         error=cause(reason, message))
         else:
             self.log.info("circuit_closed", project=project)
+
+    def delivery_blocked(self, reason: str, code: str, message: str) -> None:
+        """Every call is refused for the forwarder's own identity: the events are held, not dead-lettered."""
+        for label in BLOCKED_REASONS:
+            self.metrics.delivery_blocked.labels(label).set(1 if label == reason else 0)
+        self.blocked_log("error", "delivery_blocked", reason=reason, code=code,
+                         error=f"delivery blocked: {cause(code, message)}")
+
+    def delivery_unblocked(self) -> None:
+        for label in BLOCKED_REASONS:
+            self.metrics.delivery_blocked.labels(label).set(0)
+        self.log.info("delivery_unblocked")
+
+    def credentials_missing(self, how: str) -> None:
+        self.metrics.delivery_blocked.labels("no_credentials").set(1)
+        self.blocked_log("error", "credentials_missing",
+                         error="no AWS credentials found: nothing can be delivered; events are held", fix=how)
+
+    def credentials_found(self, method: str) -> None:
+        self.metrics.delivery_blocked.labels("no_credentials").set(0)
+        self.log.info("credentials_found", method=method)
 
     def rate_changed(self, rate: float, reason: str) -> None:
         if reason == "throttled":
@@ -426,6 +540,8 @@ class Observer:
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
     """Route structlog to one line per event on stdout (JSON by default)."""
+    global _debug
+    _debug = level == "debug"
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(

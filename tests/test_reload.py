@@ -137,6 +137,7 @@ class LogRig:
 
 DOWN = CallResult(503, "ServiceUnavailableException", "down")
 THROTTLED = CallResult(400, "ThrottlingException", "slow down")
+MISSING = CallResult(404, "ResourceNotFoundException", "Project p does not exist")
 
 
 def throttled_then_ok(times: int) -> Callable[[int], CallResult]:
@@ -155,6 +156,8 @@ PROBES: dict[str, tuple[dict[str, Any], Any, Rig]] = {
                               lambda c, vt: SenderRig(c, vt, throttled_then_ok(4))),
     "retry.max_backoff": ({"retry": {"initial_backoff": 0.5, "max_backoff": 20.0}}, 0.5,
                           lambda c, vt: SenderRig(c, vt, throttled_then_ok(6))),
+    "retry.not_found_grace": ({"retry": {"not_found_grace": 60.0, "initial_backoff": 0.1, "max_backoff": 2.0}}, 5.0,
+                              lambda c, vt: SenderRig(c, vt, lambda n: MISSING)),
     "evidently.initial_rate": ({"evidently": {"initial_rate": 10.0, "max_rate": 100.0}}, 2.0, RateRig),
     "evidently.max_rate": ({"evidently": {"initial_rate": 10.0, "max_rate": 100.0}}, 20.0, RateRig),
 }

@@ -11,7 +11,9 @@ This is the stage's contract: ``memory.MemoryBuffer`` and ``disk.buffer.DiskBuff
 
 from __future__ import annotations
 
+import uuid
 from array import array
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -20,6 +22,16 @@ from forwarder.config import BufferConfig
 from forwarder.observability import Observer
 
 READ_MAX_EVENTS = 5000  # per read, so the batcher loop yields regularly
+# Event ids: what the intake answers as each event's "eventId" and what the delivery
+# and dead-letter lines name. The forwarder's own, not Evidently's (which the
+# forwarder never sees per event): UUID-shaped, a prefix random per daemon run,
+# then the id of the append that took the event (8 hex) and its index in it (4 hex).
+EVENT_ID_PREFIX = str(uuid.uuid4())[:24]  # 8-4-4-4- : the last group is the append's and the index
+
+
+def event_id(append_id: int, index: int) -> str:
+    """The eventId of the ``index``-th event of append ``append_id`` (what Buffer.append returned)."""
+    return f"{EVENT_ID_PREFIX}{append_id & 0xFFFFFFFF:08x}{index & 0xFFFF:04x}"
 # Readiness comes back only below this fill ratio, so /readyz does not flap.
 READY_AGAIN_RATIO = 0.9
 
@@ -28,16 +40,28 @@ class Lease:
     """The events of one read, each resolved (acknowledged) at most once.
 
     Opaque outside the buffers: ``ids`` are the disk buffer's row ids (None in
-    memory), ``sizes`` the encoded size of each event for the byte bound.
+    memory), ``sizes`` the encoded size of each event for the byte bound,
+    ``origins`` where its events came from, for their eventIds: (first position,
+    append id, that position's index in its append), ascending, one per run.
     """
 
-    __slots__ = ("ids", "sizes", "_resolved", "unresolved")
+    __slots__ = ("ids", "sizes", "origins", "_resolved", "unresolved")
 
-    def __init__(self, sizes: Iterable[int], ids: Sequence[int] | None = None) -> None:
+    def __init__(self, sizes: Iterable[int], ids: Sequence[int] | None = None,
+                 origins: list[tuple[int, int, int]] | None = None) -> None:
         self.sizes = array("I", sizes)
         self.ids = ids
+        self.origins = origins
         self._resolved = bytearray(len(self.sizes))
         self.unresolved = len(self.sizes)
+
+    def event_id(self, position: int) -> str | None:
+        """The eventId the intake answered for the event at ``position`` (None when unknown)."""
+        origins = self.origins
+        if not origins:
+            return None
+        first, append_id, index = origins[bisect_right(origins, position, key=lambda o: o[0]) - 1]
+        return event_id(append_id, index + position - first)
 
     def resolve(self, start: int, stop: int) -> tuple[list[int], int, int]:
         """Mark events [start, stop) resolved: (newly resolved positions, their bytes, repeats)."""
@@ -119,7 +143,8 @@ class Buffer(Protocol):
 
     async def open(self, on_crash: Callable[[BaseException], None] | None = None) -> int: ...
 
-    async def append(self, project: str, events: list[bytes], received_at: float) -> None: ...
+    async def append(self, project: str, events: list[bytes], received_at: float) -> int:
+        """Take all the events or none (BufferFull); returns the append's id (see ``event_id``)."""
 
     async def read(self, timeout: float | None) -> list[Chunk]: ...
 

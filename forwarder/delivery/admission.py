@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from forwarder.clock import Clock
 from forwarder.config import RetryConfig
+from forwarder.delivery.blocked import ACCESS_DENIED, NOT_FOUND, Blocked, Refusals, held
 from forwarder.delivery.circuits import Endpoint, ProjectCircuits
 from forwarder.delivery.outcome import Plan, RateSignal
 from forwarder.delivery.rate import RateLimiter
@@ -72,6 +73,46 @@ class Admission:
         self._retry = retry
         self.circuits = ProjectCircuits(clock.monotonic, observer.circuit_changed)
         self.endpoint = Endpoint(OUTAGE_AFTER, retry.initial_backoff, MAX_PROBE_INTERVAL, clock.monotonic)
+        self.refusals = Refusals(clock.monotonic)
+        self._clock = clock
+        self.last_error = ""  # the last call's failure, as a person reads it (outage lines, /status)
+        self.last_error_at: float | None = None  # wall clock
+        self._unblocked_at = 0.0  # wall clock: access denials held while blocked get a full deadline from here
+
+    @property
+    def retry(self) -> RetryConfig:
+        return self._retry
+
+    @property
+    def blocked_state(self) -> Blocked | None:
+        """Every call refused for the forwarder's own identity (credentials, signature, access), or None."""
+        return self.refusals.blocked
+
+    def expired(self, project: str, code: str, first_attempt_at: float) -> dict[str, object] | None:
+        """Why a batch last refused with ``code`` ends now (dead-lettered), or None to keep it.
+
+        Past retry.max_elapsed from its first attempt (wall clock), it ends; but
+        refusals of the forwarder's own identity hold it (an access denial's
+        deadline restarts when delivery is unblocked), and a missing project
+        ends it after retry.not_found_grace.
+        """
+        if held(code, self.refusals.blocked):
+            return None
+        if code == NOT_FOUND:
+            since = self.refusals.missing_since(project)
+            grace = self._retry.not_found_grace
+            if since is not None and self._clock.monotonic() - since >= grace:
+                return {"reason": f"the project does not exist (404) for retry.not_found_grace ({grace:g} s)",
+                        "grace": grace}
+        start = max(first_attempt_at, self._unblocked_at) if code == ACCESS_DENIED else first_attempt_at
+        if first_attempt_at and self._clock.wall() >= start + self._retry.max_elapsed:
+            return {"reason": "retry.max_elapsed reached"}
+        return None
+
+    def _grace_end(self, project: str, code: str, due: float) -> float:
+        """A missing project's batch is looked at again when its grace ends, not later."""
+        since = self.refusals.missing_since(project) if code == NOT_FOUND else None
+        return due if since is None else min(due, since + self._retry.not_found_grace)
 
     def reconfigure(self, retry: RetryConfig) -> None:
         """New retry settings: the next circuit and the next outage probe use them."""
@@ -81,9 +122,10 @@ class Admission:
     @asynccontextmanager
     async def admit(self, project: str, batch_id: int) -> AsyncIterator[Turn]:
         """A batch's turn: ``held`` set when its circuit holds it back, else it may call now."""
-        held = self.circuits.hold(project, batch_id)
-        if held is not None:
-            yield Turn(project, batch_id, Held(*held))
+        held_back = self.circuits.hold(project, batch_id)
+        if held_back is not None:
+            due, code, message = held_back
+            yield Turn(project, batch_id, Held(self._grace_end(project, code, due), code, message))
             return
         turn = Turn(project, batch_id, project_probe=self.circuits.probing(project))
         try:
@@ -120,18 +162,28 @@ class Admission:
         """A batch left for good (dead-lettered): its circuit forgets it."""
         self.circuits.released(project, batch_id)
 
-    def learn(self, turn: Turn, outcome: Plan) -> Lesson:
-        """What the call's answer teaches the circuits and the rate; returns what the sender must act on."""
+    def learn(self, turn: Turn, outcome: Plan, error: str = "") -> Lesson:
+        """What the call's answer (``error``: its failure in words, "" for none) teaches the circuits
+        and the rate; returns what the sender must act on."""
         turn.settled = True
+        if error:
+            self.last_error, self.last_error_at = error, self._clock.wall()
         started, ended, reopen_at = False, None, None
         if outcome.answered:
             ended = self.endpoint.answered()
             refusal = outcome.refused_project
             if refusal is None:
                 self.circuits.answered(turn.project)
+                if self.refusals.answered(turn.project):
+                    self._unblocked_at = self._clock.wall()
+                    self._observer.delivery_unblocked()
             else:
                 reopen_at = self.circuits.refused(turn.project, turn.batch_id, refusal.code, refusal.message,
                                                   self._retry.initial_backoff, self._retry.max_backoff)
+                blocked, _ = self.refusals.refused(turn.project, refusal.code, refusal.message)
+                if blocked is not None:
+                    self._observer.delivery_blocked(blocked.reason, blocked.code, blocked.message)
+                reopen_at = self._grace_end(turn.project, refusal.code, reopen_at)
         else:
             started = self.endpoint.failed(turn.probe)
             self.circuits.unanswered(turn.project)
@@ -147,7 +199,10 @@ class Admission:
             self.limiter.on_throttle(sent_at)
 
     def blocked(self) -> str | None:
-        """What keeps calls from going out, if anything: an outage or open circuits."""
+        """What keeps calls from going out, if anything: blocked delivery, an outage or open circuits."""
+        blocked = self.refusals.blocked
+        if blocked is not None:
+            return f"delivery blocked: {blocked.code}: {blocked.message}"
         if self.endpoint.down:
             return "Evidently has not answered for a while (outage)"
         if self.circuits.any_open():

@@ -85,6 +85,15 @@ class Batch:
         runs = self._runs
         return list(runs[0][2]) if len(runs) == 1 else list(chain.from_iterable(events for _, _, events in runs))
 
+    def event_id(self, i: int) -> str | None:
+        """The eventId the intake answered for its ``i``-th event (None when the buffer did not say)."""
+        i = i + self._size if i < 0 else i
+        for lease, first, events in self._runs:
+            if i < len(events):
+                return lease.event_id(first + i)
+            i -= len(events)
+        raise IndexError("batch index out of range")
+
     def receipt(self) -> Receipt:
         """What acknowledges these events to the buffer."""
         return Receipt([(lease, first, first + len(events)) for lease, first, events in self._runs])

@@ -91,6 +91,10 @@ class Batcher:
     def oldest(self) -> float | None:
         return min((o.batch.received_at for o in self._open.values()), default=None)
 
+    def open_by_project(self) -> dict[str, int]:
+        """Read-only, for /status: events in open batches per project."""
+        return {project: len(o.batch) for project, o in self._open.items()}
+
 
 class Sink(Protocol):
     async def send(self, batch: Batch) -> None: ...

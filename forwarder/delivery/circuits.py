@@ -24,6 +24,7 @@ class _Circuit:
     code: str = ""  # the refusal that opened it, for the batches it holds back
     message: str = ""
     held: set[int] = field(default_factory=set)  # id() of the batches it is holding back
+    since: float = 0.0  # when it first opened (this run of refusals)
 
 
 class ProjectCircuits:
@@ -35,7 +36,7 @@ class ProjectCircuits:
     at 1 for a project that has nothing left to send.
     """
 
-    def __init__(self, clock: Callable[[], float], on_change: Callable[[str, bool, str, float], None]) -> None:
+    def __init__(self, clock: Callable[[], float], on_change: Callable[[str, bool, str, float, str], None]) -> None:
         self._clock = clock
         self._on_change = on_change
         self._circuits: dict[str, _Circuit] = {}
@@ -56,20 +57,22 @@ class ProjectCircuits:
 
     def refused(self, project: str, batch_id: int, code: str, message: str, initial: float, maximum: float) -> float:
         """The service refused the project: open (or reopen) its circuit; returns when to try again."""
-        circuit = self._circuits.setdefault(project, _Circuit())
+        circuit = self._circuits.get(project)
+        if circuit is None:
+            circuit = self._circuits[project] = _Circuit(since=self._clock())
         circuit.failures += 1
         circuit.probing = False
         circuit.code, circuit.message = code, message
         delay = circuit_delay(circuit.failures, initial, maximum)
         circuit.open_until = self._clock() + delay
         circuit.held.add(batch_id)
-        self._on_change(project, True, code, delay)
+        self._on_change(project, True, code, delay, message)
         return circuit.open_until
 
     def answered(self, project: str) -> None:
         """The service answered a call for the project without refusing it: close its circuit."""
         if self._circuits.pop(project, None) is not None:
-            self._on_change(project, False, "", 0.0)
+            self._on_change(project, False, "", 0.0, "")
 
     def probing(self, project: str) -> bool:
         """Whether a batch of the project is out as its circuit's probe."""
@@ -90,7 +93,11 @@ class ProjectCircuits:
         circuit.held.discard(batch_id)
         if not circuit.held and not circuit.probing:
             del self._circuits[project]
-            self._on_change(project, False, "", 0.0)
+            self._on_change(project, False, "", 0.0, "")
+
+    def state(self) -> dict[str, tuple[str, str, float, float, int]]:
+        """Read-only, for /status: project -> (code, message, opened at, open until, batches held)."""
+        return {p: (c.code, c.message, c.since, c.open_until, len(c.held)) for p, c in self._circuits.items()}
 
     def any_open(self) -> bool:
         now = self._clock()

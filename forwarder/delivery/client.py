@@ -40,6 +40,7 @@ from forwarder import __version__
 from forwarder.config import EvidentlyConfig
 from forwarder.delivery.retry import CallResult, RetryReason, no_answer, parse_retry_after
 from forwarder.reading import OffLoop
+from forwarder.observability import cause
 
 _OPERATION = "evidently.PutProjectEvents"
 _BODY_KEY = "forwarder_encoded_body"
@@ -155,20 +156,32 @@ class EvidentlyClient:
         self._http: aiohttp.ClientSession | None = None
         self._proxies: dict[tuple[str, str], str | None] = {}  # (scheme, host) -> proxy URL, see _proxy
         self._parser: Any = None
+        self._session: Any = None
         self._cafile: Any = None
         self._tls: ssl.SSLContext | None = None  # replaced whole by reload_client_cert
         self._reads = OffLoop("evidently.client_cert_file/evidently.client_key_file")
 
     async def start(self) -> None:
         """Create the client; raises ModelMissing before anything else."""
-        session = AioSession()
+        self._session = session = AioSession()
         check_model(session)
         if self._credentials is not None:
             session.set_credentials(*self._credentials)
         c = self._config
-        endpoint = c.endpoint_url or None
+        await self._open_client()
         connect_timeout = min(5.0, c.request_timeout)
-        cm = session.create_client(
+        self._cafile = get_cert_path(session.get_config_variable("ca_bundle") or True)
+        self.reload_client_cert()
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=c.concurrency),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=c.request_timeout),
+        )
+
+    async def _open_client(self) -> None:
+        """A botocore client with our hooks, replacing the previous one (credentials that appeared late)."""
+        c = self._config
+        endpoint = c.endpoint_url or None
+        cm = self._session.create_client(
             "evidently",
             region_name=c.region,
             endpoint_url=endpoint,
@@ -177,7 +190,7 @@ class EvidentlyClient:
                 retries={"total_max_attempts": 1},
                 parameter_validation=False,
                 max_pool_connections=c.concurrency,
-                connect_timeout=connect_timeout,
+                connect_timeout=min(5.0, c.request_timeout),
                 read_timeout=c.request_timeout,
                 tcp_keepalive=True,
                 user_agent=_USER_AGENT,
@@ -186,21 +199,34 @@ class EvidentlyClient:
                 signature_version=None if c.sign_requests else botocore.UNSIGNED,
             ),
         )
-        self._client = await cm.__aenter__()
-        self._exit = cm.__aexit__
-        self._cafile = get_cert_path(session.get_config_variable("ca_bundle") or True)
-        self.reload_client_cert()
-        self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=c.concurrency),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=c.request_timeout),
-        )
-        model = self._client.meta.service_model
+        client = await cm.__aenter__()
+        model = client.meta.service_model
         self._parser = create_parser(model.protocol)
-        events = self._client.meta.events
+        events = client.meta.events
         events.register(f"before-parameter-build.{_OPERATION}", _take_body)
         events.register(f"before-call.{_OPERATION}", self._send)
         for event, handler in _NOOP_HANDLERS:
             events.unregister(event, handler)
+        previous, self._client, self._exit = self._exit, client, cm.__aexit__
+        if previous is not None:
+            await previous(None, None, None)
+
+    async def credentials_method(self) -> str | None:
+        """How the standard chain finds credentials now ("env", "iam-role", ...); None when it finds none."""
+        try:
+            credentials = await self._session.get_credentials()
+        except botocore.exceptions.BotoCoreError:  # e.g. a profile that does not exist: none to sign with
+            return None
+        return None if credentials is None else (credentials.method or "explicit")
+
+    async def use_new_credentials(self) -> None:
+        """Credentials appeared after start-up: sign with them from now on."""
+        await self._open_client()
+
+    @property
+    def endpoint(self) -> str:
+        """The URL calls go to (endpoint_url, or the region's)."""
+        return self._client.meta.endpoint_url if self._client is not None else (self._config.endpoint_url or "")
 
     async def _send(self, model: Any, params: dict[str, Any], request_signer: Any, context: dict[str, Any],
                     **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
@@ -273,8 +299,9 @@ class EvidentlyClient:
                 botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as e:
             # No connection, so nothing was sent.
             return no_answer(RetryReason.CONNECTION, _describe(e), maybe_delivered=False)
-        except (botocore.exceptions.ReadTimeoutError, aiohttp.SocketTimeoutError, TimeoutError):
-            return no_answer(RetryReason.TIMEOUT, "no answer before the read timeout", maybe_delivered=True)
+        except (botocore.exceptions.ReadTimeoutError, aiohttp.SocketTimeoutError, TimeoutError) as e:
+            return no_answer(RetryReason.TIMEOUT, f"{type(e).__name__}: no answer within evidently.request_timeout "
+                             f"({self._config.request_timeout:g} s)", maybe_delivered=True)
         except (botocore.exceptions.BotoCoreError, aiohttp.ClientError, OSError) as e:
             # Connected, then the connection broke (reset, closed mid-answer): the
             # request may have been stored, so a resend is a possible duplicate.
@@ -294,8 +321,30 @@ class EvidentlyClient:
             await exit_(None, None, None)
 
 
+def describe(result: CallResult) -> str:
+    """A call's failure as a person reads it: its code or class, then its message ("" for a success)."""
+    if result.failed:
+        _, code, message = result.failed[0]
+        return f"{cause(code, message)} ({len(result.failed)} events of the batch)"
+    if result.status == 200:
+        return ""
+    return cause(result.code or f"HTTP{result.status}", result.message)
+
+
 def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:300]
+    """An error that kept a call from being answered, with the host and what to do where it helps."""
+    name = type(e).__name__
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(e.certificate_error, "verify_message", None) or str(e.certificate_error)
+        return (f"{name}: TLS certificate verification failed for {e.host}:{e.port}: certificate verify failed: "
+                f"{reason}; "
+                "trust its CA with AWS_CA_BUNDLE=<PEM file> (or the system store)")[:500]
+    if isinstance(e, aiohttp.ClientSSLError):
+        return f"{name}: TLS handshake with {e.host}:{e.port} failed: {e.os_error}"[:500]
+    if isinstance(e, aiohttp.ClientConnectorError):
+        reason = e.os_error.strerror or str(e.os_error)
+        return f"{name}: cannot connect to {e.host}:{e.port}: {reason}"[:500]
+    return f"{name}: {e}"[:500]
 
 
 def _from_client_error(e: botocore.exceptions.ClientError) -> CallResult:

@@ -1,6 +1,7 @@
 """The dead-letter file: append-only NDJSON of events Evidently will never accept.
 
-One line per event: ``project``, ``event`` (exactly as sent), ``errorCode``,
+One line per event: ``project``, ``event`` (exactly as sent), ``eventId`` (the
+id the intake answered for it, null when unknown), ``errorCode``,
 ``errorMessage``, ``attempts``, ``first_attempt_at``, ``last_attempt_at``. Each
 write is flushed and fsynced before the events are acknowledged to the buffer,
 so an event is never in neither place. Past ``max_bytes`` the file is rotated
@@ -24,14 +25,16 @@ def _iso(ts: float) -> str:
 
 
 def lines(project: str, events: list[bytes], code: str, message: str, attempts: int,
-          first_attempt_at: float, last_attempt_at: float) -> bytes:
+          first_attempt_at: float, last_attempt_at: float, event_ids: list[str | None] | None = None) -> bytes:
     """The NDJSON lines for dead-lettered events; the event bytes are embedded as sent."""
     tail = orjson.dumps({
         "errorCode": code, "errorMessage": message, "attempts": attempts,
         "first_attempt_at": _iso(first_attempt_at), "last_attempt_at": _iso(last_attempt_at),
     })[1:]
     head = b'{"project":' + orjson.dumps(project) + b',"event":'
-    return b"".join(head + event + b"," + tail + b"\n" for event in events)
+    ids = event_ids or [None] * len(events)
+    return b"".join(head + event + b',"eventId":' + orjson.dumps(event_id) + b"," + tail + b"\n"
+                    for event, event_id in zip(events, ids))
 
 
 class DeadLetterWriter:

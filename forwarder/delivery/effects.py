@@ -52,9 +52,12 @@ class Effects:
         for effect in outcome.effects:
             match effect:
                 case Deliver(indexes=indexes):
-                    await self._buffer.ack(batch.part(indexes).receipt())
+                    part = batch.part(indexes)
+                    await self._buffer.ack(part.receipt())
                     self.last_delivery = self._clock.monotonic()
-                    self._observer.events_sent(len(indexes))
+                    self._observer.batch_delivered(batch.project, len(indexes),
+                                                   max(0.0, self._clock.wall() - batch.received_at),
+                                                   lambda: (part.event_id(0), part.event_id(-1)))
                 case Reject(indexes=indexes, code=code, message=message):
                     await self.dead_letter(batch.part(indexes), code, message)
                 case Resend(indexes=indexes, reason=reason, retry_after=retry_after, code=code, message=message):
@@ -68,13 +71,14 @@ class Effects:
                     assert reopen_at is not None, "a refused project's batch needs its circuit's reopening time"
                     self._schedule.put_later(batch, reopen_at)
 
-    async def dead_letter(self, batch: Batch, code: str, message: str) -> None:
+    async def dead_letter(self, batch: Batch, code: str, message: str, **why: object) -> None:
         """Write the events to the dead-letter file, then acknowledge them; a failed write is tried again later."""
         wall = self._clock.wall()
+        event_ids = [batch.event_id(i) for i in range(len(batch))]
         try:
             await self._dead_letters.write(deadletter.lines(
                 batch.project, batch.events, code, message, batch.attempts,
-                batch.first_attempt_at or wall, batch.last_attempt_at or wall))
+                batch.first_attempt_at or wall, batch.last_attempt_at or wall, event_ids))
         except Exception as e:  # the events stay ours: write them again later, never send them again
             failures = batch.rejected(code, message)
             self._observer.dead_letter_failed(len(batch), e)
@@ -82,16 +86,17 @@ class Effects:
             self._schedule.put_later(batch, self._clock.monotonic() + delay)
             return
         await self._buffer.ack(batch.receipt())
-        self._observer.dead_lettered(code, len(batch), batch.project, message)
+        self._observer.dead_lettered(code, len(batch), batch.project, message, event_ids,  # type: ignore[arg-type]
+                                     **why)
 
-    async def expire(self, batch: Batch) -> None:
-        """Past retry.max_elapsed: dead-lettered with the last error it got."""
+    async def expire(self, batch: Batch, **why: object) -> None:
+        """Past retry.max_elapsed (or a missing project's grace, ``why``): dead-lettered with its last error."""
         code, message = batch.last_error
-        await self.dead_letter(batch, code or "Expired", message or "retry.max_elapsed reached")
+        await self.dead_letter(batch, code or "Expired", message or "retry.max_elapsed reached", **why)
 
     def _resend(self, batch: Batch, reason: RetryReason, retry_after: float | None) -> None:
         delay = self._backoff(batch, retry_after)
-        self._observer.retry_scheduled(reason, len(batch), batch.project, delay, batch.last_error[0])
+        self._observer.retry_scheduled(reason, len(batch), batch.project, delay, *batch.last_error)
         self._schedule.put_later(batch, self._clock.monotonic() + delay)
 
     def _backoff(self, batch: Batch, retry_after: float | None) -> float:

@@ -74,5 +74,9 @@ class Schedule:
         self._heap.clear()
         return batches
 
+    def batches(self) -> list[Batch]:
+        """Read-only: every batch in the schedule, in no particular order."""
+        return [entry[2] for entry in self._heap]
+
     def oldest(self) -> float | None:
         return min((entry[2].received_at for entry in self._heap), default=None)

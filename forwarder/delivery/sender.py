@@ -16,7 +16,7 @@ from forwarder.clock import Clock
 from forwarder.config import RetryConfig
 from forwarder.delivery.admission import OUTAGE_AFTER, Admission, Lesson, Turn
 from forwarder.delivery.batch import Batch
-from forwarder.delivery.client import Transport
+from forwarder.delivery.client import Transport, describe
 from forwarder.delivery.effects import Acker, DeadLetterSink, Effects
 from forwarder.delivery.outcome import Plan, plan
 from forwarder.delivery.rate import RateLimiter
@@ -58,7 +58,7 @@ class Sender:
     def alive(self) -> bool:
         return bool(self._workers) and all(not t.done() for t in self._workers)
 
-    LIVE_KEYS = ("retry.max_elapsed", "retry.initial_backoff", "retry.max_backoff")
+    LIVE_KEYS = ("retry.max_elapsed", "retry.initial_backoff", "retry.max_backoff", "retry.not_found_grace")
 
     async def reconfigure(self, retry: RetryConfig) -> None:
         """New retry limits (live): each batch is judged by them the next time it is taken,
@@ -105,6 +105,16 @@ class Sender:
             times.append(scheduled)
         return min(times, default=None)
 
+    def events_by_project(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Read-only, for /status: (events waiting in the schedule, events a worker holds) per project."""
+        waiting: dict[str, int] = {}
+        taken: dict[str, int] = {}
+        for batch in self._schedule.batches():
+            waiting[batch.project] = waiting.get(batch.project, 0) + len(batch)
+        for batch in self._taken.values():
+            taken[batch.project] = taken.get(batch.project, 0) + len(batch)
+        return waiting, taken
+
     def stalled(self) -> str | None:
         """Why nothing has been delivered for a while although there is work, or None."""
         if self._resolved_all() or self._clock.monotonic() - self._effects.last_delivery < STALLED_AFTER:
@@ -143,16 +153,18 @@ class Sender:
         if rejection is not None:  # its dead-letter write failed before: no call, write it again
             await self._effects.dead_letter(batch, *rejection)
             return None
-        if not self._expired(batch):
+        why = self._expired(batch)
+        if why is None:
             async with self.admission.admit(batch.project, id(batch)) as turn:
                 if turn.held is not None:
                     self._effects.hold_back(batch, turn.held.due, turn.held.code, turn.held.message)
                     return None
                 # As the probe it may have waited out a long outage: then it is not sent.
-                if not (turn.probe and self._expired(batch)):
+                why = self._expired(batch) if turn.probe else None
+                if why is None:
                     return await self._call(batch, turn)
         self.admission.released(batch.project, id(batch))
-        await self._effects.expire(batch)
+        await self._effects.expire(batch, **why)
         return None
 
     async def _call(self, batch: Batch, turn: Turn) -> tuple[Plan, Lesson]:
@@ -168,15 +180,17 @@ class Sender:
         duplicates = batch.result(result, outcome)
         if duplicates:
             self._observer.possible_duplicates(duplicates)
-        return outcome, self.admission.learn(turn, outcome)
+        return outcome, self.admission.learn(turn, outcome, describe(result))
 
     def _act_on(self, lesson: Lesson) -> None:
         """What the endpoint's outage breaker learned: log it; at the end of an outage its retries go at once."""
+        last_error = self.admission.last_error
         if lesson.outage_started:
-            self._observer.outage_started(OUTAGE_AFTER, self._buffer.depth)
+            self._observer.outage_started(OUTAGE_AFTER, self._buffer.depth, last_error)
         if lesson.outage_ended is not None:
             resumed = self._schedule.expedite(lambda b: b.outage_retry)
-            self._observer.outage_ended(lesson.outage_ended, lesson.probes, self._buffer.depth, resumed)
+            self._observer.outage_ended(lesson.outage_ended, lesson.probes, self._buffer.depth, resumed, last_error)
 
-    def _expired(self, batch: Batch) -> bool:
-        return batch.expired(self._clock.wall(), self._retry.max_elapsed)
+    def _expired(self, batch: Batch) -> dict[str, object] | None:
+        """Why the batch ends now (dead-lettered), or None: see Admission.expired."""
+        return self.admission.expired(batch.project, batch.last_error[0], batch.first_attempt_at)

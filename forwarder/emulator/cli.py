@@ -14,7 +14,7 @@ def run_emulator(host: str, port: int, faults: FaultConfig, credentials: dict[st
                  region: str = DEFAULT_REGION) -> None:
     """Serve until SIGTERM or SIGINT; blocks. Prints the URL once listening."""
     try:
-        import uvloop  # optional (the bench extra); the emulator must outpace what it measures
+        import uvloop  # optional (the speed extra); the emulator must outpace what it measures
 
         loop_factory = uvloop.new_event_loop
     except ImportError:

@@ -175,9 +175,10 @@ class Intake:
         wrong_region = 0
         if project[:4] == "arn:" and self._region and (wrong := region_error(project, self._region)) is not None:
             wrong_region, encoded, errors = len(encoded), [], refuse_all(n, errors, wrong)
+        append_id = 0
         if encoded:
             try:
-                await self._buffer.append(project, encoded, now)
+                append_id = await self._buffer.append(project, encoded, now)
             except BufferFull as e:
                 raise Refusal(429, "ThrottlingException", "the forwarder's buffer is full; retry later",
                               "buffer_full", n, {"Retry-After": str(max(1, round(e.retry_after)))}) from None
@@ -190,6 +191,6 @@ class Intake:
             self._observer.events_rejected("validation", len(errors) - wrong_region)
         if wrong_region:
             self._observer.events_rejected("wrong_region", wrong_region)
-        response = web.Response(body=self._ids.results(n, errors), content_type="application/json")
+        response = web.Response(body=self._ids.results(n, errors, append_id), content_type="application/json")
         response.headers[REQUEST_ID] = request_id()
         return response

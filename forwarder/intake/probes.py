@@ -1,12 +1,14 @@
-"""The intake's unauthenticated GET routes: /healthz, /readyz and /metrics (also on its own listener).
+"""The intake's unauthenticated GET routes: /healthz, /readyz, /status and /metrics (the last two
+also on the metrics listener).
 
-Kubernetes probes and Prometheus need them without credentials; they report
-the pipeline's state, not only the intake's.
+Kubernetes probes, Prometheus and a person running ``forwarder status`` need
+them without credentials; they report the pipeline's state, not only the
+intake's. /status is the document of ``forwarder/status.py``.
 """
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
@@ -29,6 +31,9 @@ class Health(Protocol):
     def not_ready(self) -> str | None:
         """Why new events should go elsewhere now, or None."""
 
+    def status(self) -> dict[str, Any]:
+        """The status document (forwarder/status.py)."""
+
 
 class Probes:
     """The answers of /healthz, /readyz and (with a registry) /metrics."""
@@ -40,7 +45,8 @@ class Probes:
         self._listeners = listeners
         self._registry = registry
         self._accepting = accepting
-        self.routes: dict[str, Handler] = {"/healthz": self._healthz, "/readyz": self._readyz}
+        self.routes: dict[str, Handler] = {"/healthz": self._healthz, "/readyz": self._readyz,
+                                           "/status": self._status}
         if registry is not None:
             self.routes["/metrics"] = self._metrics
 
@@ -62,15 +68,19 @@ class Probes:
             return json_response({"status": "ready"})
         return json_response({"status": "not ready", "reason": reason}, 503)
 
+    async def _status(self, request: web.BaseRequest) -> web.Response:
+        return json_response(self._health.status())
+
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         return metrics_response(self._registry)  # type: ignore[arg-type]
 
 
-async def serve_metrics(registry: CollectorRegistry, config: Config) -> web.AppRunner | None:
-    """/metrics alone on its own listener when metrics.port is set; cleanup() the runner to stop it.
+async def serve_metrics(registry: CollectorRegistry, config: Config,
+                        status: Callable[[], dict[str, Any]]) -> web.AppRunner | None:
+    """/metrics and /status on their own listener when metrics.port is set; cleanup() the runner to stop it.
 
     On loopback it answers only a ``Host`` naming this machine, as the intake
-    does (a web page's DNS-rebound name must not read the metrics).
+    does (a web page's DNS-rebound name must not read the metrics or the status).
     """
     if not config.metrics.port:
         return None
@@ -78,16 +88,23 @@ async def serve_metrics(registry: CollectorRegistry, config: Config) -> web.AppR
     hosts = HostCheck(host)
     loopback = False
 
-    async def metrics(request: web.Request) -> web.Response:
+    def refused(request: web.Request) -> web.Response | None:
         if loopback:
             try:
                 hosts.check(request.headers.get(hdrs.HOST))
             except Refusal as e:
                 return error_response(e.status, e.error_type, e.message)
-        return metrics_response(registry)
+        return None
+
+    async def metrics(request: web.Request) -> web.Response:
+        return refused(request) or metrics_response(registry)
+
+    async def status_document(request: web.Request) -> web.Response:
+        return refused(request) or json_response(status())
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status_document)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, config.metrics.port).start()

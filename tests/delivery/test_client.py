@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from contextlib import asynccontextmanager
 
 import orjson
@@ -204,3 +205,39 @@ async def test_calls_go_through_the_proxy_named_by_the_environment(monkeypatch):
         finally:
             await c.close()
     assert [url for _, url, _, _ in seen] == [f"{endpoint}/events/projects/p"]
+
+
+async def test_connection_and_tls_failures_name_the_host_and_port_and_what_to_do(tmp_path, monkeypatch):
+    from aiohttp import web
+
+    from forwarder.delivery.client import describe
+    from tests.tools import make_ca_and_server_pair
+
+    port = free_port()
+    c = EvidentlyClient(EvidentlyConfig(endpoint_url=f"http://127.0.0.1:{port}", request_timeout=1.0),
+                        credentials=("k", "s"))
+    await c.start()
+    try:
+        refused = await c.put_events("p", support.events(1))
+    finally:
+        await c.close()
+    assert f"cannot connect to 127.0.0.1:{port}" in describe(refused)
+
+    _, cert, key = make_ca_and_server_pair(tmp_path)  # a CA the client does not trust
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls).start()
+    tls_port = runner.addresses[0][1]
+    c = EvidentlyClient(EvidentlyConfig(endpoint_url=f"https://127.0.0.1:{tls_port}", request_timeout=1.0),
+                        credentials=("k", "s"))
+    await c.start()
+    try:
+        untrusted = await c.put_events("p", support.events(1))
+    finally:
+        await c.close()
+        await runner.cleanup()
+    text = describe(untrusted)
+    assert f"TLS certificate verification failed for 127.0.0.1:{tls_port}: certificate verify failed" in text
+    assert "AWS_CA_BUNDLE" in text and untrusted.unanswered is RetryReason.CONNECTION

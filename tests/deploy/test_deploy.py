@@ -55,6 +55,13 @@ FORWARDER_SERIES = frozenset({
     "forwarder_buffer_corruptions_total", "forwarder_build_info", "forwarder_buffer_write_errors_total",
     "forwarder_outage", "forwarder_outage_seconds_total", "forwarder_outage_probes_total",
     "forwarder_dead_letter_write_errors_total", "forwarder_internal_errors_total",
+    "forwarder_project_events_delivered_total", "forwarder_project_events_dead_lettered_total",
+    "forwarder_datagrams_received_total", "forwarder_datagram_rejected_total", "forwarder_datagram_paused",
+    "forwarder_intake_connections", "forwarder_intake_connection_limit",
+    "forwarder_intake_connections_closed_total", "forwarder_intake_auth_refusals_total",
+    "forwarder_intake_auth_credentials", "forwarder_intake_auth_reload_errors_total",
+    "forwarder_delivery_age_seconds_bucket", "forwarder_delivery_age_seconds_sum",
+    "forwarder_delivery_age_seconds_count", "forwarder_delivery_blocked",
 })
 DEFAULT_COLLECTOR_SERIES = frozenset({
     "process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
@@ -62,7 +69,9 @@ DEFAULT_COLLECTOR_SERIES = frozenset({
     "python_info", "python_gc_objects_collected_total", "python_gc_objects_uncollectable_total",
     "python_gc_collections_total",
 })
-KNOWN_SERIES = FORWARDER_SERIES | DEFAULT_COLLECTOR_SERIES | {"up"}
+# Series exported only with a listener that has them (the UDP datagram socket).
+LISTENER_SERIES = frozenset({"forwarder_datagram_kernel_drops_total"})
+KNOWN_SERIES = FORWARDER_SERIES | LISTENER_SERIES | DEFAULT_COLLECTOR_SERIES | {"up"}
 
 
 def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -151,6 +160,17 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     ours = [line for line in (result.stdout + result.stderr).splitlines() if UNIT.name in line]
     assert ours == []
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_systemd_unit_exposure_is_at_most_1_3(tmp_path: Path) -> None:
+    """`systemd-analyze security --offline`: today's exposure (1.3, "OK") or better."""
+    systemd_analyze = require_tool("systemd-analyze")
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/forwarder", sys.executable))
+    result = run([systemd_analyze, "security", "--offline=yes", "--threshold=13", str(unit)], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-500:]
+    exposure = re.search(r"Overall exposure level for forwarder.service: (0\.\d|1\.[0-3]) ", result.stdout)
+    assert exposure, result.stdout[-300:]
 
 
 REQUIRED_UNIT_SETTINGS = {
@@ -255,7 +275,8 @@ def test_dockerfile_runtime_runs_as_numeric_non_root_user() -> None:
 
 def test_dockerfile_runtime_has_healthcheck_stop_signal_and_entrypoint() -> None:
     stage = dict(final_stage(dockerfile_instructions(DOCKERFILE.read_text())))
-    assert "/healthz" in stage["HEALTHCHECK"] and "urllib" in stage["HEALTHCHECK"]
+    check = json.loads(stage["HEALTHCHECK"].split("CMD", 1)[1])
+    assert check[:2] == ["forwarder", "healthcheck"] and json.loads(stage["CMD"])[1:] == check[2:4]
     assert stage["STOPSIGNAL"] == "SIGTERM"
     assert json.loads(stage["ENTRYPOINT"]) == ["forwarder"]
     assert json.loads(stage["CMD"]) == ["run", "--config", "/etc/forwarder/forwarder.toml"]
@@ -602,4 +623,15 @@ def test_dashboard_queries_use_only_exported_metrics() -> None:
         "forwarder_throttled_total", "forwarder_send_rate", "forwarder_retries_total",
         "forwarder_request_duration_seconds_bucket", "forwarder_batch_size_events_bucket",
         "forwarder_inflight_requests", "forwarder_events_rejected_total", "forwarder_events_dropped_total",
+        "forwarder_datagrams_received_total", "forwarder_datagram_rejected_total",
+        "forwarder_intake_auth_refusals_total", "forwarder_intake_connections", "forwarder_intake_connection_limit",
+        "forwarder_outage", "forwarder_delivery_age_seconds_bucket",
     } <= used
+
+
+def test_stat_panels_of_labelled_or_state_series_show_0_not_no_data_while_scraped() -> None:
+    panels = dashboard_panels(dashboard()["panels"])
+    stats = {p["title"]: p["targets"][0]["expr"] for p in panels if p["type"] == "stat"}
+    # forwarder_circuit_open has a series per open circuit only: none at all on a healthy forwarder.
+    for title in ("Open circuits", "In outage"):
+        assert re.search(r"\)\s+or\s+\(0 \* sum\(up\{", stats[title]), stats[title]

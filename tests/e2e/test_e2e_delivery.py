@@ -23,7 +23,7 @@ from forwarder.emulator.harness import EmulatorProcess, ForwarderProcess, wait_f
 
 pytestmark = pytest.mark.e2e
 
-DEAD_LETTER_FIELDS = {"project", "event", "errorCode", "errorMessage", "attempts", "first_attempt_at",
+DEAD_LETTER_FIELDS = {"project", "event", "eventId", "errorCode", "errorMessage", "attempts", "first_attempt_at",
                       "last_attempt_at"}
 
 

@@ -222,8 +222,8 @@ def test_event_ids_are_uuid_shaped_and_unique_across_requests():
 
     from forwarder.intake.answers import EventIds
     ids = EventIds()
-    answers = [json.loads(ids.all_accepted(n)) for n in (3, 3, 0, 50)]
-    partial = ids.one_request()
+    answers = [json.loads(ids.all_accepted(n, append_id)) for append_id, n in enumerate((3, 3, 0, 50))]
+    partial = ids.one_request(4)
     seen = [r["eventId"] for a in answers for r in a["eventResults"]] + [partial(0), partial(1)]
     assert len(seen) == len(set(seen)) == 58
     assert all(str(uuid.UUID(i)) == i for i in seen)

@@ -94,12 +94,12 @@ class DiskBuffer(Bounded):
 
     # the intake side
 
-    async def append(self, project: str, events: list[bytes], received_at: float) -> None:
-        """Take all the events or none (BufferFull); returns once they are committed."""
+    async def append(self, project: str, events: list[bytes], received_at: float) -> int:
+        """Take all the events or none (BufferFull); returns once they are committed, with the append's id."""
         self._writer.check_usable()
         n, size = len(events), sum(map(len, events))
         if not n:
-            return
+            return 0
         if self.progress.disk_full_until > self._clock():
             raise BufferFull(DISK_FULL_RETRY_AFTER)
         if not self._bounds.fits(n, size) and self._drop_oldest:
@@ -108,7 +108,9 @@ class DiskBuffer(Bounded):
             self._bounds.rejecting = True
             raise BufferFull()
         self._bounds.add(n, size)
-        await self._writer.append(Append(project, received_at, events, size))
+        append = Append(project, received_at, events, size)
+        await self._writer.append(append)
+        return append.first_id
 
     async def _make_room(self, n: int, size: int) -> None:
         # One drop at a time, so two full appends do not both drop for the same room.

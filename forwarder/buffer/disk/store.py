@@ -28,6 +28,7 @@ class Append:
     received_at: float
     events: list[bytes]
     size: int  # bytes of the events, as the buffer's bounds counted them
+    first_id: int = 0  # the row id of its first event, once committed: the append's id (its eventIds)
 
 
 @dataclass(slots=True)
@@ -56,6 +57,7 @@ class Store:
         self._space = Space(directory, self.file, self._checkpoint)
         self._clock = clock
         self._max_id = 0
+        self._last_origin: tuple[int, str, float, int, int] | None = None  # the last row read, see _chunks
         self._cursor = 0
         self._persisted_read = 0  # meta.max_read
         self._disk_full = False
@@ -167,7 +169,7 @@ class Store:
             if read:
                 rows = conn.execute("SELECT id, project, received_at, body FROM events WHERE id > ? "
                                     "ORDER BY id LIMIT ?", (cursor, READ_MAX_EVENTS)).fetchall()
-                chunks = _chunks(rows)
+                chunks, self._last_origin = _chunks(rows, self._last_origin)
                 # A short read saw every committed row: the cursor also skips
                 # the ids of rows dropped meanwhile.
                 cursor = rows[-1][0] if len(rows) == READ_MAX_EVENTS else max_id
@@ -239,6 +241,7 @@ def _rows(appends: list[Append], first_id: int) -> Iterator[tuple[int, str, floa
     row_id = first_id
     for a in appends:
         project, received_at = a.project, a.received_at
+        a.first_id = row_id
         for body in a.events:
             yield row_id, project, received_at, body
             row_id += 1
@@ -260,16 +263,31 @@ def _ranges(ids: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _chunks(rows: list[tuple[int, str, float, bytes]]) -> list[Chunk]:
-    """Consecutive rows of one project become one chunk (dated by its oldest row), all under one lease."""
+def _chunks(rows: list[tuple[int, str, float, bytes]], last: tuple[int, str, float, int, int] | None
+            ) -> tuple[list[Chunk], tuple[int, str, float, int, int] | None]:
+    """Consecutive rows of one project become one chunk (dated by its oldest row), all under one lease.
+
+    The lease's origins say which append each row came from (for eventIds): an
+    append is a run of consecutive ids of one project and receipt time; ``last``
+    (id, project, received_at, append id, index) of the previous read's last row
+    continues an append that two reads split. Returns the chunks and this read's last.
+    """
     if not rows:
-        return []
-    lease = Lease((len(row[3]) for row in rows), [row[0] for row in rows])
+        return [], last
+    origins: list[tuple[int, int, int]] = []
+    lease = Lease((len(row[3]) for row in rows), [row[0] for row in rows], origins)
     out: list[Chunk] = []
     current: Chunk | None = None
-    for position, (_, project, received_at, body) in enumerate(rows):
+    prev_id, prev_project, prev_at = (last[0], last[1], last[2]) if last is not None else (-1, None, None)
+    if last is not None and (rows[0][0], rows[0][1], rows[0][2]) == (prev_id + 1, prev_project, prev_at):
+        origins.append((0, last[3], last[4] + 1))
+    for position, (row_id, project, received_at, body) in enumerate(rows):
+        if row_id != prev_id + 1 or project != prev_project or received_at != prev_at:
+            origins.append((position, row_id, 0))
+        prev_id, prev_project, prev_at = row_id, project, received_at
         if current is None or current.project != project:
             current = Chunk(project, received_at, [], lease, position)
             out.append(current)
         current.events.append(body)  # type: ignore[attr-defined]
-    return out
+    first, append_id, index = origins[-1]
+    return out, (prev_id, prev_project, prev_at, append_id, index + len(rows) - 1 - first)  # type: ignore[return-value]

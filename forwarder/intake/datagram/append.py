@@ -51,7 +51,7 @@ class GroupAppender:
                                            return_exceptions=True)
             refused = []
             for group, result in zip(groups, results):
-                if result is None:
+                if not isinstance(result, BaseException):  # the append's id: taken
                     self._appended(len(group[1]))
                 elif isinstance(result, Exception):
                     refused += self._refused(group, result)
