@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -80,11 +81,12 @@ def emulator(logdir: Path, *flags: str, core: int | None = DRIVER_CORE, name: st
 
 
 def forwarder(logdir: Path, sections: dict[str, dict], name: str = "forwarder", loop: str | None = None,
-              core: int | None = SERVER_CORE) -> ForwarderProcess:
-    """``forwarder run`` (uvloop when importable), or the same ``serve()`` on a chosen loop."""
+              core: int | None = SERVER_CORE, tls: ssl.SSLContext | None = None) -> ForwarderProcess:
+    """``forwarder run`` (uvloop when importable), or the same ``serve()`` on a chosen loop; ``tls``: a context
+    trusting its intake's certificate (intake.tls_cert_file)."""
     def plain(config: Path) -> list[str]:
         return python("-m", "benchmarks.plain_forwarder", "--loop", str(loop), str(config))
-    return ForwarderProcess(logdir, sections, name=name, command=None if loop is None else plain,
+    return ForwarderProcess(logdir, sections, name=name, command=None if loop is None else plain, tls=tls,
                             **_bench_child(core))
 
 

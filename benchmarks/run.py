@@ -15,8 +15,8 @@ if __package__ in (None, ""):  # run as a script: benchmarks/run.py
 
 import aiohttp
 
-from benchmarks import (auth_bench, codec_bench, connection_limits, datagram_bench, direct_bench, drain_bench,
-                        event_throttle_bench, intake_bench, latency_bench, machine, memory_bench, report,
+from benchmarks import (auth_bench, central_bench, codec_bench, connection_limits, datagram_bench, direct_bench,
+                        drain_bench, event_throttle_bench, intake_bench, latency_bench, machine, memory_bench, report,
                         sender_bench, wrk)
 from benchmarks.context import Context
 from benchmarks.procs import DRIVER_CORE, ROOT, SERVER_CORE, pin_self, pinning
@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, Bench] = {
     "auth": auth_bench.auth,
     "connections": connection_limits.connections,
     "datagram": datagram_bench.datagram,
+    "central": central_bench.central,
 }
 
 
@@ -89,6 +90,10 @@ def method(use_wrk: bool) -> list[str]:
         "500-event POSTs at 1.3x what the quota carries for 20 s, figures after the first 2 s.",
         "intake.auth: three `forwarder run` (auth none, sigv4, token) with the emulator `--down`, alternated; "
         "sigv4 load is one request pre-signed by botocore before each window and replayed (valid for 5 minutes).",
+        "Central tier: seven `forwarder run` on the server core (TLS or not, each intake.auth, disk or memory "
+        "buffer, Evidently up at 1,000 calls/s or down), fed in turn by benchmarks/sidecars_load.py (256 "
+        "keep-alive connections, requests of 1, 5 and 50 events); one-core capacity from the server's CPU per "
+        "request; see benchmarks/central_bench.py.",
         f"Logs and configurations of the last run: {LOGS.relative_to(ROOT)}/.",
     ]
 

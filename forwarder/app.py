@@ -26,7 +26,7 @@ from forwarder.intake.auth import CredentialsError, make_authenticator
 from forwarder.delivery.batcher import Batcher, FlushLoop
 from forwarder.buffer.contract import Buffer
 from forwarder.buffer.memory import MemoryBuffer
-from forwarder.delivery.client import EvidentlyClient, Transport
+from forwarder.delivery.client import ClientCertError, EvidentlyClient, Transport
 from forwarder.delivery.credentials import CredentialsWatch
 from forwarder.clock import Clock
 from forwarder.config import Config, LogConfig
@@ -39,6 +39,7 @@ from forwarder.intake.probes import serve_metrics
 from forwarder.delivery.rate import SHIPPED_CONTROLLERS, ControllerFactory, RateLimiter
 from forwarder.delivery.sender import Sender
 from forwarder.reload import Live, Reload
+from forwarder.watch import FileWatch
 
 
 def make_buffer(config: Config, observer: Observer) -> Buffer:
@@ -77,12 +78,16 @@ class Forwarder:
                              self.limiter, self.observer, config.retry, ev.concurrency, Clock(monotonic=clock))
         self.flush_loop = FlushLoop(self.buffer, Batcher(config.batch, clock), self.sender, self.observer, clock)
         self.intake = Intake(config.intake, ev.default_project, self.buffer, self.observer, self,
-                             self.metrics.registry, upstream_connections=ev.concurrency)
+                             self.metrics.registry, upstream_connections=ev.concurrency, region=ev.region)
         try:
             self.auth = self.intake.authenticate = make_authenticator(config.intake, ev.region, self.observer)
         except CredentialsError as e:
             raise StartupError(str(e)) from None
-        self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer)
+        self.datagram = DatagramIntake(config.intake, ev.default_project, self.buffer, self.observer,
+                                       region=ev.region)
+        # Renewed certificates and rotated credentials are picked up with no signal (forwarder/watch.py);
+        # made at start, once the TLS listener (a stage with files) exists.
+        self.files: FileWatch | None = None
         self.logging = Logging()
         self._metrics_server: web.AppRunner | None = None
         self._signals = Signals(self.log)
@@ -134,12 +139,17 @@ class Forwarder:
         _check_writable(self.config.dead_letter.path, "dead_letter.path")
         self.observer.buffer_recovered(await self.buffer.open(self._crashed), self.config.buffer.path)
         if self.client is not None:
-            await self.client.start()
+            try:
+                await self.client.start()
+            except ClientCertError as e:
+                raise StartupError(str(e)) from None
             await self._check_credentials(self.client)
         await self.sender.start(self._crashed)
         self.flush_loop.start(self._crashed)
         port = await self.intake.start()
         await self.datagram.start(self._crashed)
+        self.files = FileWatch(self.reloaded_files(), self._files_changed)
+        self.files.start(self._crashed)
         self._metrics_server = await serve_metrics(self.metrics.registry, self.config, self.status)
         ev = self.config.evidently
         self.log.info("started", host=self.config.intake.host, port=port if self.config.intake.port != -1 else None,
@@ -193,6 +203,8 @@ class Forwarder:
 
         # 1. Stop accepting: new events get 503, /readyz says draining.
         self.intake.stop_accepting()
+        if self.files is not None:
+            await self.files.close()
         await deadline.within(self.datagram.stop(), None)  # what the sockets took goes into the buffer
         if started:
             systemd.notify("STOPPING=1\nSTATUS=draining")
@@ -234,6 +246,10 @@ class Forwarder:
         """Re-read the certificate, key, token and credentials files only, with the configuration in force."""
         await self._reload.reload_files()
 
+    async def _files_changed(self, paths: list[str]) -> None:
+        self.log.info("files_changed", paths=paths)
+        await self.reload_files()
+
     def live_stages(self) -> list[Live]:
         """The stages a reload walks, each declaring its keys (LIVE_KEYS) and the files it re-reads (FILE_KEYS)."""
         stages: list[Live] = [self.logging, self.flush_loop, self.sender, self.limiter]
@@ -241,6 +257,8 @@ class Forwarder:
             stages.append(self.intake.tls)
         if self.auth is not None:
             stages.append(self.auth)
+        if self.client is not None and self.config.evidently.client_cert_file:
+            stages.append(self.client)
         return stages
 
     def reloaded_files(self) -> list[str]:

@@ -17,7 +17,7 @@ import urllib.parse
 from dataclasses import dataclass, field, fields
 from typing import Any, Collection, Iterable, Mapping
 
-from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error
+from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error, region_error
 from forwarder.delivery.credentials import resolve_region
 from forwarder.delivery.rate import MIN_RATE, SHIPPED_CONTROLLERS
 from forwarder.reading import MiB, FileRefused, read_bounded
@@ -51,7 +51,7 @@ class IntakeConfig:
     port: int = 8080
     max_body_bytes: int = 1_048_576
     max_events_per_request: int = 500
-    auth: str = "none"  # "none", "sigv4" (against credentials_file) or "token" (against token_file)
+    auth: str = "none"  # "none", "sigv4" (credentials_file), "token" (token_file) or "mtls" (tls_client_ca_file)
     credentials_file: str = ""  # AWS shared-credentials file: one profile per accepted key pair
     token_file: str = ""  # one bearer token per line
     allow_unauthenticated: bool = False  # auth = "none" on a non-loopback host, on purpose
@@ -60,6 +60,8 @@ class IntakeConfig:
     unix_socket_mode: str = "0660"  # octal permission bits of the socket file
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the TCP listener speaks TLS 1.2+
     tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # auth = "mtls": PEM bundle of the CAs whose client certificates are accepted
+    tls_allowed_identities: tuple[str, ...] = ()  # auth = "mtls": SAN URI/DNS or subject CN; () admits any
     # Connections (forwarder/intake/connections.py).
     max_connections: int = 4096  # lowered at start to fit RLIMIT_NOFILE
     idle_timeout: float = 60.0  # seconds a connection may wait for its next request's headers to complete
@@ -108,6 +110,11 @@ class EvidentlyConfig:
     max_rate: float = 0.0  # requests/s; 0 means the region's published quota
     request_timeout: float = 10.0
     rate_controller: str = "cubic"  # "scaled" for a fleet of many forwarders on one quota
+    # A client certificate chain and key (PEM) presented to an https endpoint_url: a central tier's mTLS intake
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    # false: calls go out unsigned (no AWS credentials needed), for a central tier with intake.auth = "mtls"
+    sign_requests: bool = True
 
     @property
     def effective_max_rate(self) -> float:
@@ -269,7 +276,8 @@ def _env_values(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[Any, 
     return out
 
 
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "tuple[str, ...]": "a list of strings"}
 
 
 # What an environment variable may say for a number: ASCII digits only. Python's int()
@@ -297,6 +305,8 @@ def _parse_env(var: str, key: str, typ: Any, text: str) -> Any:
             return {"true": True, "false": False}[text.lower()]
         except KeyError:
             raise ConfigError(f"{key} must be true or false, got {_show(text)} (set by {var})") from None
+    if typ.startswith("tuple"):  # a list: comma-separated
+        return tuple(item.strip() for item in text.split(",") if item.strip())
     return text
 
 
@@ -318,6 +328,8 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
         want = by_name[key].type if isinstance(by_name[key].type, str) else by_name[key].type.__name__
         if want == "float" and isinstance(value, int) and not isinstance(value, bool):
             values[key] = value = float(value)
+        elif want.startswith("tuple") and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            values[key] = value = tuple(value)
         elif not _is_type(value, want):
             raise ConfigError(f"{section}.{key} must be {_TYPE_NAMES.get(want, want)}, got {_show(value)}")
         if want == "float" and not math.isfinite(value):
@@ -393,11 +405,12 @@ def _validate(c: Config) -> None:
     _range("intake.max_header_bytes", c.intake.max_header_bytes, 4096, 1_048_576)
     _range("intake.max_body_bytes", c.intake.max_body_bytes, 1024, GiB, "bytes")
     _range("intake.max_events_per_request", c.intake.max_events_per_request, 1, 1_000_000)
-    _choice("intake.auth", c.intake.auth, ("none", "sigv4", "token"))
+    _choice("intake.auth", c.intake.auth, ("none", "sigv4", "token", "mtls"))
     _check(c.intake.auth != "sigv4" or bool(c.intake.credentials_file),
            "intake.credentials_file must be set when intake.auth is 'sigv4'")
     _check(c.intake.auth != "token" or bool(c.intake.token_file),
            "intake.token_file must be set when intake.auth is 'token'")
+    _validate_mtls(c.intake)
     _check(c.intake.auth != "none" or is_loopback_host(c.intake.host) or c.intake.allow_unauthenticated,
            f"intake.host = {_show(c.intake.host)} is not a loopback address and intake.auth is 'none': anyone who reaches "
            "it could write events into your Evidently projects; set intake.auth = 'sigv4' or 'token', or "
@@ -422,8 +435,17 @@ def _validate(c: Config) -> None:
         problem = _url_problem(c.evidently.endpoint_url)
         _check(problem is None, f"evidently.endpoint_url {problem}, got {_show(c.evidently.endpoint_url)}")
     if c.evidently.default_project:
-        problem = project_error(c.evidently.default_project)
+        problem = project_error(c.evidently.default_project) or region_error(c.evidently.default_project,
+                                                                               c.evidently.region)
         _check(problem is None, f"evidently.default_project is invalid: {problem}")
+    _check(bool(c.evidently.client_cert_file) == bool(c.evidently.client_key_file),
+           "evidently.client_cert_file and evidently.client_key_file must be set together")
+    _check(not c.evidently.client_cert_file or c.evidently.endpoint_url.startswith("https://"),
+           "evidently.client_cert_file is presented over TLS only: evidently.endpoint_url must be an https:// URL "
+           "(a central tier's intake)")
+    _check(c.evidently.sign_requests or bool(c.evidently.endpoint_url),
+           "evidently.sign_requests = false needs evidently.endpoint_url (a central tier's intake): AWS itself "
+           "refuses unsigned calls")
     _range("evidently.concurrency", c.evidently.concurrency, 1, 1024)
     _rate("evidently.initial_rate", c.evidently.initial_rate)
     _rate("evidently.max_rate", c.evidently.max_rate)
@@ -442,6 +464,20 @@ def _validate(c: Config) -> None:
     _range("shutdown.drain_timeout", c.shutdown.drain_timeout, 0, 3600, "seconds")
     _choice("log.level", c.log.level, ("debug", "info", "warning", "error"))
     _choice("log.format", c.log.format, ("json", "console"))
+
+
+def _validate_mtls(c: IntakeConfig) -> None:
+    mtls = c.auth == "mtls"
+    _check(not mtls or bool(c.tls_cert_file),
+           "intake.auth = 'mtls' needs the TLS listener: set intake.tls_cert_file and intake.tls_key_file")
+    _check(mtls == bool(c.tls_client_ca_file),
+           "intake.tls_client_ca_file must be set when intake.auth is 'mtls', and only then"
+           if mtls else "intake.tls_client_ca_file applies only with intake.auth = 'mtls'")
+    _check(mtls or not c.tls_allowed_identities, "intake.tls_allowed_identities applies only with intake.auth = 'mtls'")
+    for identity in c.tls_allowed_identities:
+        _check(bool(identity.strip()) and "*" not in identity.rstrip("*") and identity != "*",
+               f"intake.tls_allowed_identities: {identity!r} must be a SAN URI (spiffe://...), a DNS name or a "
+               "subject CN, with at most a trailing * (spiffe://cluster.local/ns/shop/*)")
 
 
 # A host name as botocore accepts one for an endpoint: dot-separated labels of letters, digits and hyphens.
@@ -537,9 +573,15 @@ def to_toml(config: Config | Mapping[str, Mapping[str, Any]]) -> str:
             if isinstance(value, bool):
                 text = "true" if value else "false"
             elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                text = _toml_string(value)
+            elif isinstance(value, (list, tuple)):
+                text = "[" + ", ".join(_toml_string(v) for v in value) + "]"
             else:
                 text = repr(value)
             lines.append(f"{key} = {text}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ prometheus_client.disable_created_metrics()
 # Why the intake refused a request's authentication (intake.auth): the label
 # values of forwarder_intake_auth_refusals_total, all present from the start.
 AUTH_REFUSAL_REASONS = ("missing", "malformed", "presigned", "wrong_scope", "expired", "unknown_key",
-                        "body_mismatch", "bad_signature", "wrong_token")
+                        "body_mismatch", "bad_signature", "wrong_token", "no_certificate", "identity_not_allowed",
+                        "bad_certificate")
 
 # Beyond this many distinct projects a `project` label reads "other", so a
 # client sending random project names cannot blow up the series count.
@@ -46,7 +48,7 @@ MAX_PROJECT_LABELS = 50
 MAX_LOGGED_IDS = 50  # eventIds in one log line (a batch holds at most 50 events)
 WARNING_INTERVAL = 10.0  # seconds between two lines of the same repeated warning
 DATAGRAM_REJECT_REASONS = ("not_json", "truncated", "oversized", "invalid_event", "missing_project",
-                           "invalid_project")
+                           "invalid_project", "wrong_region")
 # Whole requests the intake refuses before reading their events (events_rejected reasons).
 INTAKE_REJECTIONS = ("malformed_http", "headers_too_large", "header_timeout", "body_timeout", "connection_limit",
                      "unsupported_media_type", "bad_encoding", "forbidden", "unknown_operation", "internal_error")
@@ -253,7 +255,7 @@ class Metrics:
             self.auth_refusals.labels(reason)
         self._projects: set[str] = set()
         # Known label values exist from the start at 0, so increase() sees the first burst.
-        for reason in ("validation", "body_too_large", "buffer_full", "buffer_error", "draining"):
+        for reason in ("validation", "wrong_region", "body_too_large", "buffer_full", "buffer_error", "draining"):
             self.events_rejected.labels(reason)
         for reason in INTAKE_REJECTIONS:
             self.events_rejected.labels(reason)
@@ -377,6 +379,11 @@ class Observer:
 
     def tls_handshake_failed(self, error: BaseException) -> None:
         self.metrics.intake_connections_closed.labels("tls_handshake_failed").inc()
+        if isinstance(error, ssl.SSLCertVerificationError):  # intake.auth = "mtls": a client certificate refused
+            self.metrics.auth_refusals.labels("bad_certificate").inc()
+            self.limited("warning", "auth_refused", reason="bad_certificate", auth="mtls",
+                         error=(error.verify_message or str(error))[:200])
+            return
         self.limited("info", "tls_handshake_failed", error=str(error)[:200])
 
     def auth_refused(self, reason: str, scheme: str, key: str, remote: str | None) -> None:

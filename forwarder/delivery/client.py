@@ -39,6 +39,7 @@ from botocore.parsers import create_parser
 from forwarder import __version__
 from forwarder.config import EvidentlyConfig
 from forwarder.delivery.retry import CallResult, RetryReason, no_answer, parse_retry_after
+from forwarder.reading import OffLoop
 from forwarder.observability import cause
 
 _OPERATION = "evidently.PutProjectEvents"
@@ -50,6 +51,10 @@ _USER_AGENT = (f"forwarder/{__version__} aiobotocore/{aiobotocore.__version__} "
 
 class ModelMissing(RuntimeError):
     """The botocore evidently model is not installed."""
+
+
+class ClientCertError(RuntimeError):
+    """evidently.client_cert_file and client_key_file cannot be loaded; the message names the keys."""
 
 
 class Transport(Protocol):
@@ -138,6 +143,11 @@ def check_model(session: AioSession) -> None:
 class EvidentlyClient:
     """PutProjectEvents calls through one aiobotocore client and one pooled HTTP session."""
 
+    # A live stage when it presents a client certificate: the pair is re-read on
+    # every reload (SIGHUP, or a change on disk), for new connections.
+    LIVE_KEYS = ()
+    FILE_KEYS = ("evidently.client_cert_file", "evidently.client_key_file")
+
     def __init__(self, config: EvidentlyConfig, credentials: tuple[str, str] | None = None) -> None:
         self._config = config
         self._credentials = credentials
@@ -147,6 +157,9 @@ class EvidentlyClient:
         self._proxies: dict[tuple[str, str], str | None] = {}  # (scheme, host) -> proxy URL, see _proxy
         self._parser: Any = None
         self._session: Any = None
+        self._cafile: Any = None
+        self._tls: ssl.SSLContext | None = None  # replaced whole by reload_client_cert
+        self._reads = OffLoop("evidently.client_cert_file/evidently.client_key_file")
 
     async def start(self) -> None:
         """Create the client; raises ModelMissing before anything else."""
@@ -157,9 +170,10 @@ class EvidentlyClient:
         c = self._config
         await self._open_client()
         connect_timeout = min(5.0, c.request_timeout)
-        tls = ssl.create_default_context(cafile=get_cert_path(session.get_config_variable("ca_bundle") or True))
+        self._cafile = get_cert_path(session.get_config_variable("ca_bundle") or True)
+        self.reload_client_cert()
         self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=c.concurrency, ssl=tls),
+            connector=aiohttp.TCPConnector(limit=c.concurrency),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=c.request_timeout),
         )
 
@@ -180,6 +194,9 @@ class EvidentlyClient:
                 read_timeout=c.request_timeout,
                 tcp_keepalive=True,
                 user_agent=_USER_AGENT,
+                client_cert=self._client_cert(),
+                # Unsigned for a central tier that knows its clients by their certificates (intake.auth = "mtls").
+                signature_version=None if c.sign_requests else botocore.UNSIGNED,
             ),
         )
         client = await cm.__aenter__()
@@ -224,7 +241,7 @@ class EvidentlyClient:
         # and add the Content-Length aiohttp sets anyway (docs/architecture.md, "The client").
         url = yarl.URL(request.url, encoded=True)
         async with self._http.post(url, data=body, headers=dict(request.headers.items()),  # type: ignore[union-attr]
-                                   proxy=self._proxy(url)) as resp:
+                                   proxy=self._proxy(url), ssl=self._tls) as resp:
             raw = await resp.read()
             status = resp.status
             if status == 200:
@@ -233,6 +250,30 @@ class EvidentlyClient:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.raw_headers}
         response = {"status_code": status, "headers": headers, "body": raw, "context": {"operation_name": model.name}}
         return AWSResponse(request.url, status, headers, None), self._parser.parse(response, model.output_shape)
+
+    def _client_cert(self) -> tuple[str, str] | None:
+        c = self._config
+        return (c.client_cert_file, c.client_key_file) if c.client_cert_file else None
+
+    async def reconfigure(self, evidently: EvidentlyConfig) -> None:
+        """Re-read the client certificate pair off the event loop (reload); on an error the pair in use stays."""
+        await self._reads.run(self.reload_client_cert)
+
+    def reload_client_cert(self) -> None:
+        """(Re-)read evidently.client_cert_file and client_key_file for new connections; raises ClientCertError.
+
+        A new context replaces the old one whole, so a pair that does not load
+        leaves the one in use intact; connections already open keep theirs.
+        """
+        tls = ssl.create_default_context(cafile=self._cafile)
+        pair = self._client_cert()
+        if pair is not None:
+            try:
+                tls.load_cert_chain(*pair)
+            except (OSError, ssl.SSLError) as e:
+                raise ClientCertError(f"evidently.client_cert_file/evidently.client_key_file: cannot load {pair[0]} "
+                                      f"and {pair[1]}: {getattr(e, 'reason', None) or e.strerror or e}") from None
+        self._tls = tls
 
     def _proxy(self, url: yarl.URL) -> str | None:
         # HTTPS_PROXY / NO_PROXY as botocore honours them, looked up once per host:

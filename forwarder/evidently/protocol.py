@@ -68,6 +68,27 @@ def project_error(project: str) -> str | None:
     return None
 
 
+def project_region(project: str) -> str | None:
+    """The region a project ARN names (possibly ""), or None for a plain project name."""
+    if not project.startswith("arn:"):
+        return None
+    return project.split(":", 4)[3]
+
+
+def region_error(project: str, region: str) -> str | None:
+    """Why a valid ``project`` cannot be delivered by a forwarder for ``region``, or None when it can.
+
+    A project ARN names its region, and Evidently knows a project only in its
+    own region: sent elsewhere, the call could only fail, later and far from
+    the app. A plain name means the forwarder's region.
+    """
+    named = project_region(project)
+    if named is None or named == region:
+        return None
+    return (f"project {project[:200]!r} is in region {named!r}; this forwarder delivers to {region!r} "
+            f"(evidently.region): send it to a forwarder for {named!r}")
+
+
 def project_from_raw_path(raw_path: str) -> str:
     """The project named by a raw ``/events/projects/{project}`` request path.
 

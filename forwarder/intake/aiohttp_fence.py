@@ -116,7 +116,7 @@ class Pool(Protocol):
 class IntakeProtocol(RequestHandler):
     """aiohttp's HTTP/1.1 protocol with a bound on request heads and a view of its state for the sweep."""
 
-    __slots__ = ("_pool", "_max_head", "_head_bytes", "_body", "_seen", "_since", "accept_task")
+    __slots__ = ("_pool", "_max_head", "_head_bytes", "_body", "_seen", "_since", "accept_task", "peer")
 
     def __init__(self, manager: web.Server, pool: Pool, idle_timeout: float, max_header_bytes: int) -> None:
         # No TCP keep-alive probes: idle_timeout closes an idle connection long
@@ -134,6 +134,7 @@ class IntakeProtocol(RequestHandler):
         self._seen: tuple[Phase, int] | None = None  # what the sweep saw last, and since when
         self._since = 0.0
         self.accept_task: asyncio.Task[None] | None = None
+        self.peer: Any = None  # the client certificate's verdict, kept by intake/auth.py (auth = "mtls")
 
     # The state of this connection, as the sweep and the limit read it.
 

@@ -1,4 +1,4 @@
-"""Intake authentication, ``intake.auth``: SigV4 against a credentials file, or bearer tokens.
+"""Intake authentication, ``intake.auth``: SigV4 against a credentials file, bearer tokens, or client certificates.
 
 The intake calls an authenticator with the request and its raw body, after the
 body is read (SigV4 signs its hash) and before anything is decoded or buffered;
@@ -11,6 +11,12 @@ how keys and tokens are rotated without a restart: put the new one beside the
 old, SIGHUP, move the clients over, remove the old one, SIGHUP. A file that
 cannot be read or parsed on reload keeps the previous set in force and logs
 ``reload_failed``.
+
+Mutual TLS (``"mtls"``) has no file of its own here: the TLS listener verifies
+the client certificate against ``intake.tls_client_ca_file`` in the handshake
+(listeners.py), and this checks the verified certificate's identity once per
+connection, at its first POST; later requests of the connection cost one
+attribute read.
 """
 
 from __future__ import annotations
@@ -254,7 +260,86 @@ class TokenAuthenticator:
         return _refuse(self._observer, request, "token", status, error_type, reason, message, headers)
 
 
-Authenticator = SigV4Authenticator | TokenAuthenticator
+class Peer:
+    """A connection's verified client certificate: its identities and whether one may post."""
+
+    __slots__ = ("identities", "allowed")
+
+    def __init__(self, identities: tuple[str, ...], allowed: bool) -> None:
+        self.identities = identities
+        self.allowed = allowed
+
+    @property
+    def name(self) -> str:
+        """The identity to log: the first SAN, else the subject CN ("" without a certificate)."""
+        return self.identities[0] if self.identities else ""
+
+
+def certificate_identities(peercert: dict | None) -> tuple[str, ...]:
+    """A verified certificate's identities: SAN URIs, SAN DNS names, then the subject CN, in that order."""
+    if not peercert:
+        return ()
+    san = peercert.get("subjectAltName", ())
+    names = [value for kind, value in san if kind == "URI"] + [value for kind, value in san if kind == "DNS"]
+    names += [value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return tuple(names)
+
+
+def identity_allowed(identities: tuple[str, ...], allowed: tuple[str, ...]) -> bool:
+    """Whether one of ``identities`` is listed; an entry ending in * matches a prefix; () admits any."""
+    if not allowed:
+        return bool(identities)
+    for entry in allowed:
+        if entry.endswith("*"):
+            prefix = entry[:-1]
+            if any(identity.startswith(prefix) for identity in identities):
+                return True
+        elif entry in identities:
+            return True
+    return False
+
+
+class MtlsAuthenticator:
+    """``intake.auth = "mtls"``: a client certificate verified in the TLS handshake, its identity listed."""
+
+    # The list applies on reload to connections opened afterwards; the CA bundle
+    # is the TLS listener's file (listeners.py, TlsCertificates).
+    LIVE_KEYS = ("intake.tls_allowed_identities",)
+
+    def __init__(self, allowed: tuple[str, ...], observer: Observer) -> None:
+        self._allowed = allowed
+        self._observer = observer
+
+    async def reconfigure(self, intake: IntakeConfig) -> None:
+        """Admit the reloaded intake.tls_allowed_identities from the next connection on."""
+        self._allowed = intake.tls_allowed_identities
+        self._observer.log.info("mtls_identities_reloaded", identities=len(self._allowed))
+
+    def peer(self, request: web.BaseRequest) -> Peer:
+        """The connection's Peer, found at its first request and kept on its protocol."""
+        protocol = request.protocol
+        peer = protocol.peer  # type: ignore[attr-defined]
+        if peer is None:
+            transport = request.transport
+            identities = certificate_identities(transport.get_extra_info("peercert") if transport else None)
+            protocol.peer = peer = Peer(identities, identity_allowed(identities, self._allowed))  # type: ignore[attr-defined]
+        return peer
+
+    def __call__(self, request: web.BaseRequest, body: bytes) -> web.Response | None:
+        peer = self.peer(request)
+        if peer.allowed:
+            return None
+        if not peer.identities:
+            reason, message = "no_certificate", ('this intake requires a client certificate (intake.auth = "mtls") '
+                                                 "issued by one of intake.tls_client_ca_file's CAs")
+        else:
+            reason, message = "identity_not_allowed", (
+                f"the client certificate's identity {peer.name[:200]!r} is not one of intake.tls_allowed_identities")
+        self._observer.auth_refused(reason, "mtls", peer.name, request.remote)
+        return error_response(403, "AccessDeniedException", message)
+
+
+Authenticator = SigV4Authenticator | TokenAuthenticator | MtlsAuthenticator
 
 
 def make_authenticator(config: IntakeConfig, region: str, observer: Observer,
@@ -264,4 +349,6 @@ def make_authenticator(config: IntakeConfig, region: str, observer: Observer,
         return SigV4Authenticator(config.credentials_file, region, observer, wall)
     if config.auth == "token":
         return TokenAuthenticator(config.token_file, observer)
+    if config.auth == "mtls":
+        return MtlsAuthenticator(config.tls_allowed_identities, observer)
     return None

@@ -75,6 +75,12 @@ def read_events(body: bytes, ndjson: bool, now: float, most: int) -> tuple[int, 
     return len(events), encoded, errors
 
 
+def refuse_all(n: int, errors: list[tuple[int, str]], message: str) -> list[tuple[int, str]]:
+    """Every one of ``n`` events refused: those in ``errors`` with their own message, the others with ``message``."""
+    failed = dict(errors)
+    return [(i, failed.get(i, message)) for i in range(n)]
+
+
 def _at_most(most: int, n: int) -> None:
     if n > most:
         raise Refusal(400, "ValidationException",

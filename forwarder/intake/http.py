@@ -26,11 +26,12 @@ from prometheus_client import CollectorRegistry
 from forwarder.intake.answers import REQUEST_ID, EventIds
 from forwarder.buffer.contract import Buffer, BufferFull
 from forwarder.config import IntakeConfig
-from forwarder.intake.checks import ContentTypes, HostCheck, ProjectPaths, Refusal, browser_refusal, decode_body, read_events
+from forwarder.intake.checks import (ContentTypes, HostCheck, ProjectPaths, Refusal, browser_refusal, decode_body,
+                                     read_events, refuse_all)
 from forwarder.intake.listeners import Listeners, TlsCertificates
 from forwarder.observability import Observer
 from forwarder.intake.probes import Health, Probes
-from forwarder.evidently.protocol import PUT_PATH_PREFIX, error_response, project_error, request_id
+from forwarder.evidently.protocol import PUT_PATH_PREFIX, error_response, project_error, region_error, request_id
 from forwarder.intake.aiohttp_fence import BodyTimeout
 from forwarder.intake.connections import Connections
 
@@ -46,8 +47,9 @@ class Intake:
 
     def __init__(self, config: IntakeConfig, default_project: str, buffer: Buffer, observer: Observer,
                  health: Health, registry: CollectorRegistry | None, wall: Callable[[], float] = time.time,
-                 upstream_connections: int = 0) -> None:
+                 upstream_connections: int = 0, region: str = "") -> None:
         self._config = config
+        self._region = region  # evidently.region: an ARN naming another one is refused per event
         self._default_project = default_project
         self._buffer = buffer
         self._observer = observer
@@ -170,6 +172,9 @@ class Intake:
             body = decode_body(body, encoding, limit)
         now = self._wall()
         n, encoded, errors = read_events(body, kind == "ndjson", now, self._config.max_events_per_request)
+        wrong_region = 0
+        if project[:4] == "arn:" and self._region and (wrong := region_error(project, self._region)) is not None:
+            wrong_region, encoded, errors = len(encoded), [], refuse_all(n, errors, wrong)
         append_id = 0
         if encoded:
             try:
@@ -183,7 +188,9 @@ class Intake:
                               {"Retry-After": "5"}) from None
             self._observer.events_received(len(encoded))
         if errors:
-            self._observer.events_rejected("validation", len(errors))
+            self._observer.events_rejected("validation", len(errors) - wrong_region)
+        if wrong_region:
+            self._observer.events_rejected("wrong_region", wrong_region)
         response = web.Response(body=self._ids.results(n, errors, append_id), content_type="application/json")
         response.headers[REQUEST_ID] = request_id()
         return response

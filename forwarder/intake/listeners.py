@@ -63,30 +63,35 @@ def is_loopback(sockets: list[socket.socket]) -> bool:
 
 
 class TlsCertificates:
-    """The intake's certificate and key, re-read on reload without a restart.
+    """The intake's certificate and key (and, for mutual TLS, the client CA bundle), re-read without a restart.
 
     Listeners get ``context``, whose SNI callback (called for every handshake,
-    with or without SNI) hands each new connection the pair loaded last, so a
-    reload needs no new listener and connections already open keep theirs.
+    with or without SNI) hands each new connection the context loaded last, so a
+    reload needs no new listener and connections already open keep theirs. The
+    verification mode is the listener's context's (fixed at start); the CAs a
+    client certificate is checked against are those of the context handed over.
     """
 
     LIVE_KEYS = ()
-    FILE_KEYS = ("intake.tls_cert_file", "intake.tls_key_file")  # re-read on every reload
+    # Re-read on every reload (SIGHUP, or a change on disk noticed by forwarder/watch.py).
+    FILE_KEYS = ("intake.tls_cert_file", "intake.tls_key_file", "intake.tls_client_ca_file")
 
-    def __init__(self, cert_file: str, key_file: str, log: Any = None) -> None:
+    def __init__(self, cert_file: str, key_file: str, log: Any = None, client_ca_file: str = "") -> None:
         self.cert_file = cert_file
         self.key_file = key_file
+        self.client_ca_file = client_ca_file
         self._log = log
-        self._reads = OffLoop("intake.tls_cert_file/intake.tls_key_file")
+        self._reads = OffLoop("intake.tls_cert_file/intake.tls_key_file/intake.tls_client_ca_file")
         self.context = self._load()
         self._current = self.context
         self.context.sni_callback = self._select
 
     async def reconfigure(self, intake: IntakeConfig) -> None:
-        """Load the pair again, off the event loop (reload); on any error the pair in use stays (raises)."""
+        """Load the files again, off the event loop (reload); on any error the context in use stays (raises)."""
         self._current = await self._reads.run(self._load)
         if self._log is not None:
-            self._log.info("tls_reloaded", cert_file=self.cert_file, key_file=self.key_file)
+            self._log.info("tls_reloaded", cert_file=self.cert_file, key_file=self.key_file,
+                           client_ca_file=self.client_ca_file or None)
 
     def _select(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
         connection.context = self._current
@@ -105,7 +110,23 @@ class TlsCertificates:
                                     f"intake.tls_cert_file {self.cert_file}") from None
             raise ListenerError(f"intake.tls_cert_file/intake.tls_key_file: cannot load {cert} and {key}: "
                                 f"{e.reason or e}") from None
+        if self.client_ca_file:
+            self._require_client_certificates(context)
         return context
+
+    def _require_client_certificates(self, context: ssl.SSLContext) -> None:
+        # CERT_OPTIONAL, not CERT_REQUIRED: a certificate presented is verified
+        # in the handshake (another CA's or an expired one fails it), while a
+        # connection without one is still served /healthz, /readyz and /metrics
+        # (the kubelet's HTTPS probes present none); posting events needs one
+        # (intake/auth.py, MtlsAuthenticator).
+        _read_pem(self.client_ca_file, "intake.tls_client_ca_file", "CERTIFICATE-----")
+        try:
+            context.load_verify_locations(cafile=self.client_ca_file)
+        except ssl.SSLError as e:
+            raise ListenerError(f"intake.tls_client_ca_file: cannot load {self.client_ca_file}: "
+                                f"{e.reason or e}") from None
+        context.verify_mode = ssl.CERT_OPTIONAL
 
 
 def _read_pem(path: str, key: str, marker: str) -> str:
@@ -146,8 +167,8 @@ class Listeners:
         metrics.intake_connection_limit.set(limits.max_connections)
         try:
             if c.port != -1:
-                self._tls = TlsCertificates(c.tls_cert_file, c.tls_key_file, self._observer.log) \
-                    if c.tls_cert_file else None
+                self._tls = TlsCertificates(c.tls_cert_file, c.tls_key_file, self._observer.log,
+                                            c.tls_client_ca_file) if c.tls_cert_file else None
                 sockets = bind_tcp(c.host, c.port)
                 self.port = sockets[0].getsockname()[1]
                 tcp = self._server(handler, is_loopback(sockets))

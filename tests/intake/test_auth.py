@@ -149,7 +149,18 @@ async def test_a_reload_that_cannot_read_its_file_keeps_the_previous_tokens(tmp_
 # --- configuration ------------------------------------------------------------
 
 @pytest.mark.parametrize("intake, words", [
-    ({"auth": "basic"}, "intake.auth must be one of 'none', 'sigv4', 'token', got 'basic'"),
+    ({"auth": "basic"}, "intake.auth must be one of 'none', 'sigv4', 'token', 'mtls', got 'basic'"),
+    ({"auth": "mtls"}, "intake.auth = 'mtls' needs the TLS listener: set intake.tls_cert_file"),
+    ({"auth": "mtls", "tls_cert_file": "c", "tls_key_file": "k"},
+     "intake.tls_client_ca_file must be set when intake.auth is 'mtls'"),
+    ({"auth": "token", "token_file": "t", "tls_client_ca_file": "ca"},
+     "intake.tls_client_ca_file applies only with intake.auth = 'mtls'"),
+    ({"tls_allowed_identities": ["spiffe://td/ns/a/sa/b"]},
+     "intake.tls_allowed_identities applies only with intake.auth = 'mtls'"),
+    ({"auth": "mtls", "tls_cert_file": "c", "tls_key_file": "k", "tls_client_ca_file": "ca",
+      "tls_allowed_identities": ["spiffe://*/sa/b"]}, "with at most a trailing *"),
+    ({"auth": "mtls", "tls_cert_file": "c", "tls_key_file": "k", "tls_client_ca_file": "ca",
+      "tls_allowed_identities": "spiffe://td/ns/a/sa/b"}, "intake.tls_allowed_identities must be a list of strings"),
     ({"auth": "sigv4"}, "intake.credentials_file must be set when intake.auth is 'sigv4'"),
     ({"auth": "token"}, "intake.token_file must be set when intake.auth is 'token'"),
     ({"host": "0.0.0.0"}, "intake.host = '0.0.0.0' is not a loopback address and intake.auth is 'none'"),
@@ -168,9 +179,47 @@ def test_auth_settings_are_validated_with_the_key_named(intake: dict, words: str
     {"host": "0.0.0.0", "allow_unauthenticated": True},
     {"host": "0.0.0.0", "auth": "token", "token_file": "/run/secrets/tokens"},
     {"host": "0.0.0.0", "auth": "sigv4", "credentials_file": "/run/secrets/credentials"},
+    {"host": "0.0.0.0", "auth": "mtls", "tls_cert_file": "c", "tls_key_file": "k", "tls_client_ca_file": "ca"},
 ])
 def test_open_intake_is_allowed_on_loopback_or_when_asked_for_explicitly(intake: dict) -> None:
     assert from_dict({"intake": intake}).intake.host == intake["host"]
+
+
+def test_allowed_identities_are_read_from_the_environment_as_a_comma_separated_list() -> None:
+    config = from_dict({"intake": {"auth": "mtls", "tls_cert_file": "c", "tls_key_file": "k", "tls_client_ca_file": "a"}},
+                       {"FORWARDER_INTAKE__TLS_ALLOWED_IDENTITIES": "spiffe://td/ns/a/*, checkout.shop.svc"})
+    assert config.intake.tls_allowed_identities == ("spiffe://td/ns/a/*", "checkout.shop.svc")
+
+
+# --- mutual TLS: identities of a verified client certificate ------------------
+
+PEERCERT = {"subject": ((("organizationName", "shop"),), (("commonName", "checkout-cn"),)),
+            "subjectAltName": (("DNS", "checkout.shop.svc"), ("URI", "spiffe://td/ns/shop/sa/checkout"),
+                               ("IP Address", "10.0.0.7"))}
+
+
+def test_a_certificates_identities_are_its_san_uris_then_dns_names_then_subject_cn() -> None:
+    assert auth_mod.certificate_identities(PEERCERT) == (
+        "spiffe://td/ns/shop/sa/checkout", "checkout.shop.svc", "checkout-cn")
+    assert auth_mod.certificate_identities(None) == () and auth_mod.certificate_identities({}) == ()
+
+
+@pytest.mark.parametrize("allowed, admitted", [
+    ((), True),  # any certificate the CAs signed
+    (("spiffe://td/ns/shop/sa/checkout",), True),
+    (("checkout.shop.svc",), True),
+    (("checkout-cn",), True),
+    (("spiffe://td/ns/shop/*",), True),
+    (("spiffe://td/ns/shop/sa/check",), False),  # exact unless it ends in *
+    (("spiffe://td/ns/other/*", "search.shop.svc"), False),
+    (("10.0.0.7",), False),  # IP SANs are not identities
+])
+def test_a_client_identity_is_admitted_when_listed_exactly_or_by_a_trailing_star(allowed, admitted) -> None:
+    assert auth_mod.identity_allowed(auth_mod.certificate_identities(PEERCERT), allowed) is admitted
+
+
+def test_a_connection_without_a_certificate_is_never_admitted() -> None:
+    assert auth_mod.identity_allowed((), ()) is False
 
 
 def test_allow_unauthenticated_is_read_from_the_environment_as_a_boolean() -> None:
@@ -290,3 +339,34 @@ def test_two_authorization_headers_are_refused_even_when_one_is_a_valid_signatur
     assert answer.headers["x-amzn-ErrorType"] == "IncompleteSignatureException"
     assert "more than one Authorization header" in json.loads(answer.body)["message"]
     assert refusals(obs, "duplicate_header") == 1
+
+
+class _Protocol:
+    peer = None
+
+
+class _Transport:
+    def __init__(self, peercert: dict) -> None:
+        self._peercert = peercert
+
+    def get_extra_info(self, name: str) -> dict | None:
+        return self._peercert if name == "peercert" else None
+
+
+class _Request:
+    def __init__(self, peercert: dict) -> None:
+        self.protocol, self.transport, self.remote = _Protocol(), _Transport(peercert), "10.0.0.7"
+
+
+async def test_a_reloaded_identity_list_applies_to_new_connections_and_not_to_open_ones() -> None:
+    obs = support.observer()
+    check = auth_mod.MtlsAuthenticator(("spiffe://td/ns/shop/sa/checkout",), obs)
+    open_connection = _Request(PEERCERT)
+    assert check(open_connection, b"") is None
+    await check.reconfigure(from_dict({"intake": {"auth": "mtls", "tls_cert_file": "c", "tls_key_file": "k",
+                                                  "tls_client_ca_file": "a",
+                                                  "tls_allowed_identities": ["spiffe://td/ns/shop/sa/search"]}}).intake)
+    assert check(open_connection, b"") is None  # its verdict was taken at its first request
+    refused = check(_Request(PEERCERT), b"")
+    assert refused is not None and refused.status == 403
+    assert refusals(obs, "identity_not_allowed") == 1

@@ -44,6 +44,25 @@ async def test_a_real_boto3_client_works_unchanged_against_the_intake(forwarder,
     assert "bad name!" in err.value.response["Error"]["Message"]
 
 
+async def test_an_arn_in_a_region_the_forwarder_does_not_serve_is_refused_per_event_and_never_buffered(
+        forwarder, emulator, session):
+    client = boto_client(forwarder.url)
+    there = "arn:aws:evidently:eu-west-1:123456789012:project/checkout"
+    event = {"data": json.dumps({"k": 1}), "timestamp": 1_790_000_000, "type": "aws.evidently.custom"}
+    answer = await asyncio.to_thread(client.put_project_events, project=there, events=[event, {**event, "data": "x"}])
+    assert answer["failedEventCount"] == 2
+    first, second = answer["eventResults"]
+    assert first["errorCode"] == "ValidationException" and "'eu-west-1'" in first["errorMessage"]
+    assert "'us-east-1'" in first["errorMessage"] and "evidently.region" in first["errorMessage"]
+    assert second["errorCode"] == "ValidationException" and "data" in second["errorMessage"]  # its own fault first
+    assert forwarder.buffer.depth == 0
+    registry = forwarder.metrics.registry
+    assert registry.get_sample_value("forwarder_events_rejected_total", {"reason": "wrong_region"}) == 1
+    assert registry.get_sample_value("forwarder_events_rejected_total", {"reason": "validation"}) == 1
+    await forwarder.shutdown()
+    assert emulator.accepted == []
+
+
 async def test_a_raw_extra_slash_is_a_validation_error_naming_the_project(forwarder, session):
     async with session.post(f"{forwarder.url}/events/projects/a/b", json={"events": []}) as r:
         assert r.status == 400

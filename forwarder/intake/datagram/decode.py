@@ -23,7 +23,7 @@ import msgspec
 import orjson
 
 from forwarder.evidently.events import encode_all, encode_wire_body, ndjson_lines
-from forwarder.evidently.protocol import project_error
+from forwarder.evidently.protocol import project_error, region_error
 
 PROJECT_CACHE_SIZE = 1024  # validated project names kept: most datagrams repeat a few projects
 
@@ -41,9 +41,10 @@ _decode_raw_values = msgspec.json.Decoder(list[msgspec.Raw]).decode
 class DatagramDecoder:
     """Turns datagrams into encoded events grouped by project; reports what it refuses."""
 
-    def __init__(self, default_project: str, reject: Reject) -> None:
+    def __init__(self, default_project: str, reject: Reject, region: str = "") -> None:
         self._default = default_project if project_error(default_project) is None else ""
         self._reject = reject
+        self._region = region  # evidently.region: an ARN naming another one is refused
         self._valid: set[str] = set()
         self._names: dict[bytes, str] = {}  # project name as sent -> validated name
 
@@ -92,7 +93,7 @@ class DatagramDecoder:
     def _name(self, raw: bytes) -> str | None:
         """A project name as sent, validated once; None (the general path reports it) if invalid."""
         text = raw.decode()
-        if project_error(text) is not None:
+        if project_error(text) is not None or self._wrong_region(text) is not None:
             return None
         if len(self._names) >= PROJECT_CACHE_SIZE:
             self._names.clear()  # a bound, not an LRU: valid names come back at once
@@ -159,10 +160,18 @@ class DatagramDecoder:
             if problem is not None:
                 self._reject("invalid_project", 1, problem)
                 return None
+            wrong = self._wrong_region(project)
+            if wrong is not None:
+                self._reject("wrong_region", 1, wrong)
+                return None
             if len(self._valid) >= PROJECT_CACHE_SIZE:
                 self._valid.clear()
             self._valid.add(project)
         return project
+
+
+    def _wrong_region(self, project: str) -> str | None:
+        return region_error(project, self._region) if self._region else None
 
 
 def _encode_together(events: list[bytes], now: float) -> list[bytes] | None:

@@ -49,14 +49,14 @@ class DatagramIntake:
 
     def __init__(self, config: IntakeConfig, default_project: str, buffer: Buffer, observer: Observer,
                  wall: Callable[[], float] = time.time, full_poll: float = FULL_POLL, linger: float = LINGER,
-                 max_unread: int = MAX_UNREAD) -> None:
+                 max_unread: int = MAX_UNREAD, region: str = "") -> None:
         self._config = config
         self._observer = observer
         self._wall = wall
         self._linger = linger
         self._max_unread = max_unread
         self._max_bytes = config.datagram_max_bytes
-        self._decoder = DatagramDecoder(default_project, observer.datagram_rejected)
+        self._decoder = DatagramDecoder(default_project, observer.datagram_rejected, region)
         self._sockets = Sockets(config, self._readable, observer.log)
         self._appender = GroupAppender(buffer, observer, full_poll, self._pause, self._sockets.resume)
         self._unread: list[bytes] = []  # read, not yet taken by the appender

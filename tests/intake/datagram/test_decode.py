@@ -129,3 +129,16 @@ def test_a_project_named_with_escapes_or_twice_takes_the_general_path_and_the_la
     events, rejected, n = decode([escaped, twice])
     assert not rejected and n == 2
     assert {p: len(evs) for p, evs in events.items()} == {"p": 1, "b": 1}
+
+
+def test_an_event_for_an_arn_in_a_region_not_served_is_refused_naming_both_regions_on_either_path():
+    here = "arn:aws:evidently:eu-west-1:123456789012:project/shop"
+    there = "arn:aws:evidently:us-east-1:123456789012:project/shop"
+    datagrams = [orjson.dumps({"project": p, "data": {"i": i}}) for i, p in enumerate((here, there))]
+    datagrams.append(b'{"data": {"i": 2}, "project": "%s"}' % there.encode())  # the general path
+    rejected = Rejections()
+    into: dict[str, list[bytes]] = {}
+    n = DatagramDecoder("", rejected, region="eu-west-1").decode_all(datagrams, NOW, into)
+    assert n == 1 and list(into) == [here]
+    assert rejected.reasons == ["wrong_region", "wrong_region"]
+    assert all("'us-east-1'" in message and "'eu-west-1'" in message for _, _, message in rejected)
