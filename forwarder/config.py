@@ -18,8 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Collection, Iterable, Mapping
 
 from forwarder.evidently.protocol import MAX_EVENTS_PER_CALL, project_error, region_error
-from forwarder.delivery.credentials import resolve_region
-from forwarder.delivery.rate import MIN_RATE, SHIPPED_CONTROLLERS
+from forwarder.region import resolve_region
 from forwarder.reading import MiB, FileRefused, read_bounded
 
 ENV_PREFIX = "FORWARDER_"
@@ -28,6 +27,10 @@ DERIVED = {"derived": True}
 MAX_CONFIG_BYTES = MiB  # a configuration file beyond this is refused, never read whole
 GiB, TiB = 1 << 30, 1 << 40
 MAX_RATE = 1_000_000  # requests/s: evidently.max_rate's ceiling, far above any quota
+MIN_RATE = 0.5  # requests/s: the rate limiter's floor (it never stops probing entirely)
+# The names evidently.rate_controller accepts in production, in the order an error lists them;
+# delivery/rate.py's SHIPPED_CONTROLLERS implements each (a benchmark passes its own names in).
+RATE_CONTROLLERS = ("cubic", "scaled")
 # An AWS region name: us-east-1, eu-central-2, us-gov-west-1, cn-northwest-1.
 REGION_PATTERN = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}", re.ASCII)
 UNIX_PATH_MAX = 107  # bytes of a Unix socket address (sun_path), less its terminating NUL
@@ -167,7 +170,7 @@ class Config:
 
 
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None, *,
-         regular_only: bool = False, controllers: Collection[str] = SHIPPED_CONTROLLERS) -> Config:
+         regular_only: bool = False, controllers: Collection[str] = RATE_CONTROLLERS) -> Config:
     """Read the TOML file (if any), apply environment overrides and validate; raises ConfigError only.
 
     ``regular_only``: refuse a FIFO or a device at ``path`` (a reload must not
@@ -210,7 +213,7 @@ def _read(path: str | os.PathLike[str], regular_only: bool) -> dict[str, Any]:
 
 
 def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
-              controllers: Collection[str] = SHIPPED_CONTROLLERS) -> Config:
+              controllers: Collection[str] = RATE_CONTROLLERS) -> Config:
     """Validate a {section: {key: value}} mapping with ``FORWARDER_*`` overrides from ``environ``.
 
     ``evidently.rate_controller`` must name one of ``controllers``: the shipped

@@ -47,3 +47,30 @@ def test_package_init_files_are_empty_faces_that_import_nothing():
     importing = [str(path.relative_to(TESTS.parent)) for path in sorted(packages.rglob("__init__.py"))
                  if any(isinstance(node, (ast.Import, ast.ImportFrom)) for node in ast.parse(path.read_text()).body)]
     assert importing == [], "import from the module that defines a name, not from its package: " + ", ".join(importing)
+
+
+# Modules every stage may import: they import no stage back (config.py once imported the rate
+# limiter, observability.py the retry policy), so the house has no circle and no arrow running up.
+FOUNDATION = ("forwarder/config.py", "forwarder/observability.py", "forwarder/region.py", "forwarder/reading.py",
+              "forwarder/clock.py", "forwarder/wakeup.py", "forwarder/tasks.py", "forwarder/evidently")
+STAGES = ("forwarder.intake", "forwarder.buffer", "forwarder.delivery", "forwarder.app", "forwarder.emulator",
+          "forwarder.replay", "forwarder.status", "forwarder.cli")
+
+
+def test_the_foundation_modules_import_no_stage_at_run_time():
+    root = TESTS.parent
+    upward = []
+    for entry in FOUNDATION:
+        for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
+            tree = ast.parse(path.read_text())
+            for node in tree.body:  # top-level imports only: a TYPE_CHECKING block is not run
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(STAGES):
+                    upward.append(f"{path.relative_to(root)} imports {node.module}")
+    assert upward == [], "a stage's module imported from below it:\n" + "\n".join(upward)
+
+
+def test_the_configuration_accepts_exactly_the_rate_controllers_the_sender_ships():
+    from forwarder.config import RATE_CONTROLLERS
+    from forwarder.delivery.rate import SHIPPED_CONTROLLERS
+
+    assert tuple(SHIPPED_CONTROLLERS) == RATE_CONTROLLERS

@@ -11,7 +11,8 @@ import pytest
 
 from forwarder.cli import main
 from forwarder.config import ConfigError, from_dict
-from forwarder.delivery.credentials import HOW_TO_PROVIDE, CredentialsWatch, resolve_region
+from forwarder.delivery.credentials import HOW_TO_PROVIDE, CredentialsWatch
+from forwarder.region import resolve_region
 from forwarder.preflight import problems
 from tests.tools import make_ca_and_server_pair
 

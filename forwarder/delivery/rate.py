@@ -45,12 +45,9 @@ from __future__ import annotations
 import asyncio
 import time
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
-if TYPE_CHECKING:  # config imports this module's names: no import cycle at run time
-    from forwarder.config import EvidentlyConfig
-
-MIN_RATE = 0.5  # requests/s; never stop probing entirely
+from forwarder.config import MIN_RATE, RATE_CONTROLLERS, EvidentlyConfig
 MEASURE_INTERVAL = 0.5  # seconds per bucket of the measured send rate
 STALE_BOOKING = 0.3  # seconds: a call booked before a decrease and sent within this of it is not news
 # Slow start doubles the rate this often while calls wait for it: from a tenth of
